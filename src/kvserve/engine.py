@@ -1,0 +1,382 @@
+"""Engine: the step loop (schedule -> forward -> sample -> update).
+
+One Engine.step():
+    batch  = scheduler.schedule()            which requests, how many tokens each
+    logits = runner.execute(batch)           one forward over the flat batch
+    tokens = sampler(logits, rows)           one token per sequence that reached its end
+    update: append tokens, detokenize, check stops, fork parallel samples, free finished
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvserve.config import EngineConfig
+from kvserve.kv.kv_cache_manager import KVCacheManager
+from kvserve.kv.prefix_hash import root_hash
+from kvserve.models.loader import load_model_config, resolve_model_path
+from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, SequenceDelta
+from kvserve.request import Request, RequestStatus
+from kvserve.runner import ModelRunner, default_kv_cache_memory, load_model
+from kvserve.sampler import Sampler, SamplingRow
+from kvserve.sampling_params import SamplingParams
+from kvserve.scheduler import Scheduler
+from kvserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("kvserve")
+
+
+@dataclass
+class RequestGroup:
+    """The n sequences of one request and what is needed to report on them."""
+
+    request_id: str
+    prompt: str | None
+    sequences: list[Request]
+    detokenizers: list[IncrementalDetokenizer | None]
+    texts: list[str] = field(default_factory=list)
+    finished: list[bool] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    num_prompt_tokens: int = 0  # prompt tokens of admitted requests
+    num_generated_tokens: int = 0
+    num_computed_prefill_tokens: int = 0  # prompt (and recomputed) tokens actually run through the model
+    num_steps: int = 0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, **engine_args) -> None:
+        self.config = config = config or EngineConfig(**engine_args)
+        path = resolve_model_path(config.model)
+        self.model_path = path
+        model_config = load_model_config(path)
+        config.resolve(model_config.max_position_embeddings)
+        if config.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype} is not supported yet; use auto")
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+
+        start = time.perf_counter()
+        self.model_config, model = load_model(path, config)
+        self.tokenizer = Tokenizer.load(path)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer else set()
+        self.eos_token_ids |= self.model_config.eos_token_ids
+
+        dtype_bytes = torch.empty((), dtype=config.torch_dtype).element_size()
+        bytes_per_token = self.model_config.kv_bytes_per_token(dtype_bytes)
+        budget = config.kv_cache_memory or default_kv_cache_memory(config.torch_device)
+        num_blocks = budget // (bytes_per_token * config.block_size)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {budget} B holds no {config.block_size}-token block")
+        capacity = num_blocks * config.block_size
+        if config.max_model_len > capacity:
+            if config.max_model_len != model_config.max_position_embeddings:
+                raise ValueError(
+                    f"max_model_len {config.max_model_len} needs more KV than kv_cache_memory holds "
+                    f"({capacity} tokens): raise kv_cache_memory or lower max_model_len"
+                )
+            config.max_model_len = capacity  # the default shrinks to what one request can hold
+        self.fingerprint = model_fingerprint(path, self.model_config)
+        root = root_hash(self.fingerprint, str(config.torch_dtype), config.kv_cache_dtype, str(config.block_size))
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, root)
+        self.scheduler = Scheduler(config, self.kv)
+        self.runner = ModelRunner(config, self.model_config, model, self.kv)
+        self.sampler = Sampler()
+        self.groups: dict[str, RequestGroup] = {}
+        self.stats = EngineStats()
+        self._next_id = 0
+        logger.info(
+            "model %s (%s) on %s/%s loaded in %.1fs; KV cache: %d blocks x %d tokens = %d tokens, %d B/token, %.1f MiB",
+            os.path.basename(path),
+            self.model_config.architecture,
+            config.torch_device,
+            config.dtype,
+            time.perf_counter() - start,
+            num_blocks,
+            config.block_size,
+            capacity,
+            bytes_per_token,
+            num_blocks * config.block_size * bytes_per_token / 2**20,
+        )
+
+    # ------------------------------------------------------------------ requests
+
+    def new_request_id(self) -> str:
+        self._next_id += 1
+        return f"req-{self._next_id}"
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        prompt_text: str | None = None,
+    ) -> str:
+        """Validates and queues a request; raises ValueError (and queues nothing) on bad input."""
+        params = params or SamplingParams()
+        request_id = request_id or self.new_request_id()
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_ids = self.encode_prompt(prompt)
+        if isinstance(prompt, str):
+            prompt_text = prompt
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        max_len = self.config.max_model_len
+        if len(prompt_ids) > max_len or (len(prompt_ids) == max_len and params.max_tokens != 0):
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens; this model's maximum context length is {max_len} tokens"
+            )
+        max_tokens = max_len - len(prompt_ids) if params.max_tokens is None else params.max_tokens
+        if len(prompt_ids) + max_tokens > max_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds this model's maximum "
+                f"context length of {max_len} tokens"
+            )
+        params._eos_token_ids = self.eos_token_ids
+        sequences = []
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.config.torch_device)
+                generator.manual_seed(params.seed + index)
+            sequences.append(
+                Request(request_id, prompt_ids, params, max_tokens=max_tokens, index=index, generator=generator)
+            )
+        first = sequences[0]
+        for child in sequences[1:]:
+            child.fork_parent = first
+        first.pending_forks = sequences[1:]
+        detoks = [self._detokenizer(prompt_ids, params) for _ in sequences]
+        self.groups[request_id] = RequestGroup(
+            request_id, prompt_text, sequences, detoks, texts=[""] * params.n, finished=[False] * params.n
+        )
+        self.scheduler.add(first)
+        return request_id
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: give the prompt as token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:3]}")
+        if not ids:
+            raise ValueError("prompt is empty")
+        return ids
+
+    def _detokenizer(self, prompt_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer(
+            self.tokenizer,
+            prompt_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request wherever it is and frees its blocks at once; unknown ids are ignored."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return
+        for seq in group.sequences:
+            if not seq.status.finished:
+                self.scheduler.finish(seq, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[SequenceDelta]:
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        self.stats.num_steps += 1
+        result = self.runner.execute(batch)
+        for request, num_new in batch.scheduled:
+            prompt_part = max(0, min(request.num_computed_tokens + num_new, request.num_prompt_tokens) - request.num_computed_tokens)
+            self.stats.num_computed_prefill_tokens += prompt_part
+            request.num_computed_tokens += num_new
+            self.kv.cache_computed_blocks(request)
+        for request in batch.scheduled_requests():
+            lps = result.prompt_logprobs.get(id(request))
+            if lps is not None:
+                if not request.prompt_logprobs:
+                    request.prompt_logprobs.append(None)  # the first prompt token has no logprob
+                request.prompt_logprobs.extend(lps)
+
+        deltas: dict[tuple[str, int], SequenceDelta] = {}
+        rows, row_requests, logit_rows = [], [], []
+        for row, request in enumerate(result.sample_requests):
+            if request.max_tokens == 0:  # echo-only: prompt logprobs computed, nothing to generate
+                self._finish(request, RequestStatus.FINISHED_LENGTH, None, deltas)
+                continue
+            family = [request]
+            if request.pending_forks and not request.output_token_ids:
+                family += request.pending_forks  # parallel samples draw their first token from this row
+            for seq in family:
+                rows.append(SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator))
+                row_requests.append(seq)
+                logit_rows.append(row)
+        if rows:
+            logits = result.logits
+            if len(logit_rows) != logits.shape[0] or logit_rows != list(range(len(logit_rows))):
+                logits = logits[torch.tensor(logit_rows, device=logits.device)]
+            sampled = self.sampler(logits, rows)
+            now = time.monotonic()
+            for seq, token, lp in zip(row_requests, sampled.token_ids, sampled.logprobs):
+                seq.output_token_ids.append(token)
+                if lp is not None:
+                    seq.output_logprobs.append(lp)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                self.stats.num_generated_tokens += 1
+            for seq in row_requests:
+                if seq.fork_parent is not None and seq.status == RequestStatus.WAITING:
+                    self._fork(seq)
+            for seq, lp in zip(row_requests, sampled.logprobs):
+                self._after_token(seq, lp, deltas)
+        return list(deltas.values())
+
+    def _fork(self, child: Request) -> None:
+        parent = child.fork_parent
+        child.fork_parent = None
+        parent.pending_forks = []
+        if len(self.scheduler.running) < self.config.max_num_seqs:
+            try:
+                copy = self.kv.fork(parent, child)
+            except RuntimeError:
+                copy = False
+            if copy is not False:
+                if copy is not None:
+                    self.runner.copy_blocks([copy])
+                child.num_computed_tokens = parent.num_prompt_tokens
+                self.scheduler.add_running(child)
+                return
+        self.scheduler.add(child)  # no room to share: it recomputes its prompt (mostly from the prefix cache)
+
+    def _after_token(self, seq: Request, logprobs: dict | None, deltas: dict) -> None:
+        token = seq.output_token_ids[-1]
+        group = self.groups[seq.request_id]
+        detok = group.detokenizers[seq.index]
+        text = detok.add_token(token) if detok is not None else ""
+        delta = deltas.setdefault(
+            (seq.request_id, seq.index),
+            SequenceDelta(seq.request_id, seq.index, [], "", [] if seq.params.logprobs is not None else None, None),
+        )
+        delta.token_ids.append(token)
+        delta.text += text
+        if delta.logprobs is not None and logprobs is not None:
+            delta.logprobs.append(logprobs)
+        group.texts[seq.index] += text
+
+        params = seq.params
+        num_out = seq.num_output_tokens
+        stop_reason: int | str | None = None
+        status = None
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                status = RequestStatus.FINISHED_STOPPED
+            elif token in params.stop_token_ids:
+                status, stop_reason = RequestStatus.FINISHED_STOPPED, token
+            elif detok is not None and detok.stopped:
+                status, stop_reason = RequestStatus.FINISHED_STOPPED, detok.stop_string
+        if status is None and (num_out >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self._finish(seq, status, stop_reason, deltas)
+
+    def _finish(self, seq: Request, status: RequestStatus, stop_reason, deltas: dict) -> None:
+        group = self.groups[seq.request_id]
+        detok = group.detokenizers[seq.index]
+        delta = deltas.setdefault(
+            (seq.request_id, seq.index),
+            SequenceDelta(seq.request_id, seq.index, [], "", [] if seq.params.logprobs is not None else None, None),
+        )
+        if detok is not None and not detok.stopped:
+            tail = detok.flush()
+            delta.text += tail
+            group.texts[seq.index] += tail
+        seq.stop_reason = stop_reason
+        seq.finish_time = time.monotonic()
+        self.scheduler.finish(seq, status)
+        group.finished[seq.index] = True
+        delta.finish_reason = status.value
+        delta.stop_reason = stop_reason
+
+    # ------------------------------------------------------------------ results
+
+    def request_output(self, request_id: str) -> RequestOutput:
+        group = self.groups[request_id]
+        first = group.sequences[0]
+        outputs = []
+        for seq, text in zip(group.sequences, group.texts):
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text,
+                    token_ids=list(seq.output_token_ids),
+                    logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+                    finish_reason=seq.status.value if seq.status.finished else None,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        return RequestOutput(
+            request_id=request_id,
+            prompt=group.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            outputs=outputs,
+            prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None else None,
+            num_cached_tokens=first.num_cached_tokens,
+            metrics=RequestMetrics(first.arrival_time, first.first_token_time, first.finish_time),
+        )
+
+    def pop_finished(self, request_id: str) -> RequestOutput:
+        output = self.request_output(request_id)
+        del self.groups[request_id]
+        return output
+
+    def is_finished(self, request_id: str) -> bool:
+        return all(self.groups[request_id].finished)
+
+    def check_idle(self) -> None:
+        """Asserts the idle invariant: no request left, every block free or cached-and-evictable."""
+        assert not self.scheduler.has_unfinished()
+        self.kv.pool.check_idle()
+        assert not self.kv.block_tables, f"block tables left: {list(self.kv.block_tables)[:5]}"
+
+
+def model_fingerprint(path: str, model_config) -> str:
+    """Identifies the weights, for prefix-cache (and disk-tier) keys: the architecture, plus each weight
+    file's name, size and sha256 of its first and last MiB (cheap, and stable across restarts)."""
+    h = hashlib.sha256()
+    numbers = {k: v for k, v in vars(model_config).items() if k != "hf_config" and not isinstance(v, set)}
+    h.update(json.dumps(numbers, sort_keys=True, default=str).encode())
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".gguf"))
+    )
+    for file in files:
+        size = os.path.getsize(file)
+        h.update(f"{os.path.basename(file)}:{size}".encode())
+        with open(file, "rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+    return h.hexdigest()

@@ -1,0 +1,115 @@
+"""LLM: the offline API, named as in vLLM (`LLM(model=...).generate(prompts, params)`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from kvserve.config import EngineConfig
+from kvserve.engine import Engine
+from kvserve.outputs import RequestOutput
+from kvserve.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """`LLM(model=None, **engine_args)`: every EngineConfig field is a keyword (max_num_seqs=..., ...)."""
+
+    def __init__(self, model: str | None = None, **engine_args) -> None:
+        self.engine = Engine(EngineConfig(model=model, **engine_args))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | None = None,
+    ) -> list[RequestOutput]:
+        """Generates for every prompt (text or token ids); outputs come back in prompt order.
+        All prompts are validated before any is queued, so a bad one raises and runs nothing."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        for prompt in prompts:  # validate everything first
+            self.engine.encode_prompt(prompt)
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.engine.add_request(prompt, p))
+        except ValueError:
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise
+        return self._run(ids, use_tqdm if use_tqdm is not None else len(ids) > 8)
+
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | None = None,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them, through the chat template."""
+        if self.engine.tokenizer is None:
+            raise ValueError("this model has no tokenizer, hence no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.engine.tokenizer.apply_chat_template(c) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _params_per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams() for _ in range(count)]
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        if len(sampling_params) != count:
+            raise ValueError(f"got {len(sampling_params)} SamplingParams for {count} prompts")
+        return list(sampling_params)
+
+    def _run(self, request_ids: list[str], show_progress: bool) -> list[RequestOutput]:
+        engine = self.engine
+        pending = set(request_ids)
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="generating", unit="req", disable=not show_progress)
+        start = time.perf_counter()
+        generated = 0
+        try:
+            while pending:
+                deltas = engine.step()
+                generated += sum(len(d.token_ids) for d in deltas)
+                for request_id in {d.request_id for d in deltas if d.finish_reason is not None}:
+                    if request_id in pending and engine.is_finished(request_id):
+                        results[request_id] = engine.pop_finished(request_id)
+                        pending.discard(request_id)
+                        bar.update(1)
+                if not deltas and not engine.has_unfinished() and pending:
+                    for request_id in list(pending):  # finished without a token (e.g. max_tokens=0)
+                        results[request_id] = engine.pop_finished(request_id)
+                        pending.discard(request_id)
+                bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tok/s")
+        finally:
+            bar.close()
+            for request_id in pending:  # interrupted: leave nothing behind
+                engine.abort(request_id)
+        return [results[r] for r in request_ids]
+
+    def get_stats(self) -> dict[str, float]:
+        """Engine counters, including prefix-cache queries and hits in tokens."""
+        engine = self.engine
+        kv = engine.kv
+        return {
+            "num_blocks": kv.pool.num_blocks,
+            "num_free_blocks": kv.pool.num_free_blocks,
+            "prefix_cache_queries": kv.stats.queries,
+            "prefix_cache_hits": kv.stats.hits,
+            "prefix_cache_hit_rate": kv.stats.hit_rate,
+            "num_preemptions": engine.scheduler.num_preemptions,
+            "num_chunked_prefills": engine.scheduler.num_chunked_prefills,
+            "num_computed_prefill_tokens": engine.stats.num_computed_prefill_tokens,
+            "num_generated_tokens": engine.stats.num_generated_tokens,
+        }

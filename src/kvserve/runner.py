@@ -1,0 +1,194 @@
+"""ModelRunner: owns the model and the KV cache; turns a scheduled batch into one forward pass.
+
+Per step it builds the flat batch metadata once (input ids, positions, slot
+mapping, decode block tables and masks, prefill spans), runs the model over all
+T tokens together (no padding), and computes logits only for the rows that
+sample a token (the last token of each request that reaches its end) plus,
+for requests that asked for them, the prompt positions whose logprobs are due.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from kvserve.config import EngineConfig
+from kvserve.kv.kv_cache_manager import KVCacheManager
+from kvserve.models.attention import AttentionMetadata, PrefillSpan
+from kvserve.models.llama import LlamaForCausalLM
+from kvserve.models.loader import load_weights
+from kvserve.models.model_config import ModelConfig
+from kvserve.request import Request
+from kvserve.sampler import compute_logprobs
+from kvserve.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerOutput:
+    sample_requests: list[Request] = field(default_factory=list)  # one per logits row
+    logits: torch.Tensor | None = None  # [len(sample_requests), V] float32
+    # request -> logprob dicts for the prompt positions computed this step (None for position 0)
+    prompt_logprobs: dict[int, list[dict[int, float] | None]] = field(default_factory=dict)
+
+
+def load_model(path: str, config: EngineConfig) -> tuple[ModelConfig, torch.nn.Module]:
+    model_config, weights = load_weights(path)
+    if model_config.is_mla:
+        from kvserve.models.deepseek import DeepseekForCausalLM as model_class
+    else:
+        model_class = LlamaForCausalLM
+    max_positions = model_config.max_position_embeddings
+    # Build on the meta device (no random init, no transient fp32 copy), then allocate for real.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(config.torch_dtype)
+    try:
+        with torch.device("meta"):
+            model = model_class(model_config, max_positions)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model = model.to_empty(device=config.torch_device)
+    model.init_non_persistent(config.torch_device)
+    with torch.no_grad():
+        model.load_weights(weights)
+    model.eval()
+    return model_config, model
+
+
+class ModelRunner:
+    def __init__(
+        self, config: EngineConfig, model_config: ModelConfig, model: torch.nn.Module, kv: KVCacheManager
+    ) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.model = model
+        self.kv = kv
+        self.device = config.torch_device
+        self.block_size = config.block_size
+        self.kv_caches = model.allocate_kv_cache(kv.pool.num_blocks, config.block_size, config.torch_dtype)
+
+    @torch.inference_mode()
+    def execute(self, batch: SchedulerOutput) -> RunnerOutput:
+        # Decodes (single-token queries) first, then prefill spans; see attention.py.
+        decodes = [(r, n) for r, n in batch.scheduled if n == 1]
+        prefills = [(r, n) for r, n in batch.scheduled if n > 1]
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sample_requests: list[Request] = []
+        prompt_lp_spans: list[tuple[Request, int, int, int]] = []  # (request, flat start, first pos, count)
+
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        for request, _ in decodes:
+            pos = request.num_computed_tokens
+            table = self.kv.block_ids(request)
+            input_ids.append(request.token_at(pos))
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            decode_tables.append(table)
+            decode_lens.append(pos + 1)
+            if pos + 1 == request.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+                sample_requests.append(request)
+            elif request.params.prompt_logprobs is not None and pos + 1 < request.num_prompt_tokens:
+                prompt_lp_spans.append((request, len(input_ids) - 1, pos, 1))
+
+        spans: list[PrefillSpan] = []
+        for request, n in prefills:
+            start = request.num_computed_tokens
+            end = start + n
+            flat_start = len(input_ids)
+            table = self.kv.block_ids(request)
+            input_ids.extend(request.tokens(start, end))
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            span = PrefillSpan(start=flat_start, num_tokens=n, context_len=end)
+            if start > 0:
+                num_blocks = -(-end // bs)
+                span.block_ids = torch.tensor(table[:num_blocks], device=self.device)
+                q_pos = torch.arange(start, end, device=self.device)
+                span.mask = (torch.arange(end, device=self.device)[None, :] <= q_pos[:, None])[None, None]
+            spans.append(span)
+            if request.params.prompt_logprobs is not None:
+                count = min(end, request.num_prompt_tokens - 1) - start
+                if count > 0:
+                    prompt_lp_spans.append((request, flat_start, start, count))
+            if end == request.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+                sample_requests.append(request)
+
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=self.device), num_decode_tokens=len(decodes), prefills=spans
+        )
+        if decodes:
+            width = max(len(t) for t in decode_tables)
+            padded = [t + [0] * (width - len(t)) for t in decode_tables]
+            meta.decode_block_tables = torch.tensor(padded, device=self.device)
+            lens = torch.tensor(decode_lens, device=self.device)
+            meta.decode_mask = (torch.arange(width * bs, device=self.device)[None, :] < lens[:, None])[:, None, None]
+
+        hidden = self.model(
+            torch.tensor(input_ids, device=self.device),
+            torch.tensor(positions, device=self.device),
+            self.kv_caches,
+            meta,
+        )
+        out = RunnerOutput(sample_requests=sample_requests)
+        if sample_rows:
+            out.logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        for request, flat_start, first_pos, count in prompt_lp_spans:
+            out.prompt_logprobs[id(request)] = self._prompt_logprobs(hidden, request, flat_start, first_pos, count)
+        return out
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, request: Request, flat_start: int, first_pos: int, count: int
+    ) -> list[dict[int, float] | None]:
+        """Logprobs of prompt tokens first_pos+1 .. first_pos+count, from the logits at the positions before them."""
+        logits = self.model.compute_logits(hidden[flat_start : flat_start + count])
+        targets = torch.tensor(request.prompt_token_ids[first_pos + 1 : first_pos + 1 + count], device=self.device)
+        top_n = request.params.prompt_logprobs
+        token_lp, top_lp, top_ids = compute_logprobs(logits, targets, top_n)
+        result: list[dict[int, float] | None] = []
+        for target, lp, ids, lps in zip(targets.tolist(), token_lp.tolist(), top_ids.tolist(), top_lp.tolist()):
+            entry = dict(zip(ids, lps))
+            entry[target] = lp
+            result.append(entry)
+        return result
+
+    @torch.inference_mode()
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copies whole blocks src -> dst in every layer (forked parallel samples)."""
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        for cache in self.kv_caches:
+            cache[:, dst] = cache[:, src]
+
+
+def default_kv_cache_memory(device: torch.device) -> int:
+    """A sensible share of free memory: on CUDA 85% of what is free after the weights; on the CPU
+    a quarter of available RAM, at most 4 GiB (the CPU is compute-bound long before that)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.85)
+    available = _available_ram()
+    return int(min(available // 4, 4 * 1024**3))
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -1,0 +1,156 @@
+"""Shared test helpers: tiny random HF models saved locally, GGUF writing, greedy comparison."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+NEAR_TIE = 0.02  # logprob gap under which a greedy divergence counts as a genuine near-tie
+
+
+def save_tiny_model(folder: str, kind: str, seed: int = 0, shard: bool = False) -> torch.nn.Module:
+    """Builds a tiny random-weight transformers model ("llama" untied, "qwen2" with biases, "mistral")
+    and saves it as safetensors (sharded with an index when `shard`). Returns the HF model."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if kind == "llama":
+        config = LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0)
+        model = LlamaForCausalLM(config)
+    elif kind == "llama3":
+        scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=64)
+        config = LlamaConfig(**common, tie_word_embeddings=False, rope_theta=500000.0, rope_scaling=scaling)
+        model = LlamaForCausalLM(config)
+    elif kind == "qwen2":
+        config = Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1000000.0)
+        model = Qwen2ForCausalLM(config)
+    elif kind == "mistral":
+        config = MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
+        model = MistralForCausalLM(config)
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():  # HF's init is small; widen it so logits are not all near-ties
+        for name, p in model.named_parameters():
+            if p.dim() > 1 or name.endswith("bias"):
+                p.normal_(0, 0.2)
+            else:  # norm weights
+                p.normal_(1.0, 0.1)
+    model.eval()
+    model.save_pretrained(folder, max_shard_size="200KB" if shard else "2GB")
+    return model
+
+
+def write_gguf(path: str, hf_model: torch.nn.Module, arch: str) -> None:
+    """Writes a tiny HF llama/qwen2 model as a GGUF file the way llama.cpp's converter does,
+    including its permutation of Q/K rows for llama (which the loader must undo). F32 and F16 tensors."""
+    import gguf
+
+    cfg = hf_model.config
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    theta = cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") and cfg.rope_parameters else cfg.rope_theta
+    writer.add_rope_freq_base(float(theta))
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+    def permute(w: np.ndarray, heads: int) -> np.ndarray:
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.q_proj.bias": "attn_q.bias",
+        "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.bias": "attn_v.bias",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    state = hf_model.state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    for name, tensor in state.items():
+        if name.startswith("model.layers."):
+            _, _, layer, rest = name.split(".", 3)
+            gguf_name = f"blk.{layer}.{per_layer[rest]}"
+        else:
+            gguf_name = names[name]
+        array = tensor.detach().float().numpy()
+        if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
+            array = permute(array, cfg.num_attention_heads)
+        elif arch == "llama" and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
+            array = permute(array, cfg.num_key_value_heads)
+        if array.ndim == 2 and "token_embd" not in gguf_name:
+            array = array.astype(np.float16)  # exercise the F16 path too
+        writer.add_tensor(gguf_name, np.ascontiguousarray(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:
+    """transformers' own greedy continuation, EOS masked (min_new_tokens) so exactly num_tokens come back."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            max_new_tokens=num_tokens,
+            min_new_tokens=num_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def assert_same_or_near_tie(got: list[int], ref: list[int], ref_logprobs: list[dict[int, float]] | None = None):
+    """Token-for-token equality, except a divergence where the reference's top two candidates were a
+    genuine near-tie (gap under NEAR_TIE), after which the continuations may legitimately differ."""
+    for i, (a, b) in enumerate(zip(got, ref)):
+        if a != b:
+            assert ref_logprobs is not None, f"diverged at {i}: {got} vs {ref}"
+            top = sorted(ref_logprobs[i].values(), reverse=True)
+            assert len(top) >= 2 and top[0] - top[1] < NEAR_TIE, f"diverged at {i} without a near-tie: {top[:3]}"
+            return
+    assert len(got) == len(ref)
+
+
+def default_gguf() -> str:
+    from kvserve.models.loader import default_model_path
+
+    return default_model_path()
+
+
+def gguf_folder_and_file() -> tuple[str, str]:
+    return os.path.split(default_gguf())
