@@ -168,7 +168,7 @@ def _iter_gguf(reader, config: ModelConfig, permuted: bool) -> Iterator[tuple[st
         if kind not in _GGUF_SUPPORTED:
             raise ValueError(f"GGUF tensor {tensor.name} has unsupported type {kind}")
         array = dequantize(tensor.data, tensor.tensor_type)  # numpy shape = reversed GGML dims = [out, in]
-        weight = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        weight = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
         if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             weight = _unpermute_rope_rows(weight, config.num_heads)
         elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):

@@ -1,0 +1,525 @@
+"""Tokenizer, chat template and incremental detokenization.
+
+transformers does the tokenizing and renders chat templates: it is the reference implementation models are
+published against, so using it (rather than a re-implementation) keeps our token ids identical to everyone else's.
+A GGUF file carries its tokenizer in its metadata; transformers converts that into a fast tokenizer, which takes
+several seconds, so the converted tokenizer is cached on disk (see `_TokenizerCache`).
+
+`IncrementalDetokenizer` turns the token ids a sequence generates into text deltas for streaming: it never emits
+half a UTF-8 character, keeps the spacing that only the tokens' context decides, and cuts the text at stop strings
+without ever emitting text that later turns out to belong to one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # transformers takes seconds to import: only the loaders import it, at run time
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# Files any of which makes a folder a tokenizer folder for transformers (fast tokenizer, its config, a
+# SentencePiece model, a GPT-2 style vocabulary). A folder with none of them has no tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+# Bumped when what the cache stores changes, so old entries are ignored rather than misread.
+_CACHE_FORMAT = 1
+_CACHE_META = "kvserve_tokenizer.json"
+
+REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for an incomplete UTF-8 sequence
+
+
+# ---------------------------------------------------------------- GGUF metadata
+
+
+@dataclass(frozen=True)
+class GGUFTokenizerInfo:
+    """The scalar tokenizer fields of a GGUF file: enough to know whether it has a tokenizer at all and which
+    ids end generation (transformers keeps one eos token; llama.cpp also stops on eot/eom)."""
+
+    model: str | None  # tokenizer.ggml.model: "gpt2" (byte-level BPE), "llama" (SentencePiece), ...
+    num_tokens: int  # length of tokenizer.ggml.tokens; 0 when the file has no vocabulary
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    has_chat_template: bool
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self.model is not None and self.num_tokens > 0
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _gguf_scalar_metadata(path: str) -> dict[str, Any]:
+    """Reads a GGUF file's key/value header; arrays are skipped and recorded as their length.
+
+    gguf.GGUFReader parses every field, including the ~100k-entry vocabulary and merge arrays, into numpy objects,
+    which takes seconds; walking the header ourselves and skipping arrays takes a few tens of milliseconds.
+    Handles GGUF v2/v3 little-endian files (all current ones); anything else raises ValueError."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        (version,) = struct.unpack_from("<I", buf, 4)
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} (or big-endian) is not read by the fast path")
+        _num_tensors, num_kv = struct.unpack_from("<QQ", buf, 8)
+        offset = 24
+        meta: dict[str, Any] = {}
+
+        def read_string(at: int) -> tuple[str, int]:
+            (length,) = struct.unpack_from("<Q", buf, at)
+            start = at + 8
+            return buf[start : start + length].decode("utf-8", errors="replace"), start + length
+
+        def skip_value(vtype: int, at: int) -> int:
+            if vtype in _GGUF_SCALARS:
+                return at + struct.calcsize(_GGUF_SCALARS[vtype])
+            if vtype == _GGUF_STRING:
+                (length,) = struct.unpack_from("<Q", buf, at)
+                return at + 8 + length
+            if vtype == _GGUF_ARRAY:
+                item_type, count = struct.unpack_from("<IQ", buf, at)
+                at += 12
+                if item_type in _GGUF_SCALARS:
+                    return at + count * struct.calcsize(_GGUF_SCALARS[item_type])
+                for _ in range(count):
+                    at = skip_value(item_type, at)
+                return at
+            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+
+        for _ in range(num_kv):
+            key, offset = read_string(offset)
+            (vtype,) = struct.unpack_from("<I", buf, offset)
+            offset += 4
+            if vtype in _GGUF_SCALARS:
+                (meta[key],) = struct.unpack_from(_GGUF_SCALARS[vtype], buf, offset)
+            elif vtype == _GGUF_STRING:
+                meta[key], _ = read_string(offset)
+            elif vtype == _GGUF_ARRAY:
+                (meta[key],) = struct.unpack_from("<Q", buf, offset + 4)  # the length is all we need
+            offset = skip_value(vtype, offset)
+        return meta
+
+
+def _gguf_metadata_slow(path: str) -> dict[str, Any]:
+    """Fallback for files the fast path does not read (big-endian, GGUF v1): gguf's own reader."""
+    from gguf import GGUFReader
+
+    meta: dict[str, Any] = {}
+    for key, fld in GGUFReader(path).fields.items():
+        if fld.types and fld.types[0].name == "ARRAY":
+            meta[key] = len(fld.data)
+            continue
+        try:
+            meta[key] = fld.contents()
+        except Exception:  # noqa: BLE001 - exotic field types are irrelevant to the tokenizer
+            continue
+    return meta
+
+
+def read_gguf_tokenizer_info(path: str) -> GGUFTokenizerInfo:
+    try:
+        meta = _gguf_scalar_metadata(path)
+    except (ValueError, struct.error):
+        meta = _gguf_metadata_slow(path)
+    eos = [
+        meta.get(f"tokenizer.ggml.{name}_token_id")
+        for name in ("eos", "eot", "eom")  # llama.cpp ends generation on any of them (its "end of generation")
+    ]
+    return GGUFTokenizerInfo(
+        model=meta.get("tokenizer.ggml.model"),
+        num_tokens=int(meta.get("tokenizer.ggml.tokens", 0) or 0),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=tuple(sorted({int(i) for i in eos if i is not None})),
+        has_chat_template=bool(meta.get("tokenizer.chat_template")),
+    )
+
+
+# ---------------------------------------------------------------- on-disk cache of converted GGUF tokenizers
+
+
+def default_cache_dir() -> str:
+    """$KVSERVE_TOKENIZER_CACHE, else $XDG_CACHE_HOME/kvserve/tokenizers, else ~/.cache/kvserve/tokenizers."""
+    explicit = os.environ.get("KVSERVE_TOKENIZER_CACHE")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kvserve", "tokenizers")
+
+
+def _cache_disabled() -> bool:
+    return os.environ.get("KVSERVE_TOKENIZER_CACHE", "").lower() in ("0", "off", "false", "no")
+
+
+@dataclass
+class _TokenizerCache:
+    """Converted GGUF tokenizers saved with save_pretrained (a tokenizer.json loads in ~0.2 s against ~5 s for the
+    conversion). An entry is keyed by the GGUF file's real path, size and mtime (so a replaced file is converted
+    again) and by the transformers/tokenizers versions (so a converter fix is picked up). Entries are written to a
+    temporary folder and renamed into place: a reader sees a whole entry or none, and of two processes converting
+    at once one simply wins the rename."""
+
+    root: str
+
+    def entry(self, gguf_path: str) -> str:
+        import tokenizers
+        import transformers
+
+        real = os.path.realpath(gguf_path)
+        st = os.stat(real)
+        key = f"{real}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}\0{tokenizers.__version__}"
+        digest = hashlib.sha256(f"{key}\0{_CACHE_FORMAT}".encode()).hexdigest()[:24]
+        stem = os.path.basename(real).removesuffix(".gguf")[:48]
+        return os.path.join(self.root, f"{stem}-{digest}")
+
+    def load(self, gguf_path: str) -> tuple[PreTrainedTokenizerBase, dict[str, Any]] | None:
+        folder = self.entry(gguf_path)
+        meta_file = os.path.join(folder, _CACHE_META)
+        if not os.path.isfile(meta_file):
+            return None
+        try:
+            with open(meta_file) as f:
+                meta = json.load(f)
+            if meta.get("format") != _CACHE_FORMAT:
+                return None
+            return _hf_from_folder(folder), meta
+        except Exception as exc:  # noqa: BLE001 - a bad entry only costs a fresh conversion
+            logger.warning("ignoring unreadable tokenizer cache entry %s: %s", folder, exc)
+            return None
+
+    def store(self, gguf_path: str, hf: PreTrainedTokenizerBase, meta: dict[str, Any]) -> None:
+        folder = self.entry(gguf_path)
+        tmp = None
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=".tmp-", dir=self.root)
+            hf.save_pretrained(tmp)
+            with open(os.path.join(tmp, _CACHE_META), "w") as f:
+                json.dump({**meta, "format": _CACHE_FORMAT, "source": os.path.realpath(gguf_path)}, f)
+            try:
+                os.rename(tmp, folder)  # atomic; fails if another process already stored this entry: fine
+                tmp = None
+            except OSError:
+                pass
+        except OSError as exc:  # read-only home, full disk...: caching is an optimisation, never an error
+            logger.warning("could not cache the converted tokenizer in %s: %s", self.root, exc)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- loading through transformers
+
+
+def _hf_from_folder(folder: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _convert_gguf(path: str) -> PreTrainedTokenizerBase:
+    """transformers' own GGUF-to-tokenizer conversion (slow: seconds)."""
+    from transformers import AutoTokenizer
+
+    path = os.path.abspath(path)
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True)
+
+
+def _generation_config_eos(folder: str) -> set[int]:
+    """eos ids from generation_config.json: chat models often stop on several (e.g. Llama 3's <|eot_id|>)."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return set()
+    try:
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring unreadable %s: %s", path, exc)
+        return set()
+    if eos is None:
+        return set()
+    return {int(i) for i in (eos if isinstance(eos, list) else [eos])}
+
+
+# ---------------------------------------------------------------- the tokenizer
+
+
+class Tokenizer:
+    """A transformers tokenizer with the few operations the engine and server need.
+
+    Attributes: `eos_token_ids` (every id that ends generation), `bos_token_id`, `vocab_size` (len(tokenizer),
+    added tokens included; the model's embedding may be larger), `has_chat_template`, `hf` (the transformers
+    tokenizer itself)."""
+
+    def __init__(self, hf: PreTrainedTokenizerBase, extra_eos_token_ids: set[int] | None = None, name: str = ""):
+        self.hf = hf
+        self.name = name
+        eos = set(extra_eos_token_ids or ())
+        if hf.eos_token_id is not None:
+            eos.add(int(hf.eos_token_id))
+        self.eos_token_ids: set[int] = eos
+        self.bos_token_id: int | None = None if hf.bos_token_id is None else int(hf.bos_token_id)
+        self.vocab_size: int = len(hf)
+        self._pieces: dict[int, str] = {}  # id_to_piece is called for every logprob entry: memoize
+
+    # ---- loading
+
+    @classmethod
+    def load(cls, model_path: str, *, cache_dir: str | None = None, use_cache: bool = True) -> Tokenizer | None:
+        """The tokenizer of a model: a .gguf file (from its metadata) or a Hugging Face folder (from its tokenizer
+        files). None when the model has no tokenizer (a folder without tokenizer files, a GGUF file without a
+        vocabulary): the engine then works on token ids only. Never touches the network."""
+        model_path = os.fspath(model_path)
+        if os.path.isdir(model_path):
+            if not any(os.path.isfile(os.path.join(model_path, f)) for f in _TOKENIZER_FILES):
+                return None
+            hf = _hf_from_folder(model_path)
+            return cls(hf, _generation_config_eos(model_path), name=model_path)
+        if os.path.isfile(model_path):
+            with open(model_path, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise ValueError(f"{model_path!r} is neither a .gguf file nor a Hugging Face model folder")
+            return cls._load_gguf(model_path, cache_dir=cache_dir, use_cache=use_cache)
+        raise FileNotFoundError(f"no model at {model_path!r}")
+
+    @classmethod
+    def _load_gguf(cls, path: str, cache_dir: str | None, use_cache: bool) -> Tokenizer | None:
+        cache = _TokenizerCache(cache_dir or default_cache_dir()) if use_cache and not _cache_disabled() else None
+        if cache is not None:
+            hit = cache.load(path)
+            if hit is not None:
+                hf, meta = hit
+                return cls(hf, set(meta.get("eos_token_ids", ())), name=path)
+        info = read_gguf_tokenizer_info(path)
+        if not info.has_tokenizer:
+            return None  # e.g. the tiny GGUF models the tests write: weights only
+        try:
+            hf = _convert_gguf(path)
+        except Exception as exc:
+            raise ValueError(f"transformers cannot build the {info.model!r} tokenizer of {path}: {exc}") from exc
+        if cache is not None:
+            cache.store(path, hf, {"eos_token_ids": list(info.eos_token_ids)})
+        return cls(hf, set(info.eos_token_ids), name=path)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos={sorted(self.eos_token_ids)})"
+
+    # ---- text <-> ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; add_special_tokens adds what the model's post-processor adds (a BOS for Llama-style
+        tokenizers, nothing for SmolLM2). Special-token text in `text` ("<|im_end|>") maps to the special id."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, not {type(text).__name__}")
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The decoded text of one token, special tokens included ("<|im_end|>", " world"), as OpenAI logprob dicts
+        show tokens. A token holding part of a multi-byte character decodes to U+FFFD, as in OpenAI's output."""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces[token_id] = self.hf.decode([token_id], skip_special_tokens=False)
+        return piece
+
+    convert_ids_to_tokens = id_to_piece
+
+    # ---- chat
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
+        """The chat template applied to `messages` (OpenAI-style dicts with "role" and "content"), as text.
+        template_kwargs are passed to the template (e.g. tools=...). ValueError for a model without a chat
+        template, malformed or empty messages, or messages the template itself rejects."""
+        if not self.has_chat_template:
+            raise ValueError("this model's tokenizer has no chat template: send a plain prompt instead")
+        normalized = _normalize_messages(messages)
+        from jinja2 import TemplateError
+
+        try:
+            text = self.hf.apply_chat_template(
+                normalized, add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs
+            )
+        except TemplateError as exc:  # templates reject e.g. a bad role order with raise_exception(...)
+            raise ValueError(f"the chat template rejected these messages: {exc}") from exc
+        if not isinstance(text, str):  # transformers returns a list for batched input; ours never is
+            raise ValueError("the chat template did not render to a single string")
+        return text
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any
+    ) -> list[int]:
+        """Token ids of the rendered chat. Special tokens are not added again: the template already wrote them
+        (this is what transformers' apply_chat_template(tokenize=True) does too)."""
+        return self.encode(self.render_chat(messages, add_generation_prompt, **template_kwargs), False)
+
+
+def _normalize_messages(messages: Any) -> list[dict]:
+    """Checks OpenAI-style chat messages and flattens list-of-parts content into the plain string text-only chat
+    templates expect (they concatenate message['content'] directly)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} is a {type(message).__name__}, not a dict with 'role' and 'content'")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"message {i} has no 'role' string")
+        content = message.get("content")
+        if isinstance(content, (list, tuple)):
+            texts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ValueError(f"message {i}: only text content parts ({{'type': 'text', 'text': ...}}) work")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        elif content is None:
+            if "tool_calls" not in message:  # an assistant turn that only calls tools may have no content
+                raise ValueError(f"message {i} ({role}) has no 'content'")
+        elif not isinstance(content, str):
+            raise ValueError(f"message {i} content must be a string or a list of text parts")
+        out.append({**message, "content": content})
+    return out
+
+
+# ---------------------------------------------------------------- incremental detokenization
+
+# How many prompt tokens give the first generated tokens their context (vLLM uses 5 too): enough for decoders
+# whose output for a token depends on its neighbours (a SentencePiece "▁world" after "Hello" is " world", alone it is
+# "world"), while decoding stays O(window) per token.
+_PROMPT_CONTEXT_TOKENS = 5
+
+
+def find_stop(text: str, stops: list[str], start: int = 0) -> tuple[int, int, str] | None:
+    """The first stop string in text[start:], as (begin, end, stop). "First" means the one that ends first (ties:
+    the longer one), i.e. the one a token-by-token stream completes first, whatever the tokenization."""
+    best: tuple[int, int, str] | None = None
+    for stop in stops:
+        begin = text.find(stop, start)
+        if begin < 0:
+            continue
+        end = begin + len(stop)
+        if best is None or end < best[1] or (end == best[1] and begin < best[0]):
+            best = (begin, end, stop)
+    return best
+
+
+def _stop_prefix_len(text: str, stops: list[str], start: int) -> int:
+    """Length of the longest suffix of text[start:] that is a proper prefix of a stop string: text that may yet
+    turn out to be the start of a stop string, so it must not be emitted yet."""
+    longest = min(max(len(s) for s in stops) - 1, len(text) - start)
+    for length in range(longest, 0, -1):
+        tail = text[len(text) - length :]
+        if any(s.startswith(tail) for s in stops):
+            return length
+    return 0
+
+
+@dataclass(eq=False)
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    UTF-8: byte-level tokens can end in the middle of a character, which decodes to U+FFFD; such text is held
+    until the character completes. Context: decoding tokens one by one can differ from decoding them together
+    (leading spaces, byte fallback), so - as vLLM does - each step decodes a short window [prefix_offset:] of the
+    ids and emits what it adds to the text of [prefix_offset:read_offset]; the window starts with the last prompt
+    tokens. Stop strings: found across token boundaries; the longest tail that could still grow into a stop string is
+    held back, so text later found to be part of a stop string is never emitted; flush() releases it.
+
+    The deltas plus flush() equal tokenizer.decode(output ids), cut at the first stop string (see find_stop):
+    exactly so for byte-level BPE; for decoders that drop the leading space of a text, the first token keeps the
+    space its prompt context gives it (as in vLLM and in decode(prompt + output) minus decode(prompt)).
+    `min_tokens`: stop strings are ignored until that many tokens were added (SamplingParams.min_tokens)."""
+
+    tokenizer: Tokenizer = field(repr=False)
+    prompt_token_ids: list[int] = field(repr=False)
+    skip_special_tokens: bool = True
+    stop: list[str] | None = None
+    include_stop_str_in_output: bool = False
+    min_tokens: int = 0
+
+    text: str = field(default="", init=False)  # all text emitted so far
+    stopped: bool = field(default=False, init=False)  # a stop string was found; nothing more is emitted
+    stop_string: str | None = field(default=None, init=False)  # the stop string found
+    num_tokens: int = field(default=0, init=False)  # output tokens added so far
+
+    def __post_init__(self) -> None:
+        self._stops = [s for s in (self.stop or []) if s]  # an empty stop string would stop at once: ignore it
+        # The window: ids from prefix_offset on; _read is read_offset - prefix_offset.
+        context = list(self.prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        if self._decode(context).endswith(REPLACEMENT_CHAR):
+            # The prompt ends inside a character, which the output completes: that character belongs to neither
+            # text. Decoding the output on its own keeps the emitted text equal to decode(output ids).
+            context = []
+        self._window: list[int] = context
+        self._read = len(context)
+        self._decoded = ""  # output text decoded so far (complete characters); self.text is a prefix of it
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
+
+    def _advance(self, final: bool) -> None:
+        """Decodes the window; commits its new text unless it ends mid-character (or adds nothing yet, e.g. a
+        skipped special token), in which case the tokens wait in the window for the next call."""
+        if self._read == len(self._window):
+            return
+        prefix_text = self._decode(self._window[: self._read])
+        new_text = self._decode(self._window)
+        if final or (len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR)):
+            self._decoded += new_text[len(prefix_text) :]
+            # The tokens just read become the next window's context.
+            self._window = self._window[self._read :]
+            self._read = len(self._window)
+
+    def _emit(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        start = len(self.text)
+        end = len(self._decoded)
+        if self._stops and self.num_tokens >= self.min_tokens:
+            # A stop string cannot begin in text already emitted: text that could have begun one was held back.
+            hit = find_stop(self._decoded, self._stops, start)
+            if hit is not None:
+                begin, stop_end, stop = hit
+                end = stop_end if self.include_stop_str_in_output else begin
+                self.stopped, self.stop_string = True, stop
+            elif not final:
+                end -= _stop_prefix_len(self._decoded, self._stops, start)
+        delta = self._decoded[start:end]
+        self.text += delta
+        return delta
+
+    def add_token(self, token_id: int) -> str:
+        """Adds one generated token; returns the text that is safe to emit now (often "")."""
+        if self.stopped:
+            return ""
+        self.num_tokens += 1
+        self._window.append(int(token_id))
+        self._advance(final=False)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """At the end of generation: emits the text still held (an incomplete character decodes as U+FFFD; a
+        partial stop string is just text), still cut at a stop string if the held text completes one."""
+        if self.stopped:
+            return ""
+        self._advance(final=True)
+        return self._emit(final=True)
