@@ -188,6 +188,7 @@ class Engine:
             skip_special_tokens=params.skip_special_tokens,
             stop=params.stop,
             include_stop_str_in_output=params.include_stop_str_in_output,
+            min_tokens=params.min_tokens,
         )
 
     def abort(self, request_id: str) -> None:
@@ -211,8 +212,9 @@ class Engine:
         self.stats.num_steps += 1
         result = self.runner.execute(batch)
         for request, num_new in batch.scheduled:
-            prompt_part = max(0, min(request.num_computed_tokens + num_new, request.num_prompt_tokens) - request.num_computed_tokens)
-            self.stats.num_computed_prefill_tokens += prompt_part
+            # every token but a decode of the newest generated token is prefill (prompt or recomputation)
+            is_decode = request.output_token_ids and request.num_computed_tokens + num_new == request.num_tokens
+            self.stats.num_computed_prefill_tokens += num_new - (1 if is_decode else 0)
             request.num_computed_tokens += num_new
             self.kv.cache_computed_blocks(request)
         for request in batch.scheduled_requests():

@@ -90,9 +90,9 @@ class Scheduler:
                 if not self.kv.allocate_slots(request, num_new, hits):
                     break
                 self.waiting.popleft()
+                self.kv.record_admission(request, num_hit_tokens)
                 if request.num_preemptions == 0:
-                    self.kv.record_admission(request, num_hit_tokens)
-                    request.num_cached_tokens = num_hit_tokens
+                    request.num_cached_tokens = num_hit_tokens  # what the user is told: first admission
                 request.num_computed_tokens += num_hit_tokens
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)

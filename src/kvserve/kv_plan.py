@@ -1,0 +1,322 @@
+"""`kvserve kv-plan`: how much KV cache a model needs per token, and what a memory budget holds.
+
+Bytes per token come from the architecture alone: layers x KV heads x head dim x 2 (K and V)
+x dtype bytes for MHA/GQA, layers x (kv_lora_rank + qk_rope_head_dim) x dtype bytes for MLA,
+whose cache holds one compressed latent per token instead of per-head keys and values.
+The paging view then shows what the budget holds as fixed-size blocks, next to a contiguous
+allocation of max_model_len per sequence (the waste paging removes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+from kvserve.config import parse_size
+from kvserve.models.model_config import ModelConfig
+
+# Published config.json values (only the fields ModelConfig.from_hf_dict reads, plus MLA dims).
+# fmt: off
+_LLAMA3 = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "max_position_embeddings": 8192}
+_DEEPSEEK_MLA = {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128}
+PRESETS: dict[str, dict] = {
+    # Llama-2-7B: plain MHA (every query head has its own K and V), for contrast with GQA and MLA.
+    "llama-2-7b": {"architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+                   "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "num_key_value_heads": 32, "max_position_embeddings": 4096},
+    "llama-3-8b": {**_LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8},
+    "llama-3-70b": {**_LLAMA3, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                    "num_attention_heads": 64, "num_key_value_heads": 8},
+    # Qwen2.5-7B-Instruct's config (the base model's says 131072 positions).
+    "qwen2.5-7b": {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 152064, "hidden_size": 3584,
+                   "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                   "num_key_value_heads": 4, "max_position_embeddings": 32768},
+    "mistral-7b": {"architectures": ["MistralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+                   "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "num_key_value_heads": 8, "max_position_embeddings": 32768, "sliding_window": 4096},
+    "deepseek-v2-lite": {"architectures": ["DeepseekV2ForCausalLM"], "vocab_size": 102400, "hidden_size": 2048,
+                         "intermediate_size": 10944, "num_hidden_layers": 27, "num_attention_heads": 16,
+                         "num_key_value_heads": 16, "max_position_embeddings": 163840, "q_lora_rank": None,
+                         **_DEEPSEEK_MLA},
+    "deepseek-v3": {"architectures": ["DeepseekV3ForCausalLM"], "vocab_size": 129280, "hidden_size": 7168,
+                    "intermediate_size": 18432, "num_hidden_layers": 61, "num_attention_heads": 128,
+                    "num_key_value_heads": 128, "max_position_embeddings": 163840, "q_lora_rank": 1536,
+                    **_DEEPSEEK_MLA},
+    "smollm2-135m": {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
+                     "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                     "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192,
+                     "tie_word_embeddings": True},
+}
+# fmt: on
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "fp8": 1}
+SCALE_BYTES = 4  # kvserve's quantized KV keeps one fp32 scale per token per KV head (per layer for MLA)
+DEFAULT_SEQ_LENS = (512, 2048, 8192)
+
+
+@dataclass
+class KVBytes:
+    per_layer: int
+    total: int
+    formula: str
+    scale_bytes: int = 0  # part of `total` spent on int8/fp8 scales
+    expanded_mha: int = 0  # bytes/token if every query head cached its own K and V (plain MHA)
+
+
+@dataclass
+class SeqFit:
+    seq_len: int
+    blocks_per_seq: int
+    paged_seqs: int  # sequences of seq_len that fit in blocks
+    contiguous_seqs: int  # sequences that fit when each reserves max_model_len up front
+    paged_over_contiguous: float | None  # None when not even one contiguous sequence fits
+
+
+@dataclass
+class Plan:
+    model: str
+    architecture: str
+    attention: str  # MHA, GQA, MQA or MLA
+    layers: int
+    kv_heads: int | None  # None for MLA: one latent per token, shared by all heads
+    head_dim: int  # per KV head, or the latent width (kv_lora_rank + rope dim) for MLA
+    kv_cache_dtype: str
+    kv: KVBytes
+    budget_bytes: int
+    block_size: int
+    block_bytes: int
+    num_blocks: int
+    num_tokens: int
+    max_model_len: int
+    sequences: list[SeqFit] = field(default_factory=list)
+    model_dtype: str = ""
+    dtype_note: str = ""  # why auto chose model_dtype
+
+
+def attention_kind(config: ModelConfig) -> str:
+    if config.is_mla:
+        return "MLA"
+    if config.num_kv_heads == config.num_heads:
+        return "MHA"
+    return "MQA" if config.num_kv_heads == 1 else "GQA"
+
+
+def kv_width(config: ModelConfig) -> int:
+    if config.is_mla:
+        return config.hf_config["kv_lora_rank"] + config.hf_config["qk_rope_head_dim"]
+    return config.head_dim
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: str) -> KVBytes:
+    """KV cache bytes one token takes, for a cache dtype in DTYPE_BYTES (int8/fp8 include their scales)."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown KV dtype {dtype!r}; use one of {sorted(DTYPE_BYTES)}")
+    nbytes, layers = DTYPE_BYTES[dtype], config.num_layers
+    quantized = dtype in ("int8", "fp8")
+    data = config.kv_bytes_per_token(nbytes)
+    if config.is_mla:
+        hf = config.hf_config
+        latent, rope = hf["kv_lora_rank"], hf["qk_rope_head_dim"]
+        scales = layers * SCALE_BYTES if quantized else 0  # one scale for the token's whole latent
+        formula = f"{layers} layers x ({latent} latent + {rope} rope) x {nbytes} B"
+        if quantized:
+            formula += f" + {layers} layers x {SCALE_BYTES} B scale"
+        # The same attention without the latent: every head caches its own K (nope + rope) and V.
+        heads, k_dim, v_dim = config.num_heads, hf["qk_nope_head_dim"] + rope, hf["v_head_dim"]
+        expanded = layers * heads * ((k_dim + v_dim) * nbytes + (2 * SCALE_BYTES if quantized else 0))
+    else:
+        kv_heads = config.num_kv_heads
+        scales = 2 * layers * kv_heads * SCALE_BYTES if quantized else 0  # K and V each have a scale per head
+        formula = f"{layers} layers x {kv_heads} KV heads x {config.head_dim} head dim x 2 (K, V) x {nbytes} B"
+        if quantized:
+            formula += f" + 2 x {layers} layers x {kv_heads} KV heads x {SCALE_BYTES} B scales"
+        # GQA shares each KV head among num_heads / num_kv_heads query heads; MHA would not.
+        expanded = (data + scales) * config.num_heads // kv_heads
+    total = data + scales
+    return KVBytes(total // layers, total, f"{formula} = {total:,}", scales, expanded)
+
+
+def default_seq_lens(max_model_len: int) -> list[int]:
+    return sorted({n for n in DEFAULT_SEQ_LENS if n < max_model_len} | {max_model_len})
+
+
+def plan(
+    config: ModelConfig,
+    budget_bytes: int,
+    dtype: str,
+    block_size: int = 16,
+    max_model_len: int | None = None,
+    seq_lens: list[int] | None = None,
+    name: str = "",
+) -> Plan:
+    """What `budget_bytes` of KV cache in `dtype` holds, paged in blocks vs contiguous per sequence."""
+    max_model_len = max_model_len or config.max_position_embeddings
+    if budget_bytes <= 0 or block_size <= 0 or max_model_len <= 0:
+        raise ValueError("budget, block size and max_model_len must be positive")
+    if seq_lens and any(n <= 0 or n > max_model_len for n in seq_lens):
+        raise ValueError(f"sequence lengths must be in 1..max_model_len ({max_model_len})")
+    kv = kv_bytes_per_token(config, dtype)
+    block_bytes = block_size * kv.total
+    num_blocks = budget_bytes // block_bytes
+    # A contiguous allocator reserves max_model_len for every sequence, however short it turns out.
+    contiguous = budget_bytes // (max_model_len * kv.total)
+    fits = []
+    for n in seq_lens or default_seq_lens(max_model_len):
+        per_seq = math.ceil(n / block_size)
+        paged = num_blocks // per_seq
+        fits.append(SeqFit(n, per_seq, paged, contiguous, paged / contiguous if contiguous else None))
+    return Plan(
+        model=name or config.architecture,
+        architecture=config.architecture,
+        attention=attention_kind(config),
+        layers=config.num_layers,
+        kv_heads=None if config.is_mla else config.num_kv_heads,
+        head_dim=kv_width(config),
+        kv_cache_dtype=dtype,
+        kv=kv,
+        budget_bytes=budget_bytes,
+        block_size=block_size,
+        block_bytes=block_bytes,
+        num_blocks=num_blocks,
+        num_tokens=num_blocks * block_size,
+        max_model_len=max_model_len,
+        sequences=fits,
+    )
+
+
+def preset_config(name: str) -> ModelConfig:
+    key = name.lower()
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return ModelConfig.from_hf_dict(PRESETS[key])
+
+
+def resolve_dtype(dtype: str, is_preset: bool, cuda: bool) -> tuple[str, str]:
+    """The model dtype the KV cache follows under --kv-cache-dtype auto, and why."""
+    if dtype != "auto":
+        return dtype, ""
+    if is_preset or cuda:
+        return "bfloat16", "auto: presets and GPUs run in bf16"
+    return "float32", "auto: kvserve's default on CPU"
+
+
+def _note(note: str) -> str:
+    return f" ({note})" if note else ""
+
+
+def _human(n: float) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_plan(p: Plan) -> str:
+    kv = p.kv
+    lines = [
+        f"KV plan: {p.model} ({p.architecture}, {p.attention})",
+        f"  dtype           model {p.model_dtype or p.kv_cache_dtype}{_note(p.dtype_note)}, KV cache {p.kv_cache_dtype}",
+        f"  bytes/token     {kv.per_layer:,} per layer, {kv.total:,} in all ({_human(kv.total)})",
+        f"  formula         {kv.formula}",
+    ]
+    if p.attention != "MHA":
+        lines.append(
+            f"  {p.attention} vs {'expanded ' if p.attention == 'MLA' else ''}MHA: {kv.expanded_mha:,} B/token "
+            f"with per-head K and V for all query heads: {kv.expanded_mha / kv.total:.1f}x smaller"
+        )
+    lines += [
+        f"  budget          {_human(p.budget_bytes)} ({p.budget_bytes:,} B)",
+        f"  paged           {p.num_blocks:,} blocks x {p.block_size} tokens ({_human(p.block_bytes)} each) "
+        f"= {p.num_tokens:,} tokens",
+        f"  contiguous      {p.sequences[0].contiguous_seqs:,} sequence(s), each reserving max_model_len "
+        f"{p.max_model_len:,} tokens",
+        "",
+        "  sequences of each length that fit: paged (blocks as needed) vs contiguous (max_model_len each)",
+        f"  {'seq len':>9}  {'blocks/seq':>10}  {'paged seqs':>10}  {'contiguous seqs':>15}  {'paged/contig':>12}",
+    ]
+    for s in p.sequences:
+        ratio = f"{s.paged_over_contiguous:.1f}x" if s.paged_over_contiguous is not None else "n/a"
+        lines.append(
+            f"  {s.seq_len:>9,}  {s.blocks_per_seq:>10,}  {s.paged_seqs:>10,}  {s.contiguous_seqs:>15,}  {ratio:>12}"
+        )
+    return "\n".join(lines)
+
+
+def format_compare(plans: list[Plan]) -> str:
+    head = ("preset", "attn", "layers", "KV heads", "head dim / latent", "bytes/token", "vs MHA", "tokens in budget")
+    rows = [head]
+    for p in plans:
+        heads = "latent" if p.kv_heads is None else str(p.kv_heads)
+        cells = (p.model, p.attention, str(p.layers), heads, str(p.head_dim), f"{p.kv.total:,}")
+        saving = "-" if p.attention == "MHA" else f"{p.kv.expanded_mha / p.kv.total:.1f}x smaller"
+        rows.append((*cells, saving, f"{p.num_tokens:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    # Preset names left-aligned, numbers right-aligned.
+    return "\n".join(
+        "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    )
+
+
+def cmd_kv_plan(args: argparse.Namespace) -> int:
+    if args.model and args.preset:
+        raise ValueError("give --model or --preset, not both")
+    budget = parse_size(args.kv_cache_memory)
+    if args.compare:
+        names, is_preset = list(PRESETS), True
+    elif args.preset:
+        preset_config(args.preset)  # validates the name before any work
+        names, is_preset = [args.preset.lower()], True
+    else:
+        names, is_preset = [None], False
+    import torch  # only to tell whether auto means the GPU's bf16 or the CPU's fp32
+
+    model_dtype, note = resolve_dtype(args.dtype, is_preset, torch.cuda.is_available())
+    kv_dtype = model_dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
+    plans = []
+    for name in names:
+        if name is None:
+            from kvserve.models.loader import load_model_config, resolve_model_path
+
+            path = resolve_model_path(args.model)
+            config, name = load_model_config(path), os.path.basename(path.rstrip("/"))
+        else:
+            config = preset_config(name)
+        max_len = args.max_model_len
+        if max_len and args.compare:  # one length for all presets, capped at each one's context
+            max_len = min(max_len, config.max_position_embeddings)
+        p = plan(config, budget, kv_dtype, args.block_size, max_len, args.seq_len, name)
+        p.model_dtype, p.dtype_note = model_dtype, note
+        plans.append(p)
+    if args.json:
+        data = [asdict(p) for p in plans]
+        print(json.dumps(data if args.compare else data[0], indent=2))
+    elif args.compare:
+        print(
+            f"model {model_dtype}{_note(note)}, KV cache {kv_dtype}, budget {_human(budget)}, block {args.block_size}"
+        )
+        print(format_compare(plans))
+    else:
+        print(format_plan(plans[0]))
+    return 0
+
+
+def add_kv_plan_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("kv-plan", help="KV cache bytes per token and what a memory budget holds")
+    p.add_argument("--model", default=None, help="a Hugging Face model folder or .gguf (default: SmolLM2-135M)")
+    p.add_argument("--preset", default=None, help=f"a published architecture: {', '.join(PRESETS)}")
+    p.add_argument("--kv-cache-memory", default="8GiB", help="KV cache budget (default 8GiB)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype; auto: bfloat16 for presets and on CUDA, float32 for a local model on CPU")  # fmt: skip
+    p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, action="append", default=None,
+                   help="sequence length to fit (repeatable; default 512, 2048, 8192, max_model_len)")  # fmt: skip
+    p.add_argument("--compare", action="store_true", help="all presets in one table")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_kv_plan)
