@@ -47,7 +47,6 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=int, default=0)
     group.add_argument("--min-p", type=float, default=0.0)
     group.add_argument("--repetition-penalty", type=float, default=1.0)
-    group.add_argument("--seed", dest="sampling_seed", type=int, default=None)
     group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
@@ -61,7 +60,7 @@ def sampling_params_from_args(args: argparse.Namespace):
         top_k=args.top_k,
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
-        seed=args.sampling_seed,
+        # no per-request seed: --seed seeds the engine, which makes a CLI run reproducible
         stop=args.stop,
     )
 
