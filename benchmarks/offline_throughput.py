@@ -119,7 +119,9 @@ def run_hf_generate(args) -> dict:
             model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=pad)
             prefill = time.perf_counter() - t0
             t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False, pad_token_id=pad)
+            model.generate(
+                ids, max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False, pad_token_id=pad
+            )
             total = time.perf_counter() - t0
             result["batch1_decode_tokens_per_s"] = (args.output_len - 1) / (total - prefill)
     return result
@@ -178,15 +180,27 @@ def main() -> None:
         return
 
     def worker(name: str, *extra: str) -> dict:
-        cmd = [sys.executable, __file__, "--worker", name, "--num-prompts", str(args.num_prompts),
-               "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len),
-               "--kv-cache-memory", args.kv_cache_memory, *extra]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--num-prompts",
+            str(args.num_prompts),
+            "--prompt-len",
+            str(args.prompt_len),
+            "--output-len",
+            str(args.output_len),
+            "--kv-cache-memory",
+            args.kv_cache_memory,
+            *extra,
+        ]
         print("running", " ".join(cmd[2:]), file=sys.stderr, flush=True)
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode != 0 or not lines:
             raise RuntimeError(f"worker {name} failed:\n{out.stderr[-3000:]}")
-        result = json.loads(lines[-1][len("RESULT "):])
+        result = json.loads(lines[-1][len("RESULT ") :])
         print(json.dumps(result), file=sys.stderr, flush=True)
         return result
 
@@ -198,19 +212,29 @@ def main() -> None:
         results.append(worker("hf-continuous"))
 
     ours = results[0]
-    best_hf = max((r for r in results[1:] if r["system"].startswith("transformers generate (")),
-                  key=lambda r: r["output_tokens_per_s"])
-    hf_b1 = next(r["batch1_decode_tokens_per_s"] for r in results if "batch1_decode_tokens_per_s" in r and r is not ours)
-    print(f"\nworkload: {args.num_prompts} prompts x {args.prompt_len} tokens, {args.output_len} new tokens each, greedy")
+    best_hf = max(
+        (r for r in results[1:] if r["system"].startswith("transformers generate (")),
+        key=lambda r: r["output_tokens_per_s"],
+    )
+    hf_b1 = next(
+        r["batch1_decode_tokens_per_s"] for r in results if "batch1_decode_tokens_per_s" in r and r is not ours
+    )
+    print(
+        f"\nworkload: {args.num_prompts} prompts x {args.prompt_len} tokens, {args.output_len} new tokens each, greedy"
+    )
     print(f"{'system':55s} {'out tok/s':>10s} {'seconds':>8s} {'peak RSS MiB':>13s}")
     for r in results:
         if "skipped" in r:
             print(f"{r['system']:55s} skipped: {r['skipped']}")
             continue
         print(f"{r['system']:55s} {r['output_tokens_per_s']:10.1f} {r['seconds']:8.1f} {r['peak_rss_mib']:13.0f}")
-    print(f"\nthroughput ratio kvserve / best transformers generate: {ours['output_tokens_per_s'] / best_hf['output_tokens_per_s']:.2f}x")
-    print(f"batch-1 decode: kvserve {ours['batch1_decode_tokens_per_s']:.1f} tok/s, transformers {hf_b1:.1f} tok/s, "
-          f"ratio {ours['batch1_decode_tokens_per_s'] / hf_b1:.2f}x")
+    print(
+        f"\nthroughput ratio kvserve / best transformers generate: {ours['output_tokens_per_s'] / best_hf['output_tokens_per_s']:.2f}x"
+    )
+    print(
+        f"batch-1 decode: kvserve {ours['batch1_decode_tokens_per_s']:.1f} tok/s, transformers {hf_b1:.1f} tok/s, "
+        f"ratio {ours['batch1_decode_tokens_per_s'] / hf_b1:.2f}x"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

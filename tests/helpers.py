@@ -13,8 +13,14 @@ NEAR_TIE = 0.02  # logprob gap under which a greedy divergence counts as a genui
 def save_tiny_model(folder: str, kind: str, seed: int = 0, shard: bool = False) -> torch.nn.Module:
     """Builds a tiny random-weight transformers model ("llama" untied, "qwen2" with biases, "mistral")
     and saves it as safetensors (sharded with an index when `shard`). Returns the HF model."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config
-    from transformers import Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     common = dict(
@@ -33,8 +39,13 @@ def save_tiny_model(folder: str, kind: str, seed: int = 0, shard: bool = False) 
         config = LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0)
         model = LlamaForCausalLM(config)
     elif kind == "llama3":
-        scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                       original_max_position_embeddings=64)
+        scaling = dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        )
         config = LlamaConfig(**common, tie_word_embeddings=False, rope_theta=500000.0, rope_scaling=scaling)
         model = LlamaForCausalLM(config)
     elif kind == "qwen2":
@@ -70,7 +81,9 @@ def write_gguf(path: str, hf_model: torch.nn.Module, arch: str) -> None:
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    theta = cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") and cfg.rope_parameters else cfg.rope_theta
+    theta = (
+        cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") and cfg.rope_parameters else cfg.rope_theta
+    )
     writer.add_rope_freq_base(float(theta))
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_bos_token_id(1)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from helpers import assert_same_or_near_tie
+
 from kvserve import LLM, SamplingParams
 
 NUM_TOKENS = 12

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import assert_same_or_near_tie, gguf_folder_and_file, hf_greedy, save_tiny_model, write_gguf
+
 from kvserve import LLM, SamplingParams
 from kvserve.models.attention import AttentionMetadata, PrefillSpan
-from kvserve.models.loader import load_weights
 from kvserve.models.llama import LlamaForCausalLM
+from kvserve.models.loader import load_weights
 
 LOGIT_TOL = 2e-3
 

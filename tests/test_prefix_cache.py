@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import assert_same_or_near_tie
+
 from kvserve import LLM, SamplingParams
 
 PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)

@@ -371,8 +371,10 @@ def model_fingerprint(path: str, model_config) -> str:
     h = hashlib.sha256()
     numbers = {k: v for k, v in vars(model_config).items() if k != "hf_config" and not isinstance(v, set)}
     h.update(json.dumps(numbers, sort_keys=True, default=str).encode())
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".gguf"))
+    files = (
+        [path]
+        if os.path.isfile(path)
+        else sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".gguf")))
     )
     for file in files:
         size = os.path.getsize(file)

@@ -50,9 +50,15 @@ class SamplingParams:
 
         need(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
         need(self.n <= 128, f"n must be <= 128, got {self.n}")
-        need(_is_number(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}")
+        need(
+            _is_number(self.temperature) and self.temperature >= 0,
+            f"temperature must be >= 0, got {self.temperature!r}",
+        )
         need(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        need(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k!r}")
+        need(
+            isinstance(self.top_k, int) and self.top_k >= 0,
+            f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k!r}",
+        )
         need(_is_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
         need(
             _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
@@ -71,7 +77,10 @@ class SamplingParams:
             self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 0),
             f"max_tokens must be an integer >= 0, got {self.max_tokens!r}",
         )
-        need(isinstance(self.min_tokens, int) and self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens!r}")
+        need(
+            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            f"min_tokens must be >= 0, got {self.min_tokens!r}",
+        )
         need(
             self.max_tokens is None or self.min_tokens <= self.max_tokens,
             f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",

@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import mmap
 import os
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from kvserve.models.gguf_metadata import read_gguf_metadata
 
 if TYPE_CHECKING:  # transformers takes seconds to import: only the loaders import it, at run time
     from transformers import PreTrainedTokenizerBase
@@ -58,82 +58,8 @@ class GGUFTokenizerInfo:
         return self.model is not None and self.num_tokens > 0
 
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def _gguf_scalar_metadata(path: str) -> dict[str, Any]:
-    """Reads a GGUF file's key/value header; arrays are skipped and recorded as their length.
-
-    gguf.GGUFReader parses every field, including the ~100k-entry vocabulary and merge arrays, into numpy objects,
-    which takes seconds; walking the header ourselves and skipping arrays takes a few tens of milliseconds.
-    Handles GGUF v2/v3 little-endian files (all current ones); anything else raises ValueError."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        (version,) = struct.unpack_from("<I", buf, 4)
-        if version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {version} (or big-endian) is not read by the fast path")
-        _num_tensors, num_kv = struct.unpack_from("<QQ", buf, 8)
-        offset = 24
-        meta: dict[str, Any] = {}
-
-        def read_string(at: int) -> tuple[str, int]:
-            (length,) = struct.unpack_from("<Q", buf, at)
-            start = at + 8
-            return buf[start : start + length].decode("utf-8", errors="replace"), start + length
-
-        def skip_value(vtype: int, at: int) -> int:
-            if vtype in _GGUF_SCALARS:
-                return at + struct.calcsize(_GGUF_SCALARS[vtype])
-            if vtype == _GGUF_STRING:
-                (length,) = struct.unpack_from("<Q", buf, at)
-                return at + 8 + length
-            if vtype == _GGUF_ARRAY:
-                item_type, count = struct.unpack_from("<IQ", buf, at)
-                at += 12
-                if item_type in _GGUF_SCALARS:
-                    return at + count * struct.calcsize(_GGUF_SCALARS[item_type])
-                for _ in range(count):
-                    at = skip_value(item_type, at)
-                return at
-            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
-
-        for _ in range(num_kv):
-            key, offset = read_string(offset)
-            (vtype,) = struct.unpack_from("<I", buf, offset)
-            offset += 4
-            if vtype in _GGUF_SCALARS:
-                (meta[key],) = struct.unpack_from(_GGUF_SCALARS[vtype], buf, offset)
-            elif vtype == _GGUF_STRING:
-                meta[key], _ = read_string(offset)
-            elif vtype == _GGUF_ARRAY:
-                (meta[key],) = struct.unpack_from("<Q", buf, offset + 4)  # the length is all we need
-            offset = skip_value(vtype, offset)
-        return meta
-
-
-def _gguf_metadata_slow(path: str) -> dict[str, Any]:
-    """Fallback for files the fast path does not read (big-endian, GGUF v1): gguf's own reader."""
-    from gguf import GGUFReader
-
-    meta: dict[str, Any] = {}
-    for key, fld in GGUFReader(path).fields.items():
-        if fld.types and fld.types[0].name == "ARRAY":
-            meta[key] = len(fld.data)
-            continue
-        try:
-            meta[key] = fld.contents()
-        except Exception:  # noqa: BLE001 - exotic field types are irrelevant to the tokenizer
-            continue
-    return meta
-
-
 def read_gguf_tokenizer_info(path: str) -> GGUFTokenizerInfo:
-    try:
-        meta = _gguf_scalar_metadata(path)
-    except (ValueError, struct.error):
-        meta = _gguf_metadata_slow(path)
+    meta = read_gguf_metadata(path)
     eos = [
         meta.get(f"tokenizer.ggml.{name}_token_id")
         for name in ("eos", "eot", "eom")  # llama.cpp ends generation on any of them (its "end of generation")

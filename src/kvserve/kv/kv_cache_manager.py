@@ -97,7 +97,9 @@ class KVCacheManager:
         table = self.block_tables[key]
         bs = self.block_size
         for index in range(start, num_full):
-            self.pool.cache_block(table[index], request.block_hashes[index], tuple(request.tokens(index * bs, (index + 1) * bs)))
+            self.pool.cache_block(
+                table[index], request.block_hashes[index], tuple(request.tokens(index * bs, (index + 1) * bs))
+            )
         self.num_cached_blocks[key] = num_full
 
     def fork(self, parent: Request, child: Request) -> tuple[int, int] | None:

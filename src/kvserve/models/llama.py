@@ -138,7 +138,9 @@ class LlamaForCausalLM(nn.Module):
             if name not in params:
                 raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
             if params[name].shape != tensor.shape:
-                raise ValueError(f"weight {name}: expected shape {tuple(params[name].shape)}, got {tuple(tensor.shape)}")
+                raise ValueError(
+                    f"weight {name}: expected shape {tuple(params[name].shape)}, got {tuple(tensor.shape)}"
+                )
             params[name].data.copy_(tensor)
             loaded.add(name)
         self._check_all_loaded(params, loaded)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from kvserve.models.gguf_metadata import GGUFHeader, read_gguf_header, read_gguf_metadata
 from kvserve.models.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -55,9 +56,7 @@ def is_gguf(path: str) -> bool:
 
 def load_model_config(path: str) -> ModelConfig:
     if is_gguf(path):
-        from gguf import GGUFReader
-
-        return ModelConfig.from_gguf_metadata(gguf_metadata(GGUFReader(path)))
+        return ModelConfig.from_gguf_metadata(read_gguf_metadata(path))
     if os.path.isdir(path):
         return ModelConfig.from_folder(path)
     raise ValueError(f"{path!r} is neither a .gguf file nor a Hugging Face model folder")
@@ -102,24 +101,6 @@ def _iter_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
 # ---------------------------------------------------------------- GGUF
 
 
-_GGUF_BULKY_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
-
-
-def gguf_metadata(reader) -> dict:
-    """GGUF key/value metadata as Python values; the tokenizer's big arrays are kept as their length only
-    (the tokenizer module reads them itself)."""
-    meta = {}
-    for key, field in reader.fields.items():
-        if key in _GGUF_BULKY_FIELDS:
-            meta[key] = range(len(field.data))
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:  # noqa: BLE001 - exotic field types are not needed by the engine
-            continue
-    return meta
-
-
 _GGUF_LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -143,32 +124,38 @@ _GGUF_SUPPORTED = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K",
 
 
 def _load_gguf(path: str) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    meta = gguf_metadata(reader)
-    config = ModelConfig.from_gguf_metadata(meta)
-    names = {t.name for t in reader.tensors}
-    config.tie_word_embeddings = "output.weight" not in names
+    header = read_gguf_header(path)
+    config = ModelConfig.from_gguf_metadata(header.meta)
+    config.tie_word_embeddings = all(t.name != "output.weight" for t in header.tensors)
     # llama.cpp's converter permutes Q/K rows of llama-arch models so that its rope kernel
     # can rotate adjacent pairs; undo it to get HF's rotate-half layout back.
-    permuted = meta["general.architecture"] == "llama"
-    return config, _iter_gguf(reader, config, permuted)
+    permuted = header.meta["general.architecture"] == "llama"
+    return config, _iter_gguf(path, header, config, permuted)
 
 
-def _iter_gguf(reader, config: ModelConfig, permuted: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_gguf(
+    path: str, header: GGUFHeader, config: ModelConfig, permuted: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
-    for tensor in reader.tensors:
-        hf_name = _gguf_to_hf_name(tensor.name)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for info in header.tensors:
+        hf_name = _gguf_to_hf_name(info.name)
         if hf_name is None:
-            logger.debug("skipping GGUF tensor %s", tensor.name)
+            logger.debug("skipping GGUF tensor %s", info.name)
             continue
-        kind = tensor.tensor_type.name
-        if kind not in _GGUF_SUPPORTED:
-            raise ValueError(f"GGUF tensor {tensor.name} has unsupported type {kind}")
-        array = dequantize(tensor.data, tensor.tensor_type)  # numpy shape = reversed GGML dims = [out, in]
-        weight = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
+        kind = GGMLQuantizationType(info.ggml_type)
+        if kind.name not in _GGUF_SUPPORTED:
+            raise ValueError(f"GGUF tensor {info.name} has unsupported type {kind.name}")
+        block_elems, block_bytes = GGML_QUANT_SIZES[kind]
+        row_elems = info.dims[0]
+        num_rows = int(np.prod(info.dims[1:], dtype=np.int64)) if len(info.dims) > 1 else 1
+        row_bytes = row_elems // block_elems * block_bytes
+        raw = data[info.offset : info.offset + num_rows * row_bytes].reshape(num_rows, row_bytes)
+        array = dequantize(raw, kind)  # [rows, row_elems] = HF's [out, in]
+        shape = tuple(reversed(info.dims))
+        weight = torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))  # a writable copy
         if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             weight = _unpermute_rope_rows(weight, config.num_heads)
         elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):

@@ -122,7 +122,7 @@ class ModelConfig:
         if key("rope.scaling.type") == "linear":
             rope_scaling = {"rope_type": "linear", "factor": key("rope.scaling.factor")}
         eos = meta.get("tokenizer.ggml.eos_token_id")
-        vocab = key("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+        vocab = key("vocab_size") or meta.get("tokenizer.ggml.tokens")  # arrays are read as their length
         hf_arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[arch]
         return cls(
             architecture=hf_arch,
