@@ -112,8 +112,13 @@ def test_tiny_models_through_gguf_loader(tmp_path, arch):
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
-    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    save_tiny_model(str(tmp_path), "llama")
+    for weights in tmp_path.glob("*.safetensors"):
+        weights.unlink()
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(ValueError, match="pickle"):
         _, weights = load_weights(str(tmp_path))
         next(iter(weights))
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    with pytest.raises(ValueError, match="config.json lacks"):
+        load_weights(str(tmp_path))

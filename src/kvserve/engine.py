@@ -60,8 +60,6 @@ class Engine:
         self.model_path = path
         model_config = load_model_config(path)
         config.resolve(model_config.max_position_embeddings)
-        if config.kv_cache_dtype != "auto":
-            raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype} is not supported yet; use auto")
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
@@ -72,8 +70,7 @@ class Engine:
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer else set()
         self.eos_token_ids |= self.model_config.eos_token_ids
 
-        dtype_bytes = torch.empty((), dtype=config.torch_dtype).element_size()
-        bytes_per_token = self.model_config.kv_bytes_per_token(dtype_bytes)
+        bytes_per_token = model.kv_bytes_per_token(config.torch_dtype, config.kv_cache_dtype)
         budget = config.kv_cache_memory or default_kv_cache_memory(config.torch_device)
         num_blocks = budget // (bytes_per_token * config.block_size)
         if num_blocks < 1:
@@ -96,12 +93,14 @@ class Engine:
         self.stats = EngineStats()
         self._next_id = 0
         logger.info(
-            "model %s (%s) on %s/%s loaded in %.1fs; KV cache: %d blocks x %d tokens = %d tokens, %d B/token, %.1f MiB",
+            "model %s (%s) on %s/%s loaded in %.1fs; KV cache (%s): %d blocks x %d tokens = %d tokens, "
+            "%d B/token, %.1f MiB",
             os.path.basename(path),
             self.model_config.architecture,
             config.torch_device,
             config.dtype,
             time.perf_counter() - start,
+            config.kv_cache_dtype if config.kv_cache_dtype != "auto" else config.dtype,
             num_blocks,
             config.block_size,
             capacity,

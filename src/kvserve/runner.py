@@ -17,6 +17,7 @@ import torch
 
 from kvserve.config import EngineConfig
 from kvserve.kv.kv_cache_manager import KVCacheManager
+from kvserve.kv.quant import QuantizedKVCache
 from kvserve.models.attention import AttentionMetadata, PrefillSpan
 from kvserve.models.llama import LlamaForCausalLM
 from kvserve.models.loader import load_weights
@@ -69,7 +70,9 @@ class ModelRunner:
         self.kv = kv
         self.device = config.torch_device
         self.block_size = config.block_size
-        self.kv_caches = model.allocate_kv_cache(kv.pool.num_blocks, config.block_size, config.torch_dtype)
+        self.kv_caches = model.allocate_kv_cache(
+            kv.pool.num_blocks, config.block_size, config.torch_dtype, config.kv_cache_dtype
+        )
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> RunnerOutput:
@@ -170,7 +173,8 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in pairs], device=self.device)
         dst = torch.tensor([d for _, d in pairs], device=self.device)
         for cache in self.kv_caches:
-            cache[:, dst] = cache[:, src]
+            for tensor in (cache.data, cache.scales) if isinstance(cache, QuantizedKVCache) else (cache,):
+                tensor[:, dst] = tensor[:, src]
 
 
 def default_kv_cache_memory(device: torch.device) -> int:

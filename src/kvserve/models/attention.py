@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
+from kvserve.kv.quant import QuantizedKVCache, dequantize, quantize
+
 
 @dataclass
 class PrefillSpan:
@@ -41,18 +43,42 @@ class AttentionMetadata:
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv_cache [2, num_blocks, block_size, Hkv, D]; k, v [T, Hkv, D]. Writes only the T new slots."""
-    num_kv_heads, head_dim = kv_cache.shape[-2:]
+KVCache = torch.Tensor | QuantizedKVCache  # one layer's cache; a plain tensor is [2, num_blocks, block_size, Hkv, D]
+
+
+def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v [T, Hkv, D] go to their T slots (quantized first for an int8/fp8 cache); nothing else is touched."""
+    num_kv_heads, head_dim = k.shape[1:]
+    if isinstance(kv_cache, QuantizedKVCache):
+        for i, x in enumerate((k, v)):
+            q, scale = quantize(x, kv_cache.data.dtype, kv_cache.qmax)
+            kv_cache.data[i].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, q)
+            kv_cache.scales[i].view(-1, num_kv_heads).index_copy_(0, slot_mapping, scale)
+        return
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(kv_cache: KVCache, block_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V of whole blocks, in order: each [len(block_ids) * block_size, Hkv, D] in `dtype`.
+    index_select on whole blocks is a row memcpy, ~3x faster on the CPU than advanced indexing; a
+    quantized cache is dequantized here, for the gathered blocks only."""
+    if isinstance(kv_cache, QuantizedKVCache):
+        data = kv_cache.data.index_select(1, block_ids)  # [2, n, bs, Hkv, D]
+        scales = kv_cache.scales.index_select(1, block_ids)  # [2, n, bs, Hkv]
+        kv = dequantize(data, scales, dtype).flatten(1, 2)  # [2, n * bs, Hkv, D]
+        return kv[0], kv[1]
+    head_shape = kv_cache.shape[-2:]
+    k = kv_cache[0].index_select(0, block_ids).view(-1, *head_shape)
+    v = kv_cache[1].index_select(0, block_ids).view(-1, *head_shape)
+    return k, v
 
 
 def paged_attention(
     q: torch.Tensor,  # [T, Hq, D]
     k: torch.Tensor,  # [T, Hkv, D] this step's keys (already written to the cache)
     v: torch.Tensor,  # [T, Hkv, D]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    kv_cache: KVCache,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, Hq * D]
@@ -63,12 +89,9 @@ def paged_attention(
 
     nd = meta.num_decode_tokens
     if nd:
-        tables = meta.decode_block_tables
-        num_slots = tables.shape[1] * kv_cache.shape[2]
-        flat = tables.flatten()  # index_select on whole blocks is a row memcpy, ~3x faster than cache[tables]
-        keys = kv_cache[0].index_select(0, flat).view(nd, num_slots, num_kv_heads, head_dim).transpose(1, 2)
-        values = kv_cache[1].index_select(0, flat).view(nd, num_slots, num_kv_heads, head_dim).transpose(1, 2)
-        # keys, values: [Nd, Hkv, L, D]
+        keys, values = gather_kv(kv_cache, meta.decode_block_tables.flatten(), q.dtype)
+        keys = keys.view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)  # [Nd, Hkv, L, D]
+        values = values.view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
         queries = q[:nd].view(nd, num_kv_heads, group, head_dim)  # [Nd, Hkv, G, D]
         attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask, scale=scale)
         out[:nd] = attn.reshape(nd, num_heads, head_dim)
@@ -82,10 +105,9 @@ def paged_attention(
             attn = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         else:
             ctx = span.context_len
-            keys = kv_cache[0].index_select(0, span.block_ids).view(-1, num_kv_heads, head_dim)[:ctx]
-            values = kv_cache[1].index_select(0, span.block_ids).view(-1, num_kv_heads, head_dim)[:ctx]
-            keys = keys.transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-            values = values.transpose(0, 1).unsqueeze(0)
+            keys, values = gather_kv(kv_cache, span.block_ids, q.dtype)
+            keys = keys[:ctx].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+            values = values[:ctx].transpose(0, 1).unsqueeze(0)
             attn = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=True
             )

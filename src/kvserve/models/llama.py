@@ -18,7 +18,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from kvserve.models.attention import AttentionMetadata, paged_attention, write_kv
+from kvserve.kv.quant import QuantizedKVCache, kv_bytes_per_token
+from kvserve.models.attention import AttentionMetadata, KVCache, paged_attention, write_kv
 from kvserve.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
 from kvserve.models.model_config import ModelConfig
 
@@ -87,11 +88,23 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        """One [2, num_blocks, block_size, Hkv, D] tensor per layer (K and V)."""
-        shape = (2, num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
+    def allocate_kv_cache(
+        self, num_blocks: int, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto"
+    ) -> list[KVCache]:
+        """Per layer: one [2, num_blocks, block_size, Hkv, D] tensor (K and V), or its quantized form."""
+        heads, head_dim = self.config.num_kv_heads, self.config.head_dim
         device = self.embed_tokens.weight.device
+        if kv_cache_dtype != "auto":
+            return [
+                QuantizedKVCache.allocate(kv_cache_dtype, num_blocks, block_size, heads, head_dim, device)
+                for _ in self.layers
+            ]
+        shape = (2, num_blocks, block_size, heads, head_dim)
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+
+    def kv_bytes_per_token(self, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+        c = self.config
+        return kv_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, dtype, kv_cache_dtype)
 
     def forward(
         self,

@@ -48,6 +48,13 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        try:
+            return cls._from_hf_dict(cfg)
+        except KeyError as e:
+            raise ValueError(f"config.json lacks the field {e.args[0]!r}") from None
+
+    @classmethod
+    def _from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
         architectures = cfg.get("architectures") or []
         architecture = architectures[0] if architectures else _arch_from_model_type(cfg.get("model_type", ""))
         if architecture not in LLAMA_ARCHITECTURES | DEEPSEEK_ARCHITECTURES:

@@ -1,0 +1,71 @@
+"""Quantized KV cache: int8 (CPU and CUDA) and fp8 e4m3 (CUDA), one scale per token per KV head.
+
+Symmetric per-(token, head) scales: scale = max|x| / qmax over the head dimension, q = x / scale.
+A token's K/V are quantized once, when they enter the cache, and dequantized only for the blocks
+a step gathers for attention; the whole cache is never held in full precision. Per-token scales
+keep a block's quantization independent of what else is in it, so paging, prefix sharing and
+preemption work unchanged.
+
+Bytes per token and layer: 2 (K, V) x Hkv x (D x 1 byte + 4 bytes of fp32 scale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# kv_cache_dtype -> (storage dtype, largest representable magnitude used for scaling)
+QUANTIZED_KV_DTYPES: dict[str, tuple[torch.dtype, float]] = {
+    "int8": (torch.int8, 127.0),
+    "fp8": (torch.float8_e4m3fn, 448.0),
+}
+SCALE_DTYPE = torch.float32
+
+
+@dataclass
+class QuantizedKVCache:
+    """One layer's quantized cache: data [2, num_blocks, block_size, Hkv, D], scales [2, num_blocks, block_size, Hkv]."""
+
+    data: torch.Tensor
+    scales: torch.Tensor
+    qmax: float
+
+    @classmethod
+    def allocate(
+        cls,
+        kv_cache_dtype: str,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        device: torch.device,
+    ) -> QuantizedKVCache:
+        storage, qmax = QUANTIZED_KV_DTYPES[kv_cache_dtype]
+        data = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=storage, device=device)
+        scales = torch.zeros(2, num_blocks, block_size, num_kv_heads, dtype=SCALE_DTYPE, device=device)
+        return cls(data, scales, qmax)
+
+
+def quantize(x: torch.Tensor, storage: torch.dtype, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H, D] -> (q [T, H, D] in `storage`, scale [T, H] fp32)."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1).clamp_min(1e-8) / qmax  # [T, H]; the floor keeps all-zero heads finite
+    q = x / scale.unsqueeze(-1)
+    if storage == torch.int8:
+        q = q.round_().clamp_(-qmax, qmax)
+    return q.to(storage), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q [..., H, D], scale [..., H] -> [..., H, D] in `dtype`."""
+    return (q.to(torch.float32) * scale.unsqueeze(-1)).to(dtype)
+
+
+def kv_bytes_per_token(
+    num_layers: int, num_kv_heads: int, head_dim: int, model_dtype: torch.dtype, kv_cache_dtype: str
+) -> int:
+    """Bytes one token's K and V take across all layers, scales included."""
+    if kv_cache_dtype == "auto":
+        return num_layers * 2 * num_kv_heads * head_dim * torch.empty((), dtype=model_dtype).element_size()
+    return num_layers * 2 * num_kv_heads * (head_dim + torch.empty((), dtype=SCALE_DTYPE).element_size())
