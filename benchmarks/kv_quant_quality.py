@@ -79,10 +79,14 @@ def main() -> None:
         "num_sequences": len(prompts),
         "divergences": divergences,
     }
-    print(f"text: {len(ids)} tokens; perplexity full {ppl_full:.4f}, {args.kv_cache_dtype} {ppl_quant:.4f} "
-          f"({result['perplexity_change_pct']:+.2f}%)")
-    print(f"greedy {args.num_prompts} x {args.num_tokens}: {identical}/{len(prompts)} identical "
-          f"({100 * identical / len(prompts):.0f}%)")
+    print(
+        f"text: {len(ids)} tokens; perplexity full {ppl_full:.4f}, {args.kv_cache_dtype} {ppl_quant:.4f} "
+        f"({result['perplexity_change_pct']:+.2f}%)"
+    )
+    print(
+        f"greedy {args.num_prompts} x {args.num_tokens}: {identical}/{len(prompts)} identical "
+        f"({100 * identical / len(prompts):.0f}%)"
+    )
     for d in divergences:
         print(f"  diverged at token {d['position']}, full-precision top-2 logprob gap {d['top2_gap']:.3f}")
     if args.json:

@@ -115,8 +115,12 @@ def main() -> None:
             f"{r['ttft_p50_s']:9.3f} {r['ttft_p99_s']:9.3f} {r['output_tokens_per_s']:10.1f}"
         )
     off, on = results["shared/off"], results["shared/on"]
-    print(f"\nprefill tokens computed: {off['prefill_tokens_computed'] / max(1, on['prefill_tokens_computed']):.1f}x fewer")
-    print(f"TTFT p50: {off['ttft_p50_s'] / on['ttft_p50_s']:.1f}x lower; p99 {off['ttft_p99_s'] / on['ttft_p99_s']:.1f}x")
+    print(
+        f"\nprefill tokens computed: {off['prefill_tokens_computed'] / max(1, on['prefill_tokens_computed']):.1f}x fewer"
+    )
+    print(
+        f"TTFT p50: {off['ttft_p50_s'] / on['ttft_p50_s']:.1f}x lower; p99 {off['ttft_p99_s'] / on['ttft_p99_s']:.1f}x"
+    )
     cost = 1 - results["no-shared/on"]["output_tokens_per_s"] / results["no-shared/off"]["output_tokens_per_s"]
     print(f"no shared prefix: caching on costs {100 * cost:.1f}% throughput")
     if args.json:

@@ -51,7 +51,7 @@ def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: 
     num_kv_heads, head_dim = k.shape[1:]
     if isinstance(kv_cache, QuantizedKVCache):
         for i, x in enumerate((k, v)):
-            q, scale = quantize(x, kv_cache.data.dtype, kv_cache.qmax)
+            q, scale = quantize(x.float() @ kv_cache.rotation, kv_cache.data.dtype, kv_cache.qmax)
             kv_cache.data[i].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, q)
             kv_cache.scales[i].view(-1, num_kv_heads).index_copy_(0, slot_mapping, scale)
         return
@@ -62,7 +62,8 @@ def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: 
 def gather_kv(kv_cache: KVCache, block_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The K and V of whole blocks, in order: each [len(block_ids) * block_size, Hkv, D] in `dtype`.
     index_select on whole blocks is a row memcpy, ~3x faster on the CPU than advanced indexing; a
-    quantized cache is dequantized here, for the gathered blocks only."""
+    quantized cache is dequantized here, for the gathered blocks only, and stays rotated (see
+    kv/quant.py: the caller rotates queries and un-rotates outputs instead)."""
     if isinstance(kv_cache, QuantizedKVCache):
         data = kv_cache.data.index_select(1, block_ids)  # [2, n, bs, Hkv, D]
         scales = kv_cache.scales.index_select(1, block_ids)  # [2, n, bs, Hkv]
@@ -86,30 +87,35 @@ def paged_attention(
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    # Against a rotated (quantized) cache, queries are rotated and outputs rotated back.
+    rotation = kv_cache.rotation.to(q.dtype) if isinstance(kv_cache, QuantizedKVCache) else None
+    q_cached = q @ rotation if rotation is not None else q  # queries that attend to cached K
 
     nd = meta.num_decode_tokens
     if nd:
         keys, values = gather_kv(kv_cache, meta.decode_block_tables.flatten(), q.dtype)
         keys = keys.view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)  # [Nd, Hkv, L, D]
         values = values.view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
-        queries = q[:nd].view(nd, num_kv_heads, group, head_dim)  # [Nd, Hkv, G, D]
+        queries = q_cached[:nd].view(nd, num_kv_heads, group, head_dim)  # [Nd, Hkv, G, D]
         attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask, scale=scale)
-        out[:nd] = attn.reshape(nd, num_heads, head_dim)
+        attn = attn.reshape(nd, num_heads, head_dim)
+        out[:nd] = attn @ rotation.T if rotation is not None else attn
 
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
-        queries = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, Tq, D]
-        if span.block_ids is None:  # no earlier context: attend to this chunk's own K/V
+        if span.block_ids is None:  # no earlier context: attend to this chunk's own fresh K/V
+            queries = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, Tq, D]
             keys = k[rows].transpose(0, 1).unsqueeze(0)  # [1, Hkv, Tq, D]
             values = v[rows].transpose(0, 1).unsqueeze(0)
             attn = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            ctx = span.context_len
-            keys, values = gather_kv(kv_cache, span.block_ids, q.dtype)
-            keys = keys[:ctx].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-            values = values[:ctx].transpose(0, 1).unsqueeze(0)
-            attn = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=True
-            )
-        out[rows] = attn[0].transpose(0, 1)
+            out[rows] = attn[0].transpose(0, 1)
+            continue
+        ctx = span.context_len
+        queries = q_cached[rows].transpose(0, 1).unsqueeze(0)
+        keys, values = gather_kv(kv_cache, span.block_ids, q.dtype)
+        keys = keys[:ctx].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+        values = values[:ctx].transpose(0, 1).unsqueeze(0)
+        attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=True)
+        attn = attn[0].transpose(0, 1)  # [Tq, Hq, D]
+        out[rows] = attn @ rotation.T if rotation is not None else attn
     return out.view(num_tokens, num_heads * head_dim)
