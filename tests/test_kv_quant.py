@@ -8,8 +8,8 @@ import os
 
 import pytest
 import torch
-
 from helpers import assert_same_or_near_tie
+
 from kvserve import LLM, SamplingParams
 from kvserve.kv.quant import QuantizedKVCache, dequantize, hadamard, kv_bytes_per_token, quantize
 from kvserve.models.attention import AttentionMetadata, gather_kv, paged_attention, write_kv
