@@ -13,7 +13,9 @@ import sys
 import time
 import typing
 
+from kvserve.bench import add_bench_parser
 from kvserve.config import HELP, EngineConfig
+from kvserve.kv_plan import add_kv_plan_parser
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -175,21 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set KVSERVE_API_KEY)")
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
+    serve.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM"
+    )
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
-    try:
-        from kvserve.bench import add_bench_parser
-
-        add_bench_parser(sub)
-    except ImportError:
-        pass
-    try:
-        from kvserve.kv_plan import add_kv_plan_parser
-
-        add_kv_plan_parser(sub)
-    except ImportError:
-        pass
+    add_bench_parser(sub)
+    add_kv_plan_parser(sub)
     return parser
 
 

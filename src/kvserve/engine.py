@@ -47,7 +47,6 @@ class RequestGroup:
 
 @dataclass
 class EngineStats:
-    num_prompt_tokens: int = 0  # prompt tokens of admitted requests
     num_generated_tokens: int = 0
     num_computed_prefill_tokens: int = 0  # prompt (and recomputed) tokens actually run through the model
     num_steps: int = 0
@@ -214,15 +213,15 @@ class Engine:
             # every token but a decode of the newest generated token is prefill (prompt or recomputation)
             is_decode = request.output_token_ids and request.num_computed_tokens + num_new == request.num_tokens
             self.stats.num_computed_prefill_tokens += num_new - (1 if is_decode else 0)
-            request.num_computed_tokens += num_new
-            self.kv.cache_computed_blocks(request)
-        for request in batch.scheduled_requests():
             lps = result.prompt_logprobs.get(id(request))
-            if lps is not None:
+            if lps is not None:  # logprobs of prompt positions num_computed + 1 ...; index = position
                 if not request.prompt_logprobs:
                     request.prompt_logprobs.append(None)  # the first prompt token has no logprob
-                request.prompt_logprobs.extend(lps)
-
+                # a preempted request recomputes its prompt: keep only positions not recorded yet
+                known = len(request.prompt_logprobs) - (request.num_computed_tokens + 1)
+                request.prompt_logprobs.extend(lps[max(0, known) :])
+            request.num_computed_tokens += num_new
+            self.kv.cache_computed_blocks(request)
         deltas: dict[tuple[str, int], SequenceDelta] = {}
         rows, row_requests, logit_rows = [], [], []
         for row, request in enumerate(result.sample_requests):

@@ -1,0 +1,168 @@
+"""The OpenAI-compatible HTTP server: FastAPI app, auth, body limit, lifecycle.
+
+Threads: the asyncio loop (uvicorn, this module, the handlers) and the engine thread (AsyncEngine).
+The engine is built before the socket is bound, so a bad model path fails at once with exit 2, and
+a client that sees /health 200 can be served.
+
+Shutdown on SIGINT/SIGTERM (uvicorn): stop accepting connections, let in-flight requests finish for
+up to --shutdown-timeout seconds, cancel the rest (their streams abort their engine requests), then
+stop the engine thread, and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hmac
+import logging
+import os
+import signal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kvserve.async_engine import AsyncEngine
+from kvserve.config import EngineConfig
+from kvserve.server.chat import create_chat_completion
+from kvserve.server.completions import create_completion
+from kvserve.server.errors import APIError, install_handlers
+from kvserve.server.metrics import ServerMetrics
+from kvserve.server.protocol import ModelCard, ModelList
+from kvserve.server.serving import ServerState
+
+logger = logging.getLogger("kvserve.server")
+
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds in-flight requests get to finish after SIGTERM
+
+
+class BodyLimitMiddleware:
+    """Rejects request bodies over `max_bytes` with 413: at once from Content-Length, or while reading a
+    chunked body (the APIError raised from `receive` reaches the handler's exception handling)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_big = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await too_big.response()(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_big
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_app(state: ServerState, metrics: ServerMetrics, api_key: str | None, max_request_bytes: int) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        state.engine.attach_loop()  # the engine thread was launched (and the model loaded) before the server
+        yield
+        await state.engine.shutdown()
+
+    app = FastAPI(title="kvserve", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    install_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    def authorize(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+
+    auth = [Depends(authorize)]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.engine.is_alive:
+            return JSONResponse({"status": "ok"})
+        return APIError(503, "the engine loop is not running", code="engine_unavailable").response()
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> JSONResponse:
+        card = ModelCard(
+            id=state.model_name, root=next(iter(sorted(state.model_aliases)), None), max_model_len=state.max_model_len
+        )
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request) -> Response:
+        return await create_completion(state, request)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(state, request)
+
+    return app
+
+
+def default_model_name(config: EngineConfig, model_path: str) -> str:
+    """--served-model-name, else --model as given, else the default model's file name without .gguf."""
+    if config.model:
+        return config.model
+    return os.path.basename(model_path.rstrip("/")).removesuffix(".gguf")
+
+
+def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
+    import uvicorn
+
+    from kvserve.engine import Engine
+
+    async_engine = AsyncEngine(lambda: Engine(engine_config))
+    engine = async_engine.launch()  # loads the model on the engine thread (see async_engine.py for why)
+    name = args.served_model_name or default_model_name(engine_config, engine.model_path)
+    metrics = ServerMetrics(name)
+    async_engine.observer = metrics  # read by the engine thread on its next turn; no request has come yet
+    aliases = {
+        a
+        for a in (engine_config.model, engine.model_path, default_model_name(engine_config, engine.model_path))
+        if a and a != name
+    }
+    state = ServerState(
+        engine=async_engine,
+        tokenizer=engine.tokenizer,
+        model_name=name,
+        model_aliases=aliases,
+        max_model_len=engine.config.max_model_len,
+    )
+    api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
+    app = create_app(state, metrics, api_key, args.max_request_bytes)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=logging.getLevelName(logging.getLogger().level).lower(),
+        access_log=False,  # one line per request comes from the engine thread, with its token counts
+        timeout_graceful_shutdown=getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT),
+    )
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal it caught once it has shut down, through the handler that was installed
+    # before it started: make that a no-op so a graceful shutdown exits 0 rather than dying of the signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    logger.info("serving %s on http://%s:%d (auth %s)", name, args.host, args.port, "on" if api_key else "off")
+    server.run()
+    if not server.started:
+        return 1  # e.g. the port was taken: uvicorn has logged why
+    return 0

@@ -1,0 +1,157 @@
+"""POST /v1/chat/completions: messages through the model's chat template -> assistant replies.
+
+The template is rendered and tokenized here, on the asyncio thread, so a malformed conversation is a
+400 before anything reaches the engine, and the engine thread only sees token ids. Streaming sends,
+per choice, a first chunk with the role, then content deltas, then the finish reason; with
+`stream_options.include_usage` a last chunk with no choices carries the usage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from kvserve.async_engine import RequestChannel, Submission
+from kvserve.server.errors import APIError
+from kvserve.server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+)
+from kvserve.server.serving import (
+    SSE_DONE,
+    ClientGone,
+    ServerState,
+    SSEResponse,
+    collect,
+    new_id,
+    parse_body,
+    sampling_params,
+    sorted_top,
+    sse,
+    sse_error,
+    submit,
+    usage,
+)
+
+
+def _chat_logprobs(
+    state: ServerState, token_ids: list[int], entries: list[dict[int, float]] | None, top_n: int
+) -> ChatLogprobs:
+    content = []
+    for token_id, entry in zip(token_ids, entries or []):
+        piece = state.piece(token_id)
+        top = [
+            TopLogprob(token=state.piece(t), logprob=lp, bytes=list(state.piece(t).encode()))
+            for t, lp in sorted_top(entry, top_n)
+        ]
+        content.append(TokenLogprob(token=piece, logprob=entry[token_id], bytes=list(piece.encode()), top_logprobs=top))
+    return ChatLogprobs(content=content)
+
+
+async def create_chat_completion(state: ServerState, request: Request) -> Response:
+    req = await parse_body(request, ChatCompletionRequest)
+    state.check_model(req.model)
+    tokenizer = state.need_tokenizer("chat")
+    if not tokenizer.has_chat_template:
+        raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
+    try:
+        prompt_ids = tokenizer.apply_chat_template(
+            req.messages, add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {})
+        )
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, str(exc), param="messages", code="invalid_value") from None
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    top_n = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req.sampling_params, max_tokens, top_n)
+    request_id = new_id("chatcmpl")
+    try:
+        channel = await submit(state, [Submission(request_id, prompt_ids, params)])
+    except APIError as exc:
+        if exc.param == "prompt":  # the prompt is the rendered conversation
+            exc.param = "messages"
+        raise
+    if req.stream:
+        return SSEResponse(_stream(state, req, request_id, channel, len(prompt_ids), top_n))
+    try:
+        outputs = await collect(state, channel, request)
+    except ClientGone:
+        return Response(status_code=499)
+    out = outputs[request_id]
+    choices = [
+        ChatChoice(
+            index=seq.index,
+            message=ChatMessage(role="assistant", content=seq.text),
+            logprobs=None if top_n is None else _chat_logprobs(state, seq.token_ids, seq.logprobs, top_n),
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+        for seq in out.outputs
+    ]
+    num_completion = sum(len(seq.token_ids) for seq in out.outputs)
+    body = ChatCompletionResponse(
+        id=request_id,
+        model=state.model_name,
+        choices=choices,
+        usage=usage(len(prompt_ids), num_completion, out.num_cached_tokens),
+    )
+    return JSONResponse(body.model_dump())
+
+
+async def _stream(
+    state: ServerState,
+    req: ChatCompletionRequest,
+    request_id: str,
+    channel: RequestChannel,
+    num_prompt_tokens: int,
+    top_n: int | None,
+) -> AsyncIterator[str]:
+    created = int(time.time())
+    num_completion = 0
+
+    def chunk(choices: list[ChatStreamChoice], **extra) -> str:
+        return sse(
+            ChatCompletionChunk(id=request_id, created=created, model=state.model_name, choices=choices, **extra)
+        )
+
+    try:
+        # the role first, for every choice (clients build the message from it)
+        yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(req.n)])
+        async for _, deltas in channel:
+            choices = []
+            for delta in deltas:
+                num_completion += len(delta.token_ids)
+                logprobs = None
+                if top_n is not None and delta.token_ids:
+                    logprobs = _chat_logprobs(state, delta.token_ids, delta.logprobs, top_n)
+                if delta.text or logprobs is not None or delta.finish_reason is not None:
+                    choices.append(
+                        ChatStreamChoice(
+                            index=delta.index,
+                            delta=DeltaMessage(content=delta.text) if delta.text else DeltaMessage(),
+                            logprobs=logprobs,
+                            finish_reason=delta.finish_reason,
+                            stop_reason=delta.stop_reason,
+                        )
+                    )
+            if choices:
+                yield chunk(choices)
+        if req.include_usage:
+            num_cached = sum(o.num_cached_tokens for o in channel.outputs.values())
+            yield chunk([], usage=usage(num_prompt_tokens, num_completion, num_cached))
+    except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, then end the stream
+        yield sse_error(exc)
+    finally:
+        if not channel.finished:
+            state.engine.abort(channel)
+    yield SSE_DONE

@@ -1,0 +1,448 @@
+"""The OpenAI-compatible server, as a real process on a free port, through the `openai` client and httpx.
+
+One server for the module (loading the model takes ~10 s on this CPU); every request is small. Tests run
+in order and share it, so each asserts only about its own requests (block counts return to 0 between them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvserve.server.launch import ServerProcess
+
+KEY = "test-key"
+MODEL = "smollm"
+MAX_MODEL_LEN = 1024
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def server():
+    args = ["--kv-cache-memory", "128MiB", "--max-model-len", str(MAX_MODEL_LEN), "--api-key", KEY]
+    args += ["--served-model-name", MODEL, "--max-request-bytes", str(MAX_REQUEST_BYTES), "--log-stats-interval", "1"]
+    proc = ServerProcess(args).start()
+    yield proc
+    code = proc.stop()
+    output = proc.output()
+    assert code == 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    os.unlink(proc.log.name)  # kept when an assertion above fails, for the post-mortem
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def post(server, path: str, body, key: str | None = KEY, timeout: float = 60) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+    return httpx.post(server.url + path, content=body, headers=headers, timeout=timeout)
+
+
+def metrics(server) -> dict[str, float]:
+    """name{label=value,...} (model_name left out) -> value."""
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(server.url + "/metrics").text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def wait_idle(server, timeout: float = 10.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(server)
+        if m["kvserve:kv_blocks_used"] == 0 and m["kvserve:num_requests_running"] == 0:
+            return m
+        assert time.monotonic() < deadline, f"blocks not freed: {m['kvserve:kv_blocks_used']}"
+        time.sleep(0.05)
+
+
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+# ---------------------------------------------------------------- basics
+
+
+def test_health_and_models(server, client):
+    assert httpx.get(server.url + "/health").status_code == 200
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_completion(client):
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, **GREEDY)
+    assert len(r.choices) == 1 and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens == 5 and r.usage.total_tokens == 11
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+    again = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, **GREEDY)
+    assert again.choices[0].text == r.choices[0].text
+
+
+def test_completion_stream_matches(client):
+    full = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, **GREEDY)
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="Once upon a time",
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_multiple_prompts_and_token_ids(client):
+    r = client.completions.create(model=MODEL, prompt=["Hello", "Goodbye"], max_tokens=3, **GREEDY)
+    assert [c.index for c in r.choices] == [0, 1] and r.usage.completion_tokens == 6
+    ids = client.completions.create(model=MODEL, prompt=[[19556, 28], [957, 1462, 314]], max_tokens=2, **GREEDY)
+    assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 5
+
+
+def test_stream_many_prompts_and_n(client):
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=["Hello", "Goodbye"],
+            n=2,
+            max_tokens=3,
+            stream=True,
+            temperature=1.0,
+            seed=5,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    finished = {c.index: c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason}
+    assert finished == {0: "length", 1: "length", 2: "length", 3: "length"}
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == 3
+
+
+def test_chat(client):
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, **GREEDY)
+    assert full.choices[0].message.role == "assistant" and full.usage.completion_tokens == 8
+    stream = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_completion_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
+    assert stream[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == full.choices[0].message.content
+    assert stream[-1].usage.completion_tokens == 8 and stream[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_n_and_seed(client):
+    kw = dict(model=MODEL, prompt="My favourite colour is", max_tokens=8, temperature=1.0, seed=1234)
+    a = client.completions.create(n=2, **kw)
+    b = client.completions.create(n=2, **kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    c = client.completions.create(n=1, **{**kw, "seed": 99})
+    d = client.completions.create(n=1, **{**kw, "seed": 99})
+    assert c.choices[0].text == d.choices[0].text
+    chat = [
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=1.0, seed=7, n=2
+        )
+        for _ in range(2)
+    ]
+    assert [x.message.content for x in chat[0].choices] == [x.message.content for x in chat[1].choices]
+
+
+def test_stop(client):
+    prompt = "List three fruits:"
+    text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, **GREEDY).choices[0].text
+    words = text.split()
+    assert len(words) >= 3, text
+    stop = words[2]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, stop=[stop], temperature=0)
+    assert r.choices[0].text == text[: text.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+# ---------------------------------------------------------------- logprobs and echo
+
+
+def test_completion_logprobs_shape(client):
+    r = client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=5, logprobs=3, **GREEDY)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert "".join(lp.tokens) == r.choices[0].text
+    for token, token_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert token_lp <= 0 and 3 <= len(top) <= 4 and top[token] == token_lp
+        assert max(top.values()) == token_lp  # greedy: the chosen token is the most likely
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+def test_chat_logprobs_shape(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=2,
+        **GREEDY,
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 and t.top_logprobs[0].logprob == t.logprob for t in content)
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+
+
+def test_echo_prompt_logprobs(client):
+    prompt = "The quick brown fox jumps"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    choice = r.choices[0]
+    assert choice.text == prompt and r.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert len(lp.tokens) == r.usage.prompt_tokens == len(lp.token_logprobs)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:]) and "".join(lp.tokens) == prompt
+    # with generated tokens after the prompt, streamed, as lm-eval's scoring reads it
+    streamed = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1, stream=True, **GREEDY
+        )
+    )
+    tokens = [t for c in streamed for t in c.choices[0].logprobs.tokens]
+    assert len(tokens) == r.usage.prompt_tokens + 2
+    assert "".join(c.choices[0].text for c in streamed).startswith(prompt)
+    assert streamed[0].choices[0].logprobs.token_logprobs[1:5] == lp.token_logprobs[1:5]
+
+
+def test_lm_eval_style_batch(server):
+    body = {
+        "model": MODEL,
+        "prompt": [[504, 3458, 28], [19556, 28, 957, 1462]],
+        "max_tokens": 0,
+        "echo": True,
+        "logprobs": 1,
+        "temperature": 0,
+        "seed": 1234,
+    }
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [len(c["logprobs"]["tokens"]) for c in choices] == [3, 4]
+    assert all(c["logprobs"]["token_logprobs"][0] is None for c in choices)
+
+
+def test_cached_tokens(server, client):
+    ids = list(range(2000, 2080))  # 80 tokens no other test uses: 4 full blocks are cacheable
+    before = metrics(server)
+    first = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0)
+    second = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 64  # one token short of the prompt, whole blocks
+    after = metrics(server)
+    assert after["kvserve:prefix_cache_hits_total"] - before["kvserve:prefix_cache_hits_total"] >= 64
+    assert after["kvserve:prefix_cache_queries_total"] - before["kvserve:prefix_cache_queries_total"] >= 160
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _error(r: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+COMPLETION = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", "{not json", None),
+        ("/v1/completions", "[1, 2]", None),
+        ("/v1/completions", {**COMPLETION, "max_tokens": "ten"}, "max_tokens"),
+        ("/v1/completions", {**COMPLETION, "max_tokens": -1}, "max_tokens"),
+        ("/v1/completions", {**COMPLETION, "temperature": -0.5}, "temperature"),
+        ("/v1/completions", {**COMPLETION, "temperature": "hot"}, "temperature"),
+        ("/v1/completions", {**COMPLETION, "n": 0}, "n"),
+        ("/v1/completions", {**COMPLETION, "n": 129}, "n"),
+        ("/v1/completions", {**COMPLETION, "logprobs": 21}, "logprobs"),
+        ("/v1/completions", {**COMPLETION, "top_p": 0}, "top_p"),
+        ("/v1/completions", {**COMPLETION, "stop": 5}, "stop"),
+        ("/v1/completions", {**COMPLETION, "prompt": ""}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": []}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": [1, 2, 10**9]}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": list(range(MAX_MODEL_LEN + 1))}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": "word " * (MAX_MODEL_LEN + 10)}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "max_tokens": MAX_MODEL_LEN}, None),
+        ("/v1/completions", {"model": MODEL}, "prompt"),
+        ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
+        ("/v1/chat/completions", {**CHAT, "messages": "hello"}, "messages"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"content": "no role"}]}, "messages"),
+        ("/v1/chat/completions", {**CHAT, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ("/v1/chat/completions", {**CHAT, "stream": "maybe"}, "stream"),
+    ],
+)
+def test_bad_request(server, path, body, param):
+    _error(post(server, path, body), 400, param)
+
+
+def test_auth_model_and_size_errors(server):
+    assert _error(post(server, "/v1/completions", COMPLETION, key=None), 401)["code"] == "invalid_api_key"
+    _error(post(server, "/v1/completions", COMPLETION, key="wrong"), 401)
+    _error(httpx.get(server.url + "/v1/models"), 401)
+    assert _error(post(server, "/v1/completions", {**COMPLETION, "model": "gpt-4"}), 404, "model")["code"]
+    _error(post(server, "/v1/chat/completions", {**CHAT, "model": "gpt-4"}), 404, "model")
+    _error(post(server, "/v1/completions", {**COMPLETION, "prompt": "x" * MAX_REQUEST_BYTES}), 413)
+    _error(httpx.get(server.url + "/v1/nothing"), 404)
+    # nothing was disturbed: the engine is alive and serves
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert post(server, "/v1/completions", COMPLETION).status_code == 200
+
+
+def test_openai_client_sees_errors(client):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=-1)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="Hi", max_tokens=1)
+
+
+# ---------------------------------------------------------------- disconnects, concurrency, metrics
+
+
+def test_stream_disconnect_frees_blocks(server):
+    before = wait_idle(server)
+    body = {**COMPLETION, "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for _ in range(3):
+            assert next(line for line in lines if line.startswith("data: "))
+        assert metrics(server)["kvserve:kv_blocks_used"] > 0
+    after = wait_idle(server)  # closing the stream aborted the request
+    aborted = "kvserve:request_success_total{finished_reason=abort}"
+    assert after[aborted] - before.get(aborted, 0) == 1
+
+
+def test_non_stream_disconnect_frees_blocks(server):
+    wait_idle(server)
+    body = {**COMPLETION, "max_tokens": 500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, "/v1/completions", body, timeout=1.5)
+    wait_idle(server)
+
+
+def test_64_concurrent_streams_exact_counts(server):
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[int, int, int, str]:
+        want = 3 + i % 6
+        stream = await client.completions.create(
+            model=MODEL,
+            prompt=f"Request number {i} says",
+            max_tokens=want,
+            stream=True,
+            logprobs=0,
+            stream_options={"include_usage": True},
+            temperature=0.7,
+            seed=i,
+            extra_body={"ignore_eos": True},
+        )
+        streamed, usage, finish = 0, None, None
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                streamed += len(choice.logprobs.tokens)
+                finish = choice.finish_reason or finish
+        return want, streamed, usage, finish
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(64)))
+
+    results = asyncio.run(main())
+    assert all(want == streamed == usage and finish == "length" for want, streamed, usage, finish in results), results
+    wait_idle(server)
+
+
+def test_metrics_move(server, client):
+    before = metrics(server)
+    for name in (
+        "num_requests_waiting",
+        "kv_blocks_total",
+        "kv_cache_usage_ratio",
+        "num_preemptions_total",
+        "prefix_cache_queries_total",
+        "prefix_cache_hits_total",
+        "inter_token_latency_seconds_count",
+    ):
+        assert f"kvserve:{name}" in before, name
+    assert before["kvserve:kv_blocks_total"] > 0
+    client.completions.create(model=MODEL, prompt="Count: one, two,", max_tokens=5, **GREEDY)
+    after = metrics(server)
+    assert after["kvserve:generation_tokens_total"] - before["kvserve:generation_tokens_total"] == 5
+    assert after["kvserve:prompt_tokens_total"] - before["kvserve:prompt_tokens_total"] == 6
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
+        assert after[f"kvserve:{name}_count"] == before[f"kvserve:{name}_count"] + 1
+    assert after["kvserve:inter_token_latency_seconds_count"] == before["kvserve:inter_token_latency_seconds_count"] + 4
+
+
+def test_logs(server):
+    out = server.output()
+    assert "request cmpl-" in out and "TTFT" in out and "finish length" in out
+    assert "engine: running" in out and "prefix cache hit rate" in out
+
+
+def test_bench_client(server, tmp_path):
+    from kvserve.bench import bench_namespace, cmd_bench_serve
+
+    args = bench_namespace(
+        base=server.url,
+        api_key=KEY,
+        num_requests=4,
+        prompt_len=16,
+        output_len=4,
+        concurrency=2,
+        shared_prefix_len=8,
+        plot=str(tmp_path / "bench.png"),
+        json=str(tmp_path / "bench.json"),
+    )
+    assert cmd_bench_serve(args) == 0
+    summary = json.loads((tmp_path / "bench.json").read_text())["summary"]
+    assert summary["completed"] == 4 and summary["failed"] == 0 and summary["output_tokens"] == 16
+    assert summary["ttft_p50_ms"] > 0 and summary["itl_p99_ms"] > 0
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    args = bench_namespace(
+        base=server.url,
+        api_key=KEY,
+        num_requests=3,
+        output_len=3,
+        request_rate=50.0,
+        endpoint="chat",
+        json=str(tmp_path / "chat.json"),
+    )
+    assert cmd_bench_serve(args) == 0
+    assert json.loads((tmp_path / "chat.json").read_text())["summary"]["output_tokens"] == 9

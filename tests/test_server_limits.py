@@ -1,0 +1,80 @@
+"""Server limits and lifecycle, on a second server process: one running request at most, one waiting,
+the API key from KVSERVE_API_KEY; then a graceful SIGTERM with a stream in flight (exit code 0)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from kvserve.server.launch import ServerProcess
+
+KEY = "env-key"
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+LONG = {"prompt": "Hi", "max_tokens": 400, "ignore_eos": True, "stream": True, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server():
+    args = ["--kv-cache-memory", "64MiB", "--max-model-len", "512", "--max-num-seqs", "1"]
+    args += ["--max-waiting-requests", "1", "--log-stats-interval", "0"]
+    proc = ServerProcess(args, env={"KVSERVE_API_KEY": KEY}).start()
+    yield proc
+    proc.stop()
+
+
+def blocks_used(server) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith("kvserve:kv_blocks_used{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no kvserve:kv_blocks_used in /metrics")
+
+
+def test_env_api_key(server):
+    assert httpx.post(server.url + "/v1/completions", json={"prompt": "Hi"}).status_code == 401
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, headers=HEADERS, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_queue_full_503(server):
+    with httpx.Client(base_url=server.url, headers=HEADERS, timeout=60) as client:
+        with client.stream("POST", "/v1/completions", json=LONG) as running:
+            lines = running.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # running: it has a token
+            with client.stream("POST", "/v1/completions", json=LONG) as waiting:
+                assert waiting.status_code == 200  # accepted: the headers come once the engine queued it
+                r = client.post("/v1/completions", json={**LONG, "stream": False})
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "queue_full"
+                assert httpx.get(server.url + "/health").status_code == 200
+    deadline = time.monotonic() + 10
+    while blocks_used(server) != 0:  # both streams were closed: aborted, blocks freed
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers=HEADERS, timeout=30)
+    assert r.status_code == 200
+
+
+def test_graceful_shutdown(server):
+    body = {**LONG, "max_tokens": 24, "logprobs": 0}  # logprobs: every token comes in a chunk of its own
+    tokens = 0
+    finish = None
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=HEADERS, timeout=60) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            tokens += 1
+            if tokens == 1:
+                server.signal(signal.SIGTERM)  # in flight: the stream still completes
+            if '"finish_reason":"length"' in line:
+                finish = "length"
+    assert finish == "length" and tokens == 24
+    assert server.proc.wait(30) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health", timeout=2)
+    out = server.output()
+    assert "Traceback" not in out, out[-3000:]
+    os.unlink(server.log.name)
