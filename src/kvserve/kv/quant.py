@@ -46,12 +46,13 @@ def hadamard(dim: int, device: torch.device | None = None) -> torch.Tensor:
 @dataclass
 class QuantizedKVCache:
     """One layer's quantized cache: data [2, num_blocks, block_size, Hkv, D] holding (K R, V R) quantized,
-    scales [2, num_blocks, block_size, Hkv], rotation R [D, D]."""
+    scales [2, num_blocks, block_size, Hkv], rotation R [D, D] (None: stored unrotated, as the MLA latent
+    cache is, whose width is not a per-head vector)."""
 
     data: torch.Tensor
     scales: torch.Tensor
     qmax: float
-    rotation: torch.Tensor
+    rotation: torch.Tensor | None = None
 
     @classmethod
     def allocate(

@@ -51,7 +51,9 @@ def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: 
     num_kv_heads, head_dim = k.shape[1:]
     if isinstance(kv_cache, QuantizedKVCache):
         for i, x in enumerate((k, v)):
-            q, scale = quantize(x.float() @ kv_cache.rotation, kv_cache.data.dtype, kv_cache.qmax)
+            if kv_cache.rotation is not None:
+                x = x.float() @ kv_cache.rotation
+            q, scale = quantize(x, kv_cache.data.dtype, kv_cache.qmax)
             kv_cache.data[i].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, q)
             kv_cache.scales[i].view(-1, num_kv_heads).index_copy_(0, slot_mapping, scale)
         return
@@ -88,7 +90,8 @@ def paged_attention(
     group = num_heads // num_kv_heads
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     # Against a rotated (quantized) cache, queries are rotated and outputs rotated back.
-    rotation = kv_cache.rotation.to(q.dtype) if isinstance(kv_cache, QuantizedKVCache) else None
+    rotation = getattr(kv_cache, "rotation", None)
+    rotation = rotation.to(q.dtype) if rotation is not None else None
     q_cached = q @ rotation if rotation is not None else q  # queries that attend to cached K
 
     nd = meta.num_decode_tokens
