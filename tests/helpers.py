@@ -56,15 +56,20 @@ def save_tiny_model(folder: str, kind: str, seed: int = 0, shard: bool = False) 
         model = MistralForCausalLM(config)
     else:
         raise ValueError(kind)
-    with torch.no_grad():  # HF's init is small; widen it so logits are not all near-ties
+    widen_random_init(model)
+    model.eval()
+    model.save_pretrained(folder, max_shard_size="200KB" if shard else "2GB")
+    return model
+
+
+def widen_random_init(model: torch.nn.Module) -> None:
+    """HF's init is small; widen it so a tiny random model's logits are not all near-ties."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1 or name.endswith("bias"):
                 p.normal_(0, 0.2)
             else:  # norm weights
                 p.normal_(1.0, 0.1)
-    model.eval()
-    model.save_pretrained(folder, max_shard_size="200KB" if shard else "2GB")
-    return model
 
 
 def write_gguf(path: str, hf_model: torch.nn.Module, arch: str) -> None:

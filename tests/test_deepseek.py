@@ -14,7 +14,7 @@ import random
 
 import pytest
 import torch
-from helpers import hf_greedy
+from helpers import hf_greedy, widen_random_init
 
 from kvserve import LLM, SamplingParams
 from kvserve.kv.quant import QuantizedKVCache
@@ -95,12 +95,8 @@ def save_tiny_deepseek(folder: str, kind: str, seed: int = 0) -> torch.nn.Module
         model = DeepseekV3ForCausalLM(config)
     else:
         raise ValueError(kind)
-    with torch.no_grad():  # HF's init is small; widen it so logits are not all near-ties
-        for name, p in model.named_parameters():
-            if p.dim() > 1 or name.endswith("bias"):
-                p.normal_(0, 0.2)
-            else:  # norm weights
-                p.normal_(1.0, 0.1)
+    widen_random_init(model)
+    with torch.no_grad():
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0, 0.1)  # non-zero, so choosing on biased scores is exercised
