@@ -359,6 +359,7 @@ class AsyncEngine:
             events.append((channel, "error", request_id, EngineDeadError("the server is shutting down")))
         if self.observer is not None:
             self.observer.on_loop(self.engine, self._prompt_tokens_added)
+        self.engine.close()
 
     def _die(self, exc: BaseException) -> None:
         with self._lock:

@@ -61,6 +61,9 @@ HELP = {
     "max_num_seqs": "most requests running at once",
     "max_num_batched_tokens": "token budget of one engine step (default 512 on CPU, 2048 on CUDA)",
     "enable_prefix_caching": "reuse the KV of shared prompt prefixes",
+    "kv_offload_memory": "host RAM tier for prefix blocks evicted from the KV cache (e.g. 8GiB; default off)",
+    "kv_offload_dir": "folder of the disk tier for prefix blocks, kept across restarts (needs --kv-offload-disk)",
+    "kv_offload_disk": "size limit of the disk tier (e.g. 50GiB)",
     "seed": "seed for requests that give none",
     "max_waiting_requests": "queue length past which the server answers 503",
     "log_stats_interval": "seconds between periodic engine stats lines (0: off)",
@@ -80,6 +83,9 @@ class EngineConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
+    kv_offload_memory: int | str | None = None
+    kv_offload_dir: str | None = None
+    kv_offload_disk: int | str | None = None
     seed: int = 0
     max_waiting_requests: int = 1024
     log_stats_interval: float = 10.0
@@ -95,8 +101,13 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.kv_cache_dtype not in ("auto", "int8", "fp8"):
             raise ValueError(f"kv_cache_dtype must be auto, int8 or fp8, got {self.kv_cache_dtype!r}")
-        if self.kv_cache_memory is not None:
-            self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        for name in ("kv_cache_memory", "kv_offload_memory", "kv_offload_disk"):
+            if getattr(self, name) is not None:
+                setattr(self, name, parse_size(getattr(self, name)))
+        if (self.kv_offload_dir is None) != (self.kv_offload_disk is None):
+            raise ValueError("the disk KV tier needs both kv_offload_dir (where) and kv_offload_disk (how much)")
+        if self.offload_enabled and not self.enable_prefix_caching:
+            raise ValueError("KV offload tiers keep prefix-cache blocks: they need prefix caching enabled")
         for name in ("block_size", "max_num_seqs", "max_waiting_requests"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -107,6 +118,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+
+    @property
+    def offload_enabled(self) -> bool:
+        return self.kv_offload_memory is not None or self.kv_offload_dir is not None
 
     @classmethod
     def option_names(cls) -> list[str]:

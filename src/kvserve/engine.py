@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from kvserve.config import EngineConfig
+from kvserve.kv.block_io import BlockIO
 from kvserve.kv.kv_cache_manager import KVCacheManager
+from kvserve.kv.offload import TieredKVStore
 from kvserve.kv.prefix_hash import root_hash
 from kvserve.models.loader import load_model_config, resolve_model_path
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, SequenceDelta
@@ -87,6 +89,22 @@ class Engine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, root)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(config, self.model_config, model, self.kv)
+        if config.offload_enabled:
+            block_io = BlockIO(self.runner.kv_caches)
+            self.kv.attach_offload(
+                TieredKVStore(
+                    block_io,
+                    config.block_size,
+                    host_bytes=config.kv_offload_memory,
+                    disk_dir=config.kv_offload_dir,
+                    disk_bytes=config.kv_offload_disk,
+                )
+            )
+            logger.info(
+                "KV offload tiers: %s (%d B per block)",
+                ", ".join(f"{t.name} {t.capacity_bytes / 2**20:.0f} MiB" for t in self.kv.offload.tiers),
+                block_io.row_nbytes,
+            )
         self.sampler = Sampler()
         self.groups: dict[str, RequestGroup] = {}
         self.stats = EngineStats()
@@ -222,6 +240,7 @@ class Engine:
                 request.prompt_logprobs.extend(lps[max(0, known) :])
             request.num_computed_tokens += num_new
             self.kv.cache_computed_blocks(request)
+        self.kv.flush_offload()
         deltas: dict[tuple[str, int], SequenceDelta] = {}
         rows, row_requests, logit_rows = [], [], []
         for row, request in enumerate(result.sample_requests):
@@ -355,6 +374,11 @@ class Engine:
 
     def is_finished(self, request_id: str) -> bool:
         return all(self.groups[request_id].finished)
+
+    def close(self) -> None:
+        """Waits for background work (disk-tier writes); the engine must not step after it."""
+        if self.kv.offload is not None:
+            self.kv.offload.close()
 
     def check_idle(self) -> None:
         """Asserts the idle invariant: no request left, every block free or cached-and-evictable."""

@@ -99,7 +99,8 @@ class LLM:
         return [results[r] for r in request_ids]
 
     def get_stats(self) -> dict[str, float]:
-        """Engine counters, including prefix-cache queries and hits in tokens."""
+        """Engine counters, including prefix-cache queries and hits in tokens, and with offload tiers
+        kv_offload_<host|disk>_<hit_tokens|bytes_in|bytes_out|evictions|corrupt|used_bytes|capacity_bytes>."""
         engine = self.engine
         kv = engine.kv
         return {
@@ -112,4 +113,9 @@ class LLM:
             "num_chunked_prefills": engine.scheduler.num_chunked_prefills,
             "num_computed_prefill_tokens": engine.stats.num_computed_prefill_tokens,
             "num_generated_tokens": engine.stats.num_generated_tokens,
+            **{
+                f"kv_offload_{tier}_{key}": value
+                for tier, counters in (kv.offload.stats() if kv.offload is not None else {}).items()
+                for key, value in counters.items()
+            },
         }

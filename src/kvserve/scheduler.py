@@ -83,13 +83,20 @@ class Scheduler:
         if not out.preempted:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 request = self.waiting[0]
-                hits = self.kv.get_computed_blocks(request) if request.num_computed_tokens == 0 else []
-                num_hit_tokens = len(hits) * self.kv.block_size
-                remaining = request.num_tokens - request.num_computed_tokens - num_hit_tokens
+                fresh = request.num_computed_tokens == 0
+                hits = self.kv.get_computed_blocks(request) if fresh else []
+                lower = self.kv.get_lower_tier_hits(request, len(hits)) if fresh else []
+                bs = self.kv.block_size
+                remaining = request.num_tokens - request.num_computed_tokens - (len(hits) + len(lower)) * bs
                 num_new = min(remaining, budget)
-                if not self.kv.allocate_slots(request, num_new, hits):
+                # lower-tier hits need fresh device blocks to load into: allocated as if new tokens
+                if not self.kv.allocate_slots(request, num_new + len(lower) * bs, hits):
                     break
                 self.waiting.popleft()
+                num_loaded = self.kv.load_lower_tier_hits(request, len(hits), lower)
+                # a block that failed to load ends the hit: the rest is computed, in this step's
+                # chunk (num_new tokens from the new start; its slots are already allocated) and later ones
+                num_hit_tokens = (len(hits) + num_loaded) * bs
                 self.kv.record_admission(request, num_hit_tokens)
                 if request.num_preemptions == 0:
                     request.num_cached_tokens = num_hit_tokens  # what the user is told: first admission

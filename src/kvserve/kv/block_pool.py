@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(eq=False, slots=True)
@@ -69,6 +70,16 @@ class FreeBlockQueue:
             block = block.next_free
 
 
+class BlockObserver(Protocol):
+    """Told about the prefix cache's content (kv/offload.py keeps the lower tiers with it)."""
+
+    def on_cached(self, block_hash: bytes, token_ids: tuple[int, ...], block_id: int) -> None: ...
+
+    def on_evict(self, evicted: list[tuple[bytes, tuple[int, ...], int]]) -> None:
+        """(hash, token ids, block id) of blocks that just lost their hash, called before anything
+        can write into them: their KV is still intact."""
+
+
 class BlockPool:
     def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
         if num_blocks < 1:
@@ -79,6 +90,7 @@ class BlockPool:
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[bytes, Block] = {}  # block hash -> block holding that content
         self.num_evictions = 0
+        self.observer: BlockObserver | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -93,11 +105,16 @@ class BlockPool:
         if count > self.free_queue.num_free:
             raise RuntimeError(f"asked for {count} KV blocks, {self.free_queue.num_free} free")
         out = []
+        evicted = []
         for _ in range(count):
             block = self.free_queue.popleft()
+            if block.block_hash is not None and self.observer is not None:
+                evicted.append((block.block_hash, block.token_ids, block.block_id))
             self._evict(block)
             block.ref_count = 1
             out.append(block)
+        if evicted:  # a block queued by on_cached and since freed comes back here first, with its hash
+            self.observer.on_evict(evicted)
         return out
 
     def lookup(self, block_hash: bytes, token_ids: tuple[int, ...]) -> Block | None:
@@ -139,6 +156,8 @@ class BlockPool:
         block.block_hash = block_hash
         block.token_ids = token_ids
         self.cached[block_hash] = block
+        if self.observer is not None:
+            self.observer.on_cached(block_hash, token_ids, block.block_id)
 
     def _evict(self, block: Block) -> None:
         if block.block_hash is not None:
@@ -149,9 +168,15 @@ class BlockPool:
             self.num_evictions += 1
 
     def reset_prefix_cache(self) -> None:
+        """Forgets every evictable cached block (lower tiers, if any, receive them as evictions)."""
+        evicted = []
         for block in self.blocks:
             if block.ref_count == 0:
+                if block.block_hash is not None:
+                    evicted.append((block.block_hash, block.token_ids, block.block_id))
                 self._evict(block)
+        if evicted and self.observer is not None:
+            self.observer.on_evict(evicted)
 
     def check_idle(self) -> None:
         """The idle invariant: every block free (plain or cached) and no reference held."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvserve.kv.block_pool import Block, BlockPool
+from kvserve.kv.offload import LowerTierHit, TieredKVStore
 from kvserve.kv.prefix_hash import extend_block_hashes
 from kvserve.request import Request
 
@@ -33,6 +34,13 @@ class KVCacheManager:
         self.block_tables: dict[str, list[Block]] = {}
         self.num_cached_blocks: dict[str, int] = {}  # how many of a request's leading blocks are registered
         self.stats = PrefixCacheStats()
+        self.offload: TieredKVStore | None = None
+
+    def attach_offload(self, store: TieredKVStore) -> None:
+        """Adds lower tiers (host RAM, disk) below the pool; they need the prefix cache's hashes."""
+        assert self.enable_prefix_caching, "KV offload tiers need prefix caching"
+        self.offload = store
+        self.pool.observer = store
 
     def _key(self, request: Request) -> str:
         return f"{request.request_id}#{request.index}"
@@ -61,6 +69,33 @@ class KVCacheManager:
                 break
             hits.append(block)
         return hits
+
+    def get_lower_tier_hits(self, request: Request, num_device_hits: int) -> list[LowerTierHit]:
+        """The blocks after the device hits that a lower tier holds (a leading run), with the same
+        one-token-short limit. They are loaded by load_lower_tier_hits once slots are allocated."""
+        if self.offload is None or request.params.prompt_logprobs is not None:
+            return []
+        bs = self.block_size
+        max_blocks = (request.num_tokens - 1) // bs
+        return self.offload.find(
+            (request.block_hashes[i], tuple(request.tokens(i * bs, (i + 1) * bs)))
+            for i in range(num_device_hits, max_blocks)
+        )
+
+    def load_lower_tier_hits(self, request: Request, num_device_hits: int, hits: list[LowerTierHit]) -> int:
+        """Copies lower-tier hits into the request's blocks that follow its device hits (allocated
+        by allocate_slots as new tokens); returns how many blocks loaded. The prefix cache registers
+        them after the step, like computed blocks."""
+        if not hits:
+            return 0
+        table = self.block_tables[self._key(request)]
+        block_ids = [b.block_id for b in table[num_device_hits : num_device_hits + len(hits)]]
+        return self.offload.load(hits, block_ids)
+
+    def flush_offload(self) -> None:
+        """After a step's forward: newly computed blocks start their way to the disk tier."""
+        if self.offload is not None:
+            self.offload.flush()
 
     def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: list[Block] = ()) -> bool:
         """Makes room for `num_new_tokens` more tokens after the computed ones (and after

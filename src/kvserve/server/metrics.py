@@ -40,6 +40,24 @@ class ServerMetrics:
         self.prefix_hits = Counter(
             P + "prefix_cache_hits", "Prompt tokens served by the prefix cache", labels, registry=r
         )
+        tier = labels + ["tier"]
+        self.offload_hits = Counter(
+            P + "kv_offload_hits", "Prefix-cache tokens served by a lower KV tier", tier, registry=r
+        )
+        self.offload_bytes = Counter(
+            P + "kv_offload_bytes",
+            "Bytes copied into (in) or loaded from (out) a KV tier",
+            tier + ["direction"],
+            registry=r,
+        )
+        self.offload_corrupt = Counter(
+            P + "kv_offload_corrupt_blocks",
+            "Tier blocks that failed their checksum (served as misses)",
+            tier,
+            registry=r,
+        )
+        self.offload_used = Gauge(P + "kv_offload_used_bytes", "Bytes held by a KV tier", tier, registry=r)
+        self.offload_capacity = Gauge(P + "kv_offload_capacity_bytes", "Size limit of a KV tier", tier, registry=r)
         self.requests = Counter(
             P + "request_success", "Finished requests by finish reason", labels + ["finished_reason"], registry=r
         )
@@ -96,6 +114,19 @@ class ServerMetrics:
             if delta > 0:
                 counter.labels(m).inc(delta)
             self._last[key] = s[key]
+        for tier, t in s["offload"].items():
+            for key, counter, extra in (
+                ("hit_tokens", self.offload_hits, ()),
+                ("bytes_in", self.offload_bytes, ("in",)),
+                ("bytes_out", self.offload_bytes, ("out",)),
+                ("corrupt", self.offload_corrupt, ()),
+            ):
+                delta = t[key] - self._last.get(f"{tier}.{key}", 0)
+                if delta > 0:
+                    counter.labels(m, tier, *extra).inc(delta)
+                self._last[f"{tier}.{key}"] = t[key]
+            self.offload_used.labels(m, tier).set(t["used_bytes"])
+            self.offload_capacity.labels(m, tier).set(t["capacity_bytes"])
         if num_prompt_tokens_added > self._last_prompt_tokens:
             self.prompt_tokens.labels(m).inc(num_prompt_tokens_added - self._last_prompt_tokens)
             self._last_prompt_tokens = num_prompt_tokens_added

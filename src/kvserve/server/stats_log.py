@@ -5,6 +5,8 @@ one per finished request and a periodic engine line:
         finish length
     engine: running 32, waiting 4, KV usage 61.0% (222/364 blocks), prefix cache hit rate 38.5%,
         prompt 812.0 tokens/s, generation 130.2 tokens/s, preemptions 0
+    engine: KV tiers: host tier hits 4096 tokens, 35% of 8192 MiB, disk tier hits 512 tokens, 2% of 51200 MiB
+        (only with --kv-offload-memory / --kv-offload-dir)
 
 The periodic line covers a busy period only: its rates are measured from when the engine last became busy
 or last logged, and one final line follows the engine falling idle; an idle server logs nothing.
@@ -60,6 +62,7 @@ def stats_snapshot(engine: Engine) -> dict[str, float]:
         "generation_tokens": engine.stats.num_generated_tokens,
         "prefix_cache_queries": engine.kv.stats.queries,
         "prefix_cache_hits": engine.kv.stats.hits,
+        "offload": engine.kv.offload.stats() if engine.kv.offload is not None else {},
     }
 
 
@@ -117,5 +120,7 @@ class PeriodicStats:
             (s["generation_tokens"] - last_generated) / elapsed,
             s["preemptions"],
         )
+        if engine.kv.offload is not None:
+            logger.info("engine: KV tiers: %s", engine.kv.offload.summary())
         self._mark = (now, s["generation_tokens"], prompt_tokens)
         self.busy = engine.has_unfinished()
