@@ -100,6 +100,8 @@ def test_cascade_stops_before_the_new_tokens_block():
     assert DecodeCascade.build(tables, [BS, 3 * BS], BS, torch.device("cpu")) is None  # new token in block 0
     assert DecodeCascade.build([[0, 1], [2, 3]], [2 * BS, 2 * BS], BS, torch.device("cpu")) is None
     assert DecodeCascade.build([[0, 1]], [2 * BS], BS, torch.device("cpu")) is None  # one decode alone
+    # 1 block of 4 shared by 2 decodes saves 1 of 8 gathered blocks: not worth the cascade
+    assert DecodeCascade.build([[0, 1, 2, 3], [0, 4, 5, 6]], [4 * BS, 4 * BS], BS, torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
@@ -113,21 +115,24 @@ def test_engine_shared_prefix_decodes_equal_each_alone(tmp_path, monkeypatch, kv
         return cascade_attention(*args, **kwargs)
 
     monkeypatch.setattr(attention, "cascade_decode_attention", counting)
-    system = [(7 * i) % 300 + 3 for i in range(45)]  # 2 full blocks of 16 shared, and a partial one
+    system = [(7 * i) % 300 + 3 for i in range(64)]  # 4 blocks of 16 shared
     prompts = [system + [(11 * i + j) % 300 + 3 for j in range(2 + 5 * i)] for i in range(5)]
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2)
     options = dict(model=str(tmp_path), kv_cache_memory="16MiB", kv_cache_dtype=kv_cache_dtype)
 
+    # Both engines cache the system prompt first, so every prompt reads the same (for int8: the
+    # same quantized) prefix K/V in both, and only the batching differs.
     alone = LLM(**options, max_num_seqs=1)
+    alone.generate([system], SamplingParams(max_tokens=1), use_tqdm=False)
     reference = alone.generate(prompts, params, use_tqdm=False)
     alone.engine.check_idle()
     assert not calls  # one decode at a time: nothing to share
 
     llm = LLM(**options)
-    llm.generate([system], SamplingParams(max_tokens=1), use_tqdm=False)  # caches the system prompt's blocks
+    llm.generate([system], SamplingParams(max_tokens=1), use_tqdm=False)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert len(calls) == 19 * 3  # every decode step after the first token (from prefill), in each of 3 layers
     for out, ref in zip(outs, reference):
-        assert out.num_cached_tokens == 32
+        assert out.num_cached_tokens == 64
         assert_same_or_near_tie(out.outputs[0].token_ids, ref.outputs[0].token_ids, ref.outputs[0].logprobs)
     llm.engine.check_idle()

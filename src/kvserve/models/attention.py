@@ -23,6 +23,8 @@ through their log-sum-exps (DecodeCascade, cascade_decode_attention).
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -58,15 +60,22 @@ class DecodeCascade:
     suffix_block_tables: torch.Tensor  # [Nd, max_suffix_blocks], padded with block 0
     suffix_mask: torch.Tensor  # [Nd, 1, 1, max_suffix_blocks * block_size] bool, True = in context
 
+    # Least share of the decode batch's gathered blocks that the cascade must save. Its attention
+    # (a product and softmax per KV head, to get log-sum-exps) costs ~15% more per token than SDPA's
+    # on the CPU, applied to every decode's suffix; measured break-even near 1/4 (16 decodes x 1,050
+    # tokens: 1 shared block 10% slower, 16 blocks even, 62 blocks 15-20% faster).
+    min_saving = 0.25
+
     @classmethod
     def build(
         cls, tables: list[list[int]], lens: list[int], block_size: int, device: torch.device
     ) -> DecodeCascade | None:
         """From the decodes' block tables and context lengths (the new token included). Groups
         decodes by their first block; a group of >= 2 whose tables share >= 1 leading block becomes
-        a CascadeGroup. None when no group qualifies. The shared run is cut before the block holding
-        any member's new token (position len - 1): that block is the member's own (a shared block is
-        full and read-only), and the cut guarantees that every suffix is non-empty."""
+        a CascadeGroup. None when no group qualifies or the groups save less than `min_saving` of
+        the blocks. The shared run is cut before the block holding any member's new token (position
+        len - 1): that block is the member's own (a shared block is full and read-only), and the cut
+        guarantees that every suffix is non-empty."""
         by_first: dict[int, list[int]] = {}
         for i, table in enumerate(tables):
             by_first.setdefault(table[0], []).append(i)
@@ -86,7 +95,8 @@ class DecodeCascade:
             for i in rows:
                 prefix_len[i] = n
             groups.append(CascadeGroup(torch.tensor(rows, device=device), torch.tensor(low[:n], device=device)))
-        if not groups:
+        saved = sum((len(g.rows) - 1) * len(g.block_ids) for g in groups)  # blocks no longer gathered
+        if not groups or saved < cls.min_saving * sum(-(-n // block_size) for n in lens):
             return None
         suffix_tables = [t[p:] for t, p in zip(tables, prefix_len)]
         suffix_lens = [n - p * block_size for n, p in zip(lens, prefix_len)]
@@ -131,20 +141,54 @@ def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: 
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
+class GatherBuffers(threading.local):
+    """Reused memory for what attention gathers from the cache, per thread: one buffer per role, grown
+    to the largest request and never shrunk, so a step's gathers allocate nothing on the CPU.
+
+    Why: a layer's gather is tens of MB (16 decodes x 1,050 tokens: 26 MB of fp32 K and V) that are
+    dead once the layer has attended. Allocated fresh, glibc maps them from the OS and hands them back
+    on free, so every layer of every step page-faults through all of it again: that was half the
+    decode step on the project's 2-core CPU (16 x 1,050-token contexts: ~230 ms, ~105 ms without).
+    The peak memory is the same either way; what stays held after a peak is its gather. CUDA's
+    caching allocator already reuses memory, so there every request is a plain allocation."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialized [shape] tensor, valid until the next request for `role` on this thread."""
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        numel = math.prod(shape)
+        buffer = self.buffers.get((role, dtype))
+        if buffer is None or buffer.numel() < numel:
+            size = max(numel, buffer.numel() * 5 // 4 if buffer is not None else 0)  # contexts grow a block at a time
+            with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+                buffer = torch.empty(size, dtype=dtype, device=device)
+            self.buffers[(role, dtype)] = buffer
+        return buffer[:numel].view(shape)
+
+
+gather_buffers = GatherBuffers()
+
+
 def gather_kv(kv_cache: KVCache, block_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K and V of whole blocks, in order: each [len(block_ids) * block_size, Hkv, D] in `dtype`.
-    index_select on whole blocks is a row memcpy, ~3x faster on the CPU than advanced indexing; a
-    quantized cache is dequantized here, for the gathered blocks only, and stays rotated (see
-    kv/quant.py: the caller rotates queries and un-rotates outputs instead)."""
+    """The K and V of whole blocks, in order: each [len(block_ids) * block_size, Hkv, D] in `dtype`,
+    in `gather_buffers` (valid until the next gather on this thread). index_select on whole blocks is
+    a row memcpy, ~3x faster on the CPU than advanced indexing; a quantized cache is dequantized here,
+    for the gathered blocks only, and stays rotated (see kv/quant.py: the caller rotates queries and
+    un-rotates outputs instead)."""
     if isinstance(kv_cache, QuantizedKVCache):
         data = kv_cache.data.index_select(1, block_ids)  # [2, n, bs, Hkv, D]
         scales = kv_cache.scales.index_select(1, block_ids)  # [2, n, bs, Hkv]
         kv = dequantize(data, scales, dtype).flatten(1, 2)  # [2, n * bs, Hkv, D]
         return kv[0], kv[1]
-    head_shape = kv_cache.shape[-2:]
-    k = kv_cache[0].index_select(0, block_ids).view(-1, *head_shape)
-    v = kv_cache[1].index_select(0, block_ids).view(-1, *head_shape)
-    return k, v
+    shape = (block_ids.shape[0], *kv_cache.shape[2:])  # [n, bs, Hkv, D]
+    k = gather_buffers.get("k", shape, kv_cache.dtype, kv_cache.device)
+    v = gather_buffers.get("v", shape, kv_cache.dtype, kv_cache.device)
+    torch.index_select(kv_cache[0], 0, block_ids, out=k)
+    torch.index_select(kv_cache[1], 0, block_ids, out=v)
+    return k.flatten(0, 1), v.flatten(0, 1)
 
 
 def gather_decode_kv(
