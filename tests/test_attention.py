@@ -9,7 +9,7 @@ from helpers import assert_same_or_near_tie, save_tiny_model
 
 import kvserve.models.attention as attention
 from kvserve import LLM, SamplingParams
-from kvserve.kv.quant import QuantizedKVCache
+from kvserve.kv.quant import QuantizedKVCache, dequantize
 from kvserve.models.attention import AttentionMetadata, DecodeCascade, block_tables_and_mask, paged_attention, write_kv
 
 BS, HKV, G, D = 4, 2, 3, 16  # block size, KV heads, query heads per KV head, head dim
@@ -40,6 +40,23 @@ def decode(cache: attention.KVCache, tables: list[list[int]], lens: list[int], c
         meta.decode_cascade = DecodeCascade.build(tables, lens, BS, torch.device("cpu"))
         assert meta.decode_cascade is not None
     return paged_attention(q, kv, kv, cache, meta, D**-0.5)
+
+
+def dequantized_copy(cache: QuantizedKVCache) -> torch.Tensor:
+    """The plain cache holding what `cache` represents: its K/V dequantized and rotated back."""
+    return dequantize(cache.data, cache.scales, torch.float32) @ cache.rotation.T
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_int8_decode_equals_attention_over_dequantized_kv(cascade):
+    # Decode attention folds the int8 scales into scores and probabilities; it must equal plain
+    # attention over the dequantized K/V up to fp32 round-off.
+    cache = random_cache("int8")
+    tables = [[0, 1, 2, 10], [0, 1, 2, 11, 12], [0, 1, 2, 13], [14, 15]]
+    lens = [3 * BS + 1, 4 * BS + 3, 4 * BS, 2 * BS - 1]
+    ref = decode(dequantized_copy(cache), tables, lens, cascade=False)
+    got = decode(cache, tables, lens, cascade=cascade)
+    assert (got - ref).abs().max().item() < 1e-5
 
 
 def own_blocks(start: int, count: int) -> list[int]:
