@@ -8,6 +8,12 @@ nothing is shared.
 
     python benchmarks/prefix_caching.py            # full run (a few minutes on 2 cores)
     python benchmarks/prefix_caching.py --quick
+    python benchmarks/prefix_caching.py --repeat 3 --compare-cascade --skip-no-shared --step-time 20
+
+--compare-cascade adds caching on with cascade attention off (each decode then gathers the shared
+prefix itself); --repeat runs every configuration that many times, interleaved, and reports the
+median of each figure. --step-time N times N decode steps of `concurrency` requests on the
+shared prefix (all in the batch at once), alternating cascade on and off step by step.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ def text_tokens(llm: LLM, rng: random.Random, count: int) -> list[int]:
 
 def run_workload(llm: LLM, prompts: list[list[int]], output_len: int, concurrency: int) -> dict:
     engine = llm.engine
+    engine.kv.pool.reset_prefix_cache()  # every run starts cold, whatever ran before on this engine
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     before = llm.get_stats()
     pending = list(prompts)
@@ -81,6 +88,10 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--no-shared-len", type=int, default=256, help="prompt length of the no-sharing workload")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each configuration, interleaved; medians")
+    parser.add_argument("--compare-cascade", action="store_true", help="also caching on with cascade attention off")
+    parser.add_argument("--skip-no-shared", action="store_true", help="only the shared-prefix workload")
+    parser.add_argument("--step-time", type=int, default=0, help="decode steps to time, cascade on/off alternating")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -97,35 +108,79 @@ def main() -> None:
     shared = [system + text_tokens(base, rng, args.distinct_len) for _ in range(args.num_requests)]
     distinct = [text_tokens(base, rng, args.no_shared_len) for _ in range(args.num_requests)]
     warm = [text_tokens(base, rng, 32)]
-    results = {}
-    for name, llm in llms.items():
+    configs = [("off", llms["off"], True), ("on", base, True)]  # (name, engine, cascade attention)
+    if args.compare_cascade:
+        configs.append(("on/no-cascade", base, False))
+    runs: dict[str, list[dict]] = {}
+    for llm in llms.values():
         llm.generate(warm, SamplingParams(max_tokens=2), use_tqdm=False)
-        results[f"shared/{name}"] = run_workload(llm, shared, args.output_len, args.concurrency)
-        results[f"no-shared/{name}"] = run_workload(llm, distinct, args.output_len, args.concurrency)
+    for _ in range(args.repeat):
+        for name, llm, cascade in configs:
+            llm.engine.runner.cascade_attention = cascade
+            runs.setdefault(f"shared/{name}", []).append(run_workload(llm, shared, args.output_len, args.concurrency))
+            if not args.skip_no_shared and cascade:
+                result = run_workload(llm, distinct, args.output_len, args.concurrency)
+                runs.setdefault(f"no-shared/{name}", []).append(result)
+    base.engine.runner.cascade_attention = True
+    results = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
 
     print(
         f"\nshared prefix: {args.num_requests} requests x ({args.shared_len} shared + {args.distinct_len} distinct) "
-        f"tokens, {args.output_len} out, concurrency {args.concurrency}"
+        f"tokens, {args.output_len} out, concurrency {args.concurrency}; median of {args.repeat} run(s)"
     )
-    header = f"{'run':18s} {'prefill computed':>16s} {'hits':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'out tok/s':>10s}"
+    header = f"{'run':24s} {'prefill computed':>16s} {'hits':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'out tok/s':>10s}"
     print(header)
     for name, r in results.items():
         print(
-            f"{name:18s} {r['prefill_tokens_computed']:16d} {r['prefix_cache_hit_tokens']:8d} "
+            f"{name:24s} {r['prefill_tokens_computed']:16.0f} {r['prefix_cache_hit_tokens']:8.0f} "
             f"{r['ttft_p50_s']:9.3f} {r['ttft_p99_s']:9.3f} {r['output_tokens_per_s']:10.1f}"
         )
-    off, on = results["shared/off"], results["shared/on"]
-    print(
-        f"\nprefill tokens computed: {off['prefill_tokens_computed'] / max(1, on['prefill_tokens_computed']):.1f}x fewer"
-    )
-    print(
-        f"TTFT p50: {off['ttft_p50_s'] / on['ttft_p50_s']:.1f}x lower; p99 {off['ttft_p99_s'] / on['ttft_p99_s']:.1f}x"
-    )
-    cost = 1 - results["no-shared/on"]["output_tokens_per_s"] / results["no-shared/off"]["output_tokens_per_s"]
-    print(f"no shared prefix: caching on costs {100 * cost:.1f}% throughput")
+    off = results["shared/off"]
+    for name in ("on", "on/no-cascade"):
+        if (on := results.get(f"shared/{name}")) is None:
+            continue
+        print(
+            f"caching {name}: prefill tokens computed "
+            f"{off['prefill_tokens_computed'] / max(1, on['prefill_tokens_computed']):.1f}x fewer; "
+            f"TTFT p50 {off['ttft_p50_s'] / on['ttft_p50_s']:.1f}x lower, p99 {off['ttft_p99_s'] / on['ttft_p99_s']:.1f}x"
+        )
+    if not args.skip_no_shared:
+        cost = 1 - results["no-shared/on"]["output_tokens_per_s"] / results["no-shared/off"]["output_tokens_per_s"]
+        print(f"no shared prefix: caching on costs {100 * cost:.1f}% throughput")
+    if args.step_time:
+        steps = decode_step_times(base, system, shared[: args.concurrency], args.step_time)
+        results["decode_step_ms"] = steps
+        print(
+            f"decode step, {args.concurrency} requests on the shared prefix, median of {args.step_time // 2} each: "
+            f"cascade {steps['cascade']:.1f} ms, no cascade {steps['no-cascade']:.1f} ms "
+            f"({steps['no-cascade'] / steps['cascade']:.2f}x)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def decode_step_times(llm: LLM, system: list[int], prompts: list[list[int]], steps: int) -> dict[str, float]:
+    """Median ms of one engine step while all `prompts` decode together (their shared blocks cached
+    first), alternating cascade attention on and off step by step."""
+    engine = llm.engine
+    engine.kv.pool.reset_prefix_cache()
+    llm.generate([system], SamplingParams(max_tokens=1), use_tqdm=False)  # cache the shared blocks
+    params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    while any(engine.groups[i].sequences[0].num_output_tokens == 0 for i in ids):
+        engine.step()  # prefill the distinct tails
+    times: dict[str, list[float]] = {"cascade": [], "no-cascade": []}
+    for i in range(steps):
+        cascade = i % 2 == 0
+        engine.runner.cascade_attention = cascade
+        start = time.perf_counter()
+        engine.step()
+        times["cascade" if cascade else "no-cascade"].append(1000 * (time.perf_counter() - start))
+    engine.runner.cascade_attention = True
+    for request_id in ids:
+        engine.abort(request_id)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from kvserve.config import EngineConfig
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.quant import QuantizedKVCache
-from kvserve.models.attention import AttentionMetadata, PrefillSpan
+from kvserve.models.attention import AttentionMetadata, DecodeCascade, PrefillSpan, block_tables_and_mask
 from kvserve.models.llama import LlamaForCausalLM
 from kvserve.models.loader import load_weights
 from kvserve.models.model_config import ModelConfig
@@ -61,6 +61,8 @@ def load_model(path: str, config: EngineConfig) -> tuple[ModelConfig, torch.nn.M
 
 
 class ModelRunner:
+    cascade_attention = True  # decodes attend shared leading blocks once; False only to measure against
+
     def __init__(
         self, config: EngineConfig, model_config: ModelConfig, model: torch.nn.Module, kv: KVCacheManager
     ) -> None:
@@ -131,11 +133,11 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, device=self.device), num_decode_tokens=len(decodes), prefills=spans
         )
         if decodes:
-            width = max(len(t) for t in decode_tables)
-            padded = [t + [0] * (width - len(t)) for t in decode_tables]
-            meta.decode_block_tables = torch.tensor(padded, device=self.device)
-            lens = torch.tensor(decode_lens, device=self.device)
-            meta.decode_mask = (torch.arange(width * bs, device=self.device)[None, :] < lens[:, None])[:, None, None]
+            meta.decode_block_tables, meta.decode_mask = block_tables_and_mask(
+                decode_tables, decode_lens, bs, self.device
+            )
+            if self.cascade_attention:
+                meta.decode_cascade = DecodeCascade.build(decode_tables, decode_lens, bs, self.device)
 
         hidden = self.model(
             torch.tensor(input_ids, device=self.device),

@@ -1,0 +1,155 @@
+"""Paged decode attention: the cascade (shared-prefix) path equals the plain path, on plain and int8
+caches, and the engine's greedy output is unchanged when decodes share prefix blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_same_or_near_tie, save_tiny_model
+
+import kvserve.models.attention as attention
+from kvserve import LLM, SamplingParams
+from kvserve.kv.quant import QuantizedKVCache, dequantize
+from kvserve.models.attention import AttentionMetadata, DecodeCascade, block_tables_and_mask, paged_attention, write_kv
+
+BS, HKV, G, D = 4, 2, 3, 16  # block size, KV heads, query heads per KV head, head dim
+NUM_BLOCKS = 48
+
+
+def random_cache(kind: str) -> attention.KVCache:
+    torch.manual_seed(0)
+    k = torch.randn(NUM_BLOCKS * BS, HKV, D)
+    v = torch.randn(NUM_BLOCKS * BS, HKV, D)
+    k[:, :, :2] *= 10  # outlier channels, as RoPE'd keys have
+    if kind == "plain":
+        cache = torch.zeros(2, NUM_BLOCKS, BS, HKV, D)
+    else:
+        cache = QuantizedKVCache.allocate(kind, NUM_BLOCKS, BS, HKV, D, torch.device("cpu"))
+    write_kv(cache, k, v, torch.arange(NUM_BLOCKS * BS))
+    return cache
+
+
+def decode(cache: attention.KVCache, tables: list[list[int]], lens: list[int], cascade: bool) -> torch.Tensor:
+    nd = len(tables)
+    torch.manual_seed(1)
+    q = torch.randn(nd, HKV * G, D)
+    kv = torch.zeros(nd, HKV, D)  # this step's K/V: only prefill spans read them
+    block_tables, mask = block_tables_and_mask(tables, lens, BS, torch.device("cpu"))
+    meta = AttentionMetadata(torch.zeros(nd, dtype=torch.long), nd, block_tables, mask)
+    if cascade:
+        meta.decode_cascade = DecodeCascade.build(tables, lens, BS, torch.device("cpu"))
+        assert meta.decode_cascade is not None
+    return paged_attention(q, kv, kv, cache, meta, D**-0.5)
+
+
+def dequantized_copy(cache: QuantizedKVCache) -> torch.Tensor:
+    """The plain cache holding what `cache` represents: its K/V dequantized and rotated back."""
+    return dequantize(cache.data, cache.scales, torch.float32) @ cache.rotation.T
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_int8_decode_equals_attention_over_dequantized_kv(cascade):
+    # Decode attention folds the int8 scales into scores and probabilities; it must equal plain
+    # attention over the dequantized K/V up to fp32 round-off.
+    cache = random_cache("int8")
+    tables = [[0, 1, 2, 10], [0, 1, 2, 11, 12], [0, 1, 2, 13], [14, 15]]
+    lens = [3 * BS + 1, 4 * BS + 3, 4 * BS, 2 * BS - 1]
+    ref = decode(dequantized_copy(cache), tables, lens, cascade=False)
+    got = decode(cache, tables, lens, cascade=cascade)
+    assert (got - ref).abs().max().item() < 1e-5
+
+
+def own_blocks(start: int, count: int) -> list[int]:
+    return list(range(start, start + count))
+
+
+@pytest.mark.parametrize("kind", ["plain", "int8"])
+@pytest.mark.parametrize("prefix_blocks", [1, 2, 5])
+def test_cascade_equals_plain_decode(kind, prefix_blocks):
+    cache = random_cache(kind)
+    prefix = own_blocks(0, prefix_blocks)
+    # context length past the prefix (new token included): the new token alone, opening a block;
+    # ending a block; one past a block; several blocks
+    suffix_lens = [1, BS, BS + 1, 3 * BS - 1, 2]
+    tables, lens, next_block = [], [], 20
+    for n in suffix_lens:
+        count = -(-n // BS)
+        tables.append(prefix + own_blocks(next_block, count))
+        lens.append(prefix_blocks * BS + n)
+        next_block += count
+    cascade = DecodeCascade.build(tables, lens, BS, torch.device("cpu"))
+    assert len(cascade.groups) == 1 and cascade.groups[0].block_ids.tolist() == prefix
+    assert cascade.suffix_mask.sum(-1).flatten().tolist() == suffix_lens
+    ref = decode(cache, tables, lens, cascade=False)
+    got = decode(cache, tables, lens, cascade=True)
+    assert (got - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["plain", "int8"])
+def test_cascade_groups_and_loners(kind):
+    cache = random_cache(kind)
+    a, b = own_blocks(0, 3), own_blocks(3, 2)
+    tables = [
+        a + [10],  # group a (prefix 3 blocks: [0, 1, 2])
+        b + [11, 12],  # group b (prefix 2 blocks)
+        [13, 14],  # alone
+        a + [15, 16],  # group a
+        b[:1] + [17],  # group b, which it cuts to 1 block: [3]
+        a[:2] + [18],  # group a, which it cuts to 2 blocks: [0, 1]
+        b + [19],  # group b
+        [20],  # alone, one block
+    ]
+    lens = [4 * BS, 3 * BS + 2, BS + 3, 5 * BS, 2 * BS, 2 * BS + 1, 3 * BS, 3]
+    cascade = DecodeCascade.build(tables, lens, BS, torch.device("cpu"))
+    groups = {tuple(g.rows.tolist()): g.block_ids.tolist() for g in cascade.groups}
+    assert groups == {(0, 3, 5): [0, 1], (1, 4, 6): [3]}
+    ref = decode(cache, tables, lens, cascade=False)
+    got = decode(cache, tables, lens, cascade=True)
+    assert (got - ref).abs().max().item() < 1e-5
+
+
+def test_cascade_stops_before_the_new_tokens_block():
+    # Identical tables (malformed for a real batch, where the block being written is never shared):
+    # the shared run still ends before the block holding the earliest new token.
+    tables = [[0, 1, 2], [0, 1, 2]]
+    cascade = DecodeCascade.build(tables, [2 * BS + 1, 3 * BS], BS, torch.device("cpu"))
+    assert cascade.groups[0].block_ids.tolist() == [0, 1]
+    assert DecodeCascade.build(tables, [BS, 3 * BS], BS, torch.device("cpu")) is None  # new token in block 0
+    assert DecodeCascade.build([[0, 1], [2, 3]], [2 * BS, 2 * BS], BS, torch.device("cpu")) is None
+    assert DecodeCascade.build([[0, 1]], [2 * BS], BS, torch.device("cpu")) is None  # one decode alone
+    # 1 block of 4 shared by 2 decodes saves 1 of 8 gathered blocks: not worth the cascade
+    assert DecodeCascade.build([[0, 1, 2, 3], [0, 4, 5, 6]], [4 * BS, 4 * BS], BS, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_engine_shared_prefix_decodes_equal_each_alone(tmp_path, monkeypatch, kv_cache_dtype):
+    save_tiny_model(str(tmp_path), "llama")
+    calls = []
+    cascade_attention = attention.cascade_decode_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return cascade_attention(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "cascade_decode_attention", counting)
+    system = [(7 * i) % 300 + 3 for i in range(64)]  # 4 blocks of 16 shared
+    prompts = [system + [(11 * i + j) % 300 + 3 for j in range(2 + 5 * i)] for i in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2)
+    options = dict(model=str(tmp_path), kv_cache_memory="16MiB", kv_cache_dtype=kv_cache_dtype)
+
+    # Both engines cache the system prompt first, so every prompt reads the same (for int8: the
+    # same quantized) prefix K/V in both, and only the batching differs.
+    alone = LLM(**options, max_num_seqs=1)
+    alone.generate([system], SamplingParams(max_tokens=1), use_tqdm=False)
+    reference = alone.generate(prompts, params, use_tqdm=False)
+    alone.engine.check_idle()
+    assert not calls  # one decode at a time: nothing to share
+
+    llm = LLM(**options)
+    llm.generate([system], SamplingParams(max_tokens=1), use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert len(calls) == 19 * 3  # every decode step after the first token (from prefill), in each of 3 layers
+    for out, ref in zip(outs, reference):
+        assert out.num_cached_tokens == 64
+        assert_same_or_near_tie(out.outputs[0].token_ids, ref.outputs[0].token_ids, ref.outputs[0].logprobs)
+    llm.engine.check_idle()
