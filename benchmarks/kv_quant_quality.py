@@ -7,7 +7,11 @@
    the others first diverge (position, and the full-precision logprob gap between the top two
    candidates there).
 
-    python benchmarks/kv_quant_quality.py [--kv-cache-dtype int8] [--json out.json]
+    python benchmarks/kv_quant_quality.py [--kv-cache-dtype int8] [--json out.json] [--rounding-floor]
+
+--rounding-floor also scores the same greedy continuations with the full-precision cache rounded to
+float16 and to bfloat16 as it is written (what a GPU's 16-bit KV cache holds): how often SmolLM2's
+near-tie greedy choices flip from rounding alone, the floor any 8-bit format is measured against.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import math
 import os
 import random
 
+import torch
+
+import kvserve.models.llama as llama_model
 from kvserve import LLM, SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,12 +43,33 @@ def continuation_prompts(llm: LLM, token_ids: list[int], count: int, length: int
     return [token_ids[s : s + length] for s in starts]
 
 
+def identical_when_rounded(llm: LLM, prompts: list[list[int]], params: SamplingParams, ref: list) -> dict:
+    """Greedy agreement with `ref` when every K/V written to llm's (full-precision) cache is first
+    rounded to float16 or bfloat16. Patches the model's cache write for the duration only."""
+    write = llama_model.write_kv
+    result = {}
+    for dtype in (torch.float16, torch.bfloat16):
+
+        def rounded_write(cache, k, v, slots, dtype=dtype):
+            write(cache, k.to(dtype).to(k.dtype), v.to(dtype).to(v.dtype), slots)
+
+        llama_model.write_kv = rounded_write
+        try:
+            got = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            llama_model.write_kv = write
+        same = sum(r.outputs[0].token_ids == g.outputs[0].token_ids for r, g in zip(ref, got))
+        result[str(dtype).removeprefix("torch.")] = same
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kv-cache-dtype", default="int8")
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--num-tokens", type=int, default=64)
     parser.add_argument("--max-tokens-scored", type=int, default=0, help="score only this many tokens (0: all)")
+    parser.add_argument("--rounding-floor", action="store_true", help="also fp16- and bf16-rounded KV")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -89,6 +117,10 @@ def main() -> None:
     )
     for d in divergences:
         print(f"  diverged at token {d['position']}, full-precision top-2 logprob gap {d['top2_gap']:.3f}")
+    if args.rounding_floor:
+        result["identical_when_rounded"] = identical_when_rounded(full, prompts, params, ref)
+        for dtype, same in result["identical_when_rounded"].items():
+            print(f"full-precision cache rounded to {dtype}: {same}/{len(prompts)} identical")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

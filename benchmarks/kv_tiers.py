@@ -13,6 +13,7 @@
 
     python benchmarks/kv_tiers.py            # the full run (~10 minutes on 2 cores)
     python benchmarks/kv_tiers.py --quick
+    python benchmarks/kv_tiers.py --answer-spread 0.5     # answers of 16-48 tokens instead of all 32
 """
 
 from __future__ import annotations
@@ -46,9 +47,8 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run_chat(llm: LLM, user_turns: list[list[list[int]]], output_len: int, concurrency: int) -> dict:
+def run_chat(llm: LLM, user_turns: list[list[list[int]]], answer_lens: list[list[int]], concurrency: int) -> dict:
     engine = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     before = llm.get_stats()
     histories: list[list[int]] = [[] for _ in user_turns]
     ttft: list[float] = []
@@ -60,6 +60,7 @@ def run_chat(llm: LLM, user_turns: list[list[list[int]]], output_len: int, concu
             while queue and len(in_flight) < concurrency:
                 conv = queue.pop(0)
                 prompt = histories[conv] + user_turns[conv][turn]
+                params = SamplingParams(temperature=0, max_tokens=answer_lens[conv][turn], ignore_eos=True)
                 in_flight[engine.add_request(prompt, params)] = (conv, prompt, time.perf_counter())
             for delta in engine.step():
                 conv, prompt, submitted = in_flight[delta.request_id]
@@ -96,6 +97,12 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--user-len", type=int, default=300, help="tokens of each new user message")
     parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument(
+        "--answer-spread",
+        type=float,
+        default=0.0,
+        help="answers of output-len x (1 +- this), drawn per turn (0: all equal, requests then finish in lockstep)",
+    )
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--device-share", type=float, default=0.25, help="device KV budget / working set")
     parser.add_argument("--host-share", type=float, default=0.5, help="host tier / working set (disk holds all)")
@@ -115,12 +122,17 @@ def main() -> None:
     user_turns = [
         [text_tokens(probe, rng, args.user_len) for _ in range(args.turns)] for _ in range(args.conversations)
     ]
+    spread = int(args.answer_spread * args.output_len)
+    answer_lens = [
+        [args.output_len + rng.randint(-spread, spread) for _ in range(args.turns)] for _ in range(args.conversations)
+    ]
     prefix = text_tokens(probe, rng, args.prefix_len)
     questions = [text_tokens(probe, rng, 20) for _ in range(2 * args.restarts + 1)]
     del probe
     working_set = args.conversations * args.turns * (args.user_len + args.output_len) * bytes_per_token
     device = int(args.device_share * working_set)
-    common = dict(kv_cache_memory=device, max_model_len=args.turns * (args.user_len + args.output_len) + 16)
+    longest = args.turns * (args.user_len + args.output_len + spread) + 16
+    common = dict(kv_cache_memory=device, max_model_len=longest)
     tiers = dict(
         kv_offload_memory=int(args.host_share * working_set),
         kv_offload_dir=os.path.join(folder, "chat"),
@@ -132,7 +144,7 @@ def main() -> None:
     for name, extra in (("tiers off", {}), ("tiers on", tiers)):
         llm = LLM(**common, **extra)
         llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=2), use_tqdm=False)
-        results[name] = run_chat(llm, user_turns, args.output_len, args.concurrency)
+        results[name] = run_chat(llm, user_turns, answer_lens, args.concurrency)
         llm.engine.close()
         del llm
         gc.collect()
@@ -157,7 +169,7 @@ def main() -> None:
 
     print(
         f"\nmulti-turn chat: {args.conversations} conversations x {args.turns} turns "
-        f"({args.user_len} user + {args.output_len} answer tokens per turn), concurrency {args.concurrency}"
+        f"({args.user_len} user + {args.output_len} +- {spread} answer tokens per turn), concurrency {args.concurrency}"
     )
     print(
         f"{'run':10s} {'prefill computed':>16s} {'hits':>8s} {'host':>7s} {'disk':>7s} {'TTFT p50':>9s} "

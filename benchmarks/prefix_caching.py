@@ -9,6 +9,7 @@ nothing is shared.
     python benchmarks/prefix_caching.py            # full run (a few minutes on 2 cores)
     python benchmarks/prefix_caching.py --quick
     python benchmarks/prefix_caching.py --repeat 3 --compare-cascade --skip-no-shared --step-time 20
+    python benchmarks/prefix_caching.py --repeat 5 --skip-shared     # what caching costs, paired runs
 
 --compare-cascade adds caching on with cascade attention off (each decode then gathers the shared
 prefix itself); --repeat runs every configuration that many times, interleaved, and reports the
@@ -91,6 +92,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each configuration, interleaved; medians")
     parser.add_argument("--compare-cascade", action="store_true", help="also caching on with cascade attention off")
     parser.add_argument("--skip-no-shared", action="store_true", help="only the shared-prefix workload")
+    parser.add_argument("--skip-shared", action="store_true", help="only the no-shared-prefix workload")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="engine step budget (default: the engine's)"
+    )
     parser.add_argument("--step-time", type=int, default=0, help="decode steps to time, cascade on/off alternating")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None)
@@ -100,8 +105,12 @@ def main() -> None:
 
     rng = random.Random(0)
     llms = {
-        "off": LLM(kv_cache_memory="1GiB", enable_prefix_caching=False),
-        "on": LLM(kv_cache_memory="1GiB", enable_prefix_caching=True),
+        "off": LLM(
+            kv_cache_memory="1GiB", enable_prefix_caching=False, max_num_batched_tokens=args.max_num_batched_tokens
+        ),
+        "on": LLM(
+            kv_cache_memory="1GiB", enable_prefix_caching=True, max_num_batched_tokens=args.max_num_batched_tokens
+        ),
     }
     base = llms["on"]
     system = text_tokens(base, rng, args.shared_len)
@@ -117,7 +126,9 @@ def main() -> None:
     for _ in range(args.repeat):
         for name, llm, cascade in configs:
             llm.engine.runner.cascade_attention = cascade
-            runs.setdefault(f"shared/{name}", []).append(run_workload(llm, shared, args.output_len, args.concurrency))
+            if not args.skip_shared:
+                result = run_workload(llm, shared, args.output_len, args.concurrency)
+                runs.setdefault(f"shared/{name}", []).append(result)
             if not args.skip_no_shared and cascade:
                 result = run_workload(llm, distinct, args.output_len, args.concurrency)
                 runs.setdefault(f"no-shared/{name}", []).append(result)
@@ -135,8 +146,8 @@ def main() -> None:
             f"{name:24s} {r['prefill_tokens_computed']:16.0f} {r['prefix_cache_hit_tokens']:8.0f} "
             f"{r['ttft_p50_s']:9.3f} {r['ttft_p99_s']:9.3f} {r['output_tokens_per_s']:10.1f}"
         )
-    off = results["shared/off"]
-    for name in ("on", "on/no-cascade"):
+    off = results.get("shared/off")
+    for name in ("on", "on/no-cascade") if off else ():
         if (on := results.get(f"shared/{name}")) is None:
             continue
         print(
@@ -147,6 +158,12 @@ def main() -> None:
     if not args.skip_no_shared:
         cost = 1 - results["no-shared/on"]["output_tokens_per_s"] / results["no-shared/off"]["output_tokens_per_s"]
         print(f"no shared prefix: caching on costs {100 * cost:.1f}% throughput")
+        if args.repeat > 1:
+            per_run = [
+                1 - on["output_tokens_per_s"] / off["output_tokens_per_s"]
+                for on, off in zip(runs["no-shared/on"], runs["no-shared/off"])
+            ]
+            print("  per paired run: " + ", ".join(f"{100 * c:+.1f}%" for c in per_run))
     if args.step_time:
         steps = decode_step_times(base, system, shared[: args.concurrency], args.step_time)
         results["decode_step_ms"] = steps
