@@ -1,0 +1,99 @@
+"""Which 8-bit KV formats keep SmolLM2's greedy continuations? An emulation, for choosing a format.
+
+Each variant rounds K/V as they are written into a full-precision cache (quantize, then dequantize
+at once), so no kernel is needed to compare formats; greedy continuations (default 96 prompts x 64
+tokens from tests/data/english_text.txt) are compared with the unrounded cache's. The shipped int8
+format is per token and per KV head, symmetric, Hadamard-rotated ("rot-sym64").
+
+    python benchmarks/kv_quant_variants.py [--num-prompts 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import kv_quant_quality as quality
+import torch
+
+import kvserve.models.llama as llama_model
+from kvserve import LLM, SamplingParams
+from kvserve.kv.quant import hadamard
+
+H = hadamard(64)
+Rounding = Callable[[torch.Tensor], torch.Tensor]  # [T, Hkv, D] -> same, rounded
+
+
+def symmetric(group: int) -> Rounding:
+    def rounding(x: torch.Tensor) -> torch.Tensor:
+        g = x.unflatten(-1, (-1, group))
+        scale = g.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127
+        return ((g / scale).round().clamp(-127, 127) * scale).flatten(-2)
+
+    return rounding
+
+
+def asymmetric(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = (hi - lo).clamp_min(1e-8) / 255
+    return ((x - lo) / scale).round().clamp(0, 255) * scale + lo
+
+
+def rotated(rounding: Rounding) -> Rounding:
+    return lambda x: rounding(x @ H) @ H.T
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+SHIPPED = rotated(symmetric(64))
+# name: (keys rounding, values rounding, keys per channel over each full block instead)
+VARIANTS: dict[str, tuple[Rounding, Rounding, bool]] = {
+    "fp16": (lambda x: x.half().float(), lambda x: x.half().float(), False),
+    "bf16": (lambda x: x.bfloat16().float(), lambda x: x.bfloat16().float(), False),
+    "sym64 (plain per-head)": (symmetric(64), symmetric(64), False),
+    "rot-sym64 (shipped)": (SHIPPED, SHIPPED, False),
+    "rot-sym64, keys only": (SHIPPED, identity, False),
+    "rot-sym64, values only": (identity, SHIPPED, False),
+    "rot-sym32 (2 scales per head)": (rotated(symmetric(32)), rotated(symmetric(32)), False),
+    "rot-sym16 (4 scales per head)": (rotated(symmetric(16)), rotated(symmetric(16)), False),
+    "rot-asym64 (min/max)": (rotated(asymmetric), rotated(asymmetric), False),
+    "keys per channel per block (KIVI-like), values shipped": (identity, SHIPPED, True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-prompts", type=int, default=96)
+    args = parser.parse_args()
+
+    write = llama_model.write_kv
+    llm = LLM(kv_cache_memory="512MiB", max_num_batched_tokens=64, enable_prefix_caching=False)
+    with open(quality.TEXT) as f:
+        ids = llm.tokenizer.encode(f.read(), add_special_tokens=False)
+    prompts = quality.continuation_prompts(llm, ids, args.num_prompts)
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    ref = llm.generate(prompts, params, use_tqdm=False)
+    for name, (keys, values, keys_per_block) in VARIANTS.items():
+
+        def rounded_write(cache, k, v, slots, keys=keys, values=values, keys_per_block=keys_per_block):
+            write(cache, keys(k.float()).to(k.dtype), values(v.float()).to(v.dtype), slots)
+            if keys_per_block:  # a block's keys rounded per channel once its last slot is written;
+                block_size = cache.shape[2]  # the open block stays full precision (KIVI's residual)
+                for block in torch.unique(slots[slots % block_size == block_size - 1] // block_size).tolist():
+                    kb = cache[0, block]  # [block_size, Hkv, D]
+                    scale = kb.abs().amax(0, keepdim=True).clamp_min(1e-8) / 127
+                    cache[0, block] = (kb / scale).round().clamp(-127, 127) * scale
+
+        llama_model.write_kv = rounded_write
+        try:
+            got = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            llama_model.write_kv = write
+        same = sum(r.outputs[0].token_ids == g.outputs[0].token_ids for r, g in zip(ref, got))
+        print(f"{name:58s} {same:3d}/{len(prompts)} identical ({100 * same / len(prompts):.0f}%)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
