@@ -21,11 +21,13 @@ import json
 import math
 import os
 import random
+from collections.abc import Callable
 
 import torch
 
 import kvserve.models.llama as llama_model
 from kvserve import LLM, SamplingParams
+from kvserve.models.attention import write_kv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = os.path.join(ROOT, "tests", "data", "english_text.txt")
@@ -43,23 +45,31 @@ def continuation_prompts(llm: LLM, token_ids: list[int], count: int, length: int
     return [token_ids[s : s + length] for s in starts]
 
 
+def identical_with_cache_write(
+    llm: LLM, prompts: list[list[int]], params: SamplingParams, ref: list, cache_write: Callable[..., None]
+) -> int:
+    """How many of llm's continuations of `prompts` equal `ref` when the model writes its KV cache
+    through `cache_write` (write_kv's signature; it may call write_kv itself) instead. The model's
+    cache write is patched for the duration of this call only."""
+    write = llama_model.write_kv
+    llama_model.write_kv = cache_write
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llama_model.write_kv = write
+    return sum(r.outputs[0].token_ids == g.outputs[0].token_ids for r, g in zip(ref, got))
+
+
 def identical_when_rounded(llm: LLM, prompts: list[list[int]], params: SamplingParams, ref: list) -> dict:
     """Greedy agreement with `ref` when every K/V written to llm's (full-precision) cache is first
-    rounded to float16 or bfloat16. Patches the model's cache write for the duration only."""
-    write = llama_model.write_kv
+    rounded to float16 or bfloat16."""
     result = {}
     for dtype in (torch.float16, torch.bfloat16):
 
         def rounded_write(cache, k, v, slots, dtype=dtype):
-            write(cache, k.to(dtype).to(k.dtype), v.to(dtype).to(v.dtype), slots)
+            write_kv(cache, k.to(dtype).to(k.dtype), v.to(dtype).to(v.dtype), slots)
 
-        llama_model.write_kv = rounded_write
-        try:
-            got = llm.generate(prompts, params, use_tqdm=False)
-        finally:
-            llama_model.write_kv = write
-        same = sum(r.outputs[0].token_ids == g.outputs[0].token_ids for r, g in zip(ref, got))
-        result[str(dtype).removeprefix("torch.")] = same
+        result[str(dtype).removeprefix("torch.")] = identical_with_cache_write(llm, prompts, params, ref, rounded_write)
     return result
 
 

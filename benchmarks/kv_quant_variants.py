@@ -16,9 +16,9 @@ from collections.abc import Callable
 import kv_quant_quality as quality
 import torch
 
-import kvserve.models.llama as llama_model
 from kvserve import LLM, SamplingParams
 from kvserve.kv.quant import hadamard
+from kvserve.models.attention import write_kv
 
 H = hadamard(64)
 Rounding = Callable[[torch.Tensor], torch.Tensor]  # [T, Hkv, D] -> same, rounded
@@ -68,7 +68,6 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=96)
     args = parser.parse_args()
 
-    write = llama_model.write_kv
     llm = LLM(kv_cache_memory="512MiB", max_num_batched_tokens=64, enable_prefix_caching=False)
     with open(quality.TEXT) as f:
         ids = llm.tokenizer.encode(f.read(), add_special_tokens=False)
@@ -78,7 +77,7 @@ def main() -> None:
     for name, (keys, values, keys_per_block) in VARIANTS.items():
 
         def rounded_write(cache, k, v, slots, keys=keys, values=values, keys_per_block=keys_per_block):
-            write(cache, keys(k.float()).to(k.dtype), values(v.float()).to(v.dtype), slots)
+            write_kv(cache, keys(k.float()).to(k.dtype), values(v.float()).to(v.dtype), slots)
             if keys_per_block:  # a block's keys rounded per channel once its last slot is written;
                 block_size = cache.shape[2]  # the open block stays full precision (KIVI's residual)
                 for block in torch.unique(slots[slots % block_size == block_size - 1] // block_size).tolist():
@@ -86,12 +85,7 @@ def main() -> None:
                     scale = kb.abs().amax(0, keepdim=True).clamp_min(1e-8) / 127
                     cache[0, block] = (kb / scale).round().clamp(-127, 127) * scale
 
-        llama_model.write_kv = rounded_write
-        try:
-            got = llm.generate(prompts, params, use_tqdm=False)
-        finally:
-            llama_model.write_kv = write
-        same = sum(r.outputs[0].token_ids == g.outputs[0].token_ids for r, g in zip(ref, got))
+        same = quality.identical_with_cache_write(llm, prompts, params, ref, rounded_write)
         print(f"{name:58s} {same:3d}/{len(prompts)} identical ({100 * same / len(prompts):.0f}%)", flush=True)
 
 
