@@ -66,8 +66,8 @@ def identical_when_rounded(llm: LLM, prompts: list[list[int]], params: SamplingP
     result = {}
     for dtype in (torch.float16, torch.bfloat16):
 
-        def rounded_write(cache, k, v, slots, dtype=dtype):
-            write_kv(cache, k.to(dtype).to(k.dtype), v.to(dtype).to(v.dtype), slots)
+        def rounded_write(cache, k, v, meta, dtype=dtype):
+            write_kv(cache, k.to(dtype).to(k.dtype), v.to(dtype).to(v.dtype), meta)
 
         result[str(dtype).removeprefix("torch.")] = identical_with_cache_write(llm, prompts, params, ref, rounded_write)
     return result

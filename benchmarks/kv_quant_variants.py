@@ -3,7 +3,9 @@
 Each variant rounds K/V as they are written into a full-precision cache (quantize, then dequantize
 at once), so no kernel is needed to compare formats; greedy continuations (default 96 prompts x 64
 tokens from tests/data/english_text.txt) are compared with the unrounded cache's. The shipped int8
-format is per token and per KV head, symmetric, Hadamard-rotated ("rot-sym64").
+format (kv/quant.py) is the last one: keys per channel over each full block, [min, max] mapped onto
+the codes, the open block unrounded; values per token, symmetric, Hadamard-rotated. The int8 format
+kvserve shipped before it rounds keys like values ("rot-sym64").
 
     python benchmarks/kv_quant_variants.py [--num-prompts 96]
 """
@@ -47,19 +49,36 @@ def identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-SHIPPED = rotated(symmetric(64))
-# name: (keys rounding, values rounding, keys per channel over each full block instead)
-VARIANTS: dict[str, tuple[Rounding, Rounding, bool]] = {
-    "fp16": (lambda x: x.half().float(), lambda x: x.half().float(), False),
-    "bf16": (lambda x: x.bfloat16().float(), lambda x: x.bfloat16().float(), False),
-    "sym64 (plain per-head)": (symmetric(64), symmetric(64), False),
-    "rot-sym64 (shipped)": (SHIPPED, SHIPPED, False),
-    "rot-sym64, keys only": (SHIPPED, identity, False),
-    "rot-sym64, values only": (identity, SHIPPED, False),
-    "rot-sym32 (2 scales per head)": (rotated(symmetric(32)), rotated(symmetric(32)), False),
-    "rot-sym16 (4 scales per head)": (rotated(symmetric(16)), rotated(symmetric(16)), False),
-    "rot-asym64 (min/max)": (rotated(asymmetric), rotated(asymmetric), False),
-    "keys per channel per block (KIVI-like), values shipped": (identity, SHIPPED, True),
+PER_TOKEN = rotated(symmetric(64))
+# name: (keys rounding, values rounding, how keys are rounded per channel over each full block, if so)
+BlockRounding = Callable[[torch.Tensor], torch.Tensor]  # [block_size, Hkv, D] -> same
+
+
+def channel_symmetric(block: torch.Tensor) -> torch.Tensor:
+    scale = block.abs().amax(0, keepdim=True).clamp_min(1e-8) / 127
+    return (block / scale).round().clamp(-127, 127) * scale
+
+
+def channel_range(block: torch.Tensor) -> torch.Tensor:
+    """The shipped key format (kv/quant.py quantize_key_blocks), as a rounding."""
+    high, low = block.amax(0, keepdim=True), block.amin(0, keepdim=True)
+    center, scale = (high + low) / 2, ((high - low) / 254).clamp_min(1e-8)
+    return ((block - center) / scale).round().clamp(-127, 127) * scale + center
+
+
+VARIANTS: dict[str, tuple[Rounding, Rounding, BlockRounding | None]] = {
+    "fp16": (lambda x: x.half().float(), lambda x: x.half().float(), None),
+    "bf16": (lambda x: x.bfloat16().float(), lambda x: x.bfloat16().float(), None),
+    "sym64 (plain per-head)": (symmetric(64), symmetric(64), None),
+    "rot-sym64 (per token, shipped before)": (PER_TOKEN, PER_TOKEN, None),
+    "rot-sym64, keys only": (PER_TOKEN, identity, None),
+    "rot-sym64, values only": (identity, PER_TOKEN, None),
+    "rot-sym32 (2 scales per head)": (rotated(symmetric(32)), rotated(symmetric(32)), None),
+    "rot-sym16 (4 scales per head)": (rotated(symmetric(16)), rotated(symmetric(16)), None),
+    "rot-asym64 (min/max)": (rotated(asymmetric), rotated(asymmetric), None),
+    "keys per channel per block, symmetric; values rot-sym64": (identity, PER_TOKEN, channel_symmetric),
+    "keys per channel per block, [min, max]; values exact": (identity, identity, channel_range),
+    "keys per channel per block, [min, max]; values rot-sym64 (shipped)": (identity, PER_TOKEN, channel_range),
 }
 
 
@@ -74,16 +93,14 @@ def main() -> None:
     prompts = quality.continuation_prompts(llm, ids, args.num_prompts)
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     ref = llm.generate(prompts, params, use_tqdm=False)
-    for name, (keys, values, keys_per_block) in VARIANTS.items():
+    for name, (keys, values, key_blocks) in VARIANTS.items():
 
-        def rounded_write(cache, k, v, slots, keys=keys, values=values, keys_per_block=keys_per_block):
-            write_kv(cache, keys(k.float()).to(k.dtype), values(v.float()).to(v.dtype), slots)
-            if keys_per_block:  # a block's keys rounded per channel once its last slot is written;
-                block_size = cache.shape[2]  # the open block stays full precision (KIVI's residual)
+        def rounded_write(cache, k, v, meta, keys=keys, values=values, key_blocks=key_blocks):
+            write_kv(cache, keys(k.float()).to(k.dtype), values(v.float()).to(v.dtype), meta)
+            if key_blocks is not None:  # a block's keys rounded per channel once its last slot is written;
+                slots, block_size = meta.slot_mapping, cache.shape[2]  # the open block stays unrounded
                 for block in torch.unique(slots[slots % block_size == block_size - 1] // block_size).tolist():
-                    kb = cache[0, block]  # [block_size, Hkv, D]
-                    scale = kb.abs().amax(0, keepdim=True).clamp_min(1e-8) / 127
-                    cache[0, block] = (kb / scale).round().clamp(-127, 127) * scale
+                    cache[0, block] = key_blocks(cache[0, block])  # [block_size, Hkv, D]
 
         same = quality.identical_with_cache_write(llm, prompts, params, ref, rounded_write)
         print(f"{name:58s} {same:3d}/{len(prompts)} identical ({100 * same / len(prompts):.0f}%)", flush=True)

@@ -10,7 +10,14 @@ from helpers import assert_same_or_near_tie, save_tiny_model
 import kvserve.models.attention as attention
 from kvserve import LLM, SamplingParams
 from kvserve.kv.quant import QuantizedKVCache, dequantize
-from kvserve.models.attention import AttentionMetadata, DecodeCascade, block_tables_and_mask, paged_attention, write_kv
+from kvserve.models.attention import (
+    AttentionMetadata,
+    DecodeCascade,
+    KeyWrites,
+    block_tables_and_mask,
+    paged_attention,
+    write_kv,
+)
 
 BS, HKV, G, D = 4, 2, 3, 16  # block size, KV heads, query heads per KV head, head dim
 NUM_BLOCKS = 48
@@ -24,8 +31,11 @@ def random_cache(kind: str) -> attention.KVCache:
     if kind == "plain":
         cache = torch.zeros(2, NUM_BLOCKS, BS, HKV, D)
     else:
-        cache = QuantizedKVCache.allocate(kind, NUM_BLOCKS, BS, HKV, D, torch.device("cpu"))
-    write_kv(cache, k, v, torch.arange(NUM_BLOCKS * BS))
+        cache = QuantizedKVCache.allocate(kind, NUM_BLOCKS, BS, HKV, D, 1, torch.float32, torch.device("cpu"))
+    tokens = NUM_BLOCKS * BS
+    meta = AttentionMetadata(torch.arange(tokens), 0)
+    meta.key_writes = KeyWrites.plan([(0, 0, tokens, list(range(NUM_BLOCKS)), 0)], BS, torch.device("cpu"))
+    write_kv(cache, k, v, meta)  # every block full: all of K quantized per channel
     return cache
 
 
@@ -43,13 +53,15 @@ def decode(cache: attention.KVCache, tables: list[list[int]], lens: list[int], c
 
 
 def dequantized_copy(cache: QuantizedKVCache) -> torch.Tensor:
-    """The plain cache holding what `cache` represents: its K/V dequantized and rotated back."""
-    return dequantize(cache.data, cache.scales, torch.float32) @ cache.rotation.T
+    """The plain cache holding what `cache` represents: K dequantized per channel, V per token and rotated back."""
+    keys = cache.data[0].float() * cache.key_params[0].unsqueeze(1) + cache.key_params[1].unsqueeze(1)
+    values = dequantize(cache.data[1], cache.value_scales[0], torch.float32) @ cache.rotation.T
+    return torch.stack([keys, values])
 
 
 @pytest.mark.parametrize("cascade", [False, True])
 def test_int8_decode_equals_attention_over_dequantized_kv(cascade):
-    # Decode attention folds the int8 scales into scores and probabilities; it must equal plain
+    # Decode attention dequantizes what it gathers and un-rotates its outputs; it must equal plain
     # attention over the dequantized K/V up to fp32 round-off.
     cache = random_cache("int8")
     tables = [[0, 1, 2, 10], [0, 1, 2, 11, 12], [0, 1, 2, 13], [14, 15]]

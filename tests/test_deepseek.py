@@ -17,7 +17,7 @@ import torch
 from helpers import hf_greedy, widen_random_init
 
 from kvserve import LLM, SamplingParams
-from kvserve.kv.quant import QuantizedKVCache
+from kvserve.kv.quant import QuantizedLatentCache
 from kvserve.kv_plan import kv_bytes_per_token as plan_kv_bytes
 from kvserve.models.attention import AttentionMetadata, PrefillSpan
 from kvserve.models.deepseek import DeepseekForCausalLM
@@ -272,7 +272,7 @@ def test_int8_latent_cache(tiny):
     model = our_model(folder)
     fp32 = model.allocate_kv_cache(4, BLOCK, torch.float32)
     int8 = model.allocate_kv_cache(4, BLOCK, torch.float32, "int8")
-    assert isinstance(int8[0], QuantizedKVCache) and int8[0].data.dtype == torch.int8
+    assert isinstance(int8[0], QuantizedLatentCache) and int8[0].data.dtype == torch.int8
     assert int8[0].data.shape == (1, 4, BLOCK, 40) and int8[0].scales.shape == (1, 4, BLOCK)
     prefill(model, fp32, IDS[:12])  # a first chunk attends to its fresh latents: both caches get the same ones
     prefill(model, int8, IDS[:12])

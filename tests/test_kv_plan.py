@@ -42,11 +42,12 @@ def test_known_totals() -> None:
 
 @pytest.mark.parametrize("dtype", ["int8", "fp8"])
 def test_quantized_kv_adds_fp32_scales(dtype: str) -> None:
-    # GQA: 1 byte per element plus one fp32 scale per token per KV head, for K and for V.
+    # GQA: 1 byte per element; V one fp32 scale per token per KV head; K an fp32 scale and center per
+    # channel per 16-token block: 2 x 128 x 4 / 16 = 64 B per token per KV head.
     kv = kv_bytes_per_token(preset_config("llama-3-8b"), dtype)
-    assert kv.scale_bytes == 2 * 32 * 8 * 4 == 2048
-    assert kv.total == 32 * 8 * 128 * 2 + 2048 == 67584
-    assert kv.per_layer == 67584 // 32
+    assert kv.scale_bytes == 32 * 8 * (4 + 64) == 17408
+    assert kv.total == 32 * 8 * 128 * 2 + 17408 == 82944
+    assert kv.per_layer == 82944 // 32
     # MLA: one fp32 scale per token per layer for the whole latent.
     kv = kv_bytes_per_token(preset_config("deepseek-v3"), dtype)
     assert (kv.total, kv.scale_bytes) == (61 * 576 + 61 * 4, 244) == (35380, 244)
@@ -147,8 +148,8 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["kv-plan", "--preset", "llama-3-8b", "--kv-cache-dtype", "int8", "--kv-cache-memory", "1GiB", "--json"]
     assert main(argv) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["kv"]["total"] == 67584 and data["kv_cache_dtype"] == "int8" and data["model_dtype"] == "bfloat16"
-    assert data["num_blocks"] == GIB // (16 * 67584) == 992 and data["num_tokens"] == 992 * 16
+    assert data["kv"]["total"] == 82944 and data["kv_cache_dtype"] == "int8" and data["model_dtype"] == "bfloat16"
+    assert data["num_blocks"] == GIB // (16 * 82944) == 809 and data["num_tokens"] == 809 * 16
 
 
 def test_cli_compare(capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,10 +11,19 @@ import torch
 from helpers import assert_same_or_near_tie
 
 from kvserve import LLM, SamplingParams
-from kvserve.kv.quant import QuantizedKVCache, dequantize, hadamard, kv_bytes_per_token, quantize
-from kvserve.models.attention import AttentionMetadata, gather_kv, paged_attention, write_kv
+from kvserve.kv.quant import (
+    QuantizedKVCache,
+    dequantize,
+    hadamard,
+    kv_bytes_per_block,
+    quantize,
+    quantize_key_blocks,
+)
+from kvserve.kv_plan import kv_bytes_per_token, preset_config
+from kvserve.models.attention import AttentionMetadata, KeyWrites, OpenBlocks, gather_kv, paged_attention, write_kv
 
 TEXT = os.path.join(os.path.dirname(__file__), "data", "english_text.txt")
+CPU = torch.device("cpu")
 
 
 def test_hadamard_is_orthogonal_for_any_head_dim():
@@ -36,32 +45,97 @@ def test_int8_round_trip_error_is_within_half_a_step():
     assert torch.equal(dequantize(qz, sz, torch.float32), zero)  # all-zero heads stay finite and exact
 
 
-def test_bytes_per_token_include_scales():
-    # SmolLM2: 30 layers, 3 KV heads, head dim 64
-    assert kv_bytes_per_token(30, 3, 64, torch.float32, "auto") == 30 * 2 * 3 * 64 * 4 == 46080
-    assert kv_bytes_per_token(30, 3, 64, torch.float32, "int8") == 30 * 2 * 3 * (64 + 4) == 12240
-    assert kv_bytes_per_token(32, 8, 128, torch.bfloat16, "int8") == 32 * 2 * 8 * 132  # 1.94x fewer than bf16
+def test_key_blocks_quantize_per_channel_within_half_a_step():
+    torch.manual_seed(0)
+    keys = torch.randn(5, 16, 3, 64)  # [blocks, block size, heads, channels]
+    keys[:, :, :, :4] += 30  # a channel far from zero but narrow within a block: its center absorbs it
+    keys[:, :, 1, 7] = 2.5  # a constant channel
+    codes, scale, center = quantize_key_blocks(keys, torch.int8, 127.0)
+    assert codes.dtype == torch.int8 and scale.shape == center.shape == (5, 3, 64)
+    restored = codes.float() * scale.unsqueeze(1) + center.unsqueeze(1)
+    assert ((restored - keys).abs() <= scale.unsqueeze(1) / 2 + 1e-5).all()
+    assert torch.equal(restored[:, :, 1, 7], keys[:, :, 1, 7])  # constant channels are exact
+    assert codes.abs().max() == 127  # each channel's range spans the codes
+    assert (scale[:, :, :4] < 2 * 4 / 254).all()  # the offset costs nothing: range ~4 sigma, not 34
+
+
+def test_bytes_per_block_include_scales():
+    # SmolLM2: 30 layers, 3 KV heads, head dim 64, 16-token blocks
+    assert kv_bytes_per_block(30, 3, 64, 16, torch.float32, "auto") == 16 * 30 * 2 * 3 * 64 * 4 == 16 * 46080
+    # codes 16 x 2 x 64, K scale and center 2 x 64 x 4, V scales 16 x 4: 14,760 B/token, 3.1x fewer than fp32
+    assert kv_bytes_per_block(30, 3, 64, 16, torch.float32, "int8") == 30 * 3 * (2048 + 512 + 64) == 16 * 14760
+    # the planner's per-token figure is the same arithmetic (Llama-3-8B: 1.58x fewer than bf16)
+    assert kv_bytes_per_block(32, 8, 128, 16, torch.bfloat16, "int8") == 16 * 82944
+    assert kv_bytes_per_token(preset_config("llama-3-8b"), "int8").total == 82944
+
+
+def write(cache, k, v, spans, block_size):
+    """write_kv of a step: spans as KeyWrites.plan takes them, slots from each span's block table."""
+    slots = [table[p // block_size] * block_size + p % block_size for _, s, e, table, _ in spans for p in range(s, e)]
+    meta = AttentionMetadata(torch.tensor(slots), 0, key_writes=KeyWrites.plan(spans, block_size, CPU))
+    write_kv(cache, k, v, meta)
+
+
+def test_keys_of_open_blocks_stay_exact_until_their_block_is_full():
+    # Two sequences written in chunks that start and end mid-block, cross blocks and refill a slot
+    # in one step (seq A: 0-5, 5-6, 6-37, 37-38; seq B decodes alongside). Full blocks must hold
+    # exactly what quantizing their whole keys at once gives; open blocks their keys, unrounded.
+    torch.manual_seed(0)
+    bs, heads, dim = 8, 2, 16
+    cache = QuantizedKVCache.allocate("int8", 12, bs, heads, dim, 2, torch.float32, CPU)
+    keys = {name: torch.randn(40, heads, dim) for name in "AB"}
+    values = torch.randn(40, heads, dim)
+    tables = {"A": [3, 7, 1, 9, 0], "B": [2, 5, 6, 4, 8]}
+    slot = {"A": 1, "B": 0}
+    steps = [[("A", 0, 5)], [("A", 5, 6), ("B", 0, 7)], [("B", 7, 8), ("A", 6, 37)], [("A", 37, 38), ("B", 8, 9)]]
+    for step in steps:
+        spans, flat, k, v = [], 0, [], []
+        for name, start, end in step:
+            spans.append((flat, start, end, tables[name], slot[name]))
+            k.append(keys[name][start:end])
+            v.append(values[start:end])
+            flat += end - start
+        write(cache, torch.cat(k), torch.cat(v), spans, bs)
+    for name, written in (("A", 38), ("B", 9)):
+        full = written // bs
+        expect_codes, expect_scale, expect_center = quantize_key_blocks(
+            keys[name][: full * bs].view(full, bs, heads, dim), torch.int8, 127.0
+        )
+        ids = torch.tensor(tables[name][:full])
+        assert torch.equal(cache.data[0, ids], expect_codes)
+        assert torch.equal(cache.key_params[0, ids], expect_scale)
+        assert torch.equal(cache.key_params[1, ids], expect_center)
+        open_rows = written - full * bs
+        assert torch.equal(cache.open_keys[slot[name], :open_rows], keys[name][full * bs : written])
+        # a gather reads full blocks dequantized and the open block from open_keys
+        table = torch.tensor(tables[name][: full + 1])
+        gathered, _ = gather_kv(
+            cache, table, torch.float32, OpenBlocks.of_last_blocks([written], [slot[name]], bs, CPU)
+        )
+        assert torch.equal(gathered[full * bs : written], keys[name][full * bs : written])
+        restored = expect_codes.float() * expect_scale.unsqueeze(1) + expect_center.unsqueeze(1)
+        assert torch.equal(gathered[: full * bs], restored.flatten(0, 1))
 
 
 def test_attention_on_int8_cache_matches_full_precision():
     torch.manual_seed(1)
     heads, kv_heads, dim, bs, blocks = 4, 2, 64, 16, 6
     full = torch.zeros(2, blocks, bs, kv_heads, dim)
-    quant = QuantizedKVCache.allocate("int8", blocks, bs, kv_heads, dim, torch.device("cpu"))
+    quant = QuantizedKVCache.allocate("int8", blocks, bs, kv_heads, dim, 1, torch.float32, CPU)
     ctx = 40
     k, v = torch.randn(ctx, kv_heads, dim), torch.randn(ctx, kv_heads, dim)
     k[:, :, :4] *= 20  # outlier channels, as RoPE'd keys have
-    slots = torch.arange(ctx)
-    write_kv(full, k, v, slots)
-    write_kv(quant, k, v, slots)
-    gk, _ = gather_kv(quant, torch.tensor([0, 1, 2]), torch.float32)
-    assert torch.allclose(gk[:ctx] @ quant.rotation.T, k, atol=0.2)  # stored rotated
+    write(full, k, v, [(0, 0, ctx, [0, 1, 2], 0)], bs)
+    write(quant, k, v, [(0, 0, ctx, [0, 1, 2], 0)], bs)
+    _, gv = gather_kv(quant, torch.tensor([0, 1, 2]), torch.float32)
+    assert torch.allclose(gv[:ctx] @ quant.rotation.T, v, atol=0.05)  # values stored rotated
     q = torch.randn(1, heads, dim)
     meta = AttentionMetadata(
         slot_mapping=torch.tensor([ctx - 1]),
         num_decode_tokens=1,
         decode_block_tables=torch.tensor([[0, 1, 2]]),
         decode_mask=(torch.arange(48) < ctx)[None, None, None],
+        decode_open=OpenBlocks.of_last_blocks([ctx], [0], bs, CPU),
     )
     ref = paged_attention(q, k[-1:], v[-1:], full, meta, dim**-0.5)
     got = paged_attention(q, k[-1:], v[-1:], quant, meta, dim**-0.5)
@@ -78,9 +152,16 @@ def int8_llm():
     return LLM(kv_cache_memory="64MiB", kv_cache_dtype="int8", max_num_batched_tokens=64)
 
 
+BLOCK_BYTES = 16 * 14760  # an int8 block of SmolLM2 (see test_bytes_per_block_include_scales)
+OPEN_SLOT_BYTES = 30 * 16 * 3 * 64 * 4  # one sequence's open block of fp32 keys
+
+
 def test_int8_holds_more_blocks_and_keeps_perplexity(int8_llm):
     full = LLM(kv_cache_memory="64MiB", max_num_batched_tokens=64)
-    assert int8_llm.engine.kv.pool.num_blocks == (64 * 2**20) // (16 * 12240)
+    # open blocks for 128 sequences would take over half of 64 MiB: the engine runs fewer at once
+    open_slots = 32 * 2**20 // OPEN_SLOT_BYTES
+    assert int8_llm.engine.config.max_num_seqs == int8_llm.engine.kv.num_open_slots == open_slots == 91
+    assert int8_llm.engine.kv.pool.num_blocks == (64 * 2**20 - open_slots * OPEN_SLOT_BYTES) // BLOCK_BYTES
     assert full.engine.kv.pool.num_blocks == (64 * 2**20) // (16 * 46080)
     with open(TEXT) as f:
         ids = full.tokenizer.encode(f.read(), add_special_tokens=False)[:1024]
@@ -95,17 +176,30 @@ def test_int8_holds_more_blocks_and_keeps_perplexity(int8_llm):
     full.engine.check_idle()
 
 
-def test_int8_with_preemption_and_prefix_cache(int8_llm):
+def test_int8_with_preemption_prefix_cache_and_forks(int8_llm):
     tok = int8_llm.tokenizer
     shared = tok.encode("A long shared instruction about writing clear, short answers for every question. " * 4)
     prompts = [shared + tok.encode(f" Question {i}: what is {i} plus {i}?") for i in range(10)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
     reference = int8_llm.generate(prompts, params)
     assert int8_llm.get_stats()["prefix_cache_hits"] > 0
-    small = LLM(kv_cache_memory=20 * 16 * 12240, kv_cache_dtype="int8", max_num_batched_tokens=64)
+    # 12 blocks and 4 open slots: requests wait for slots and are preempted for blocks
+    small = LLM(
+        kv_cache_memory=12 * BLOCK_BYTES + 4 * OPEN_SLOT_BYTES,
+        kv_cache_dtype="int8",
+        max_num_batched_tokens=64,
+        max_num_seqs=4,
+    )
+    assert small.engine.kv.pool.num_blocks == 12 and small.engine.kv.num_open_slots == 4
     outs = small.generate(prompts, params)
     assert small.get_stats()["num_preemptions"] > 0
     for out, ref in zip(outs, reference):
         assert_same_or_near_tie(out.outputs[0].token_ids, ref.outputs[0].token_ids, ref.outputs[0].logprobs)
     small.engine.check_idle()
+    # n=3 forks copy the prompt's open block, keys included: every sample equals the single greedy run
+    prompt = prompts[3]
+    assert len(prompt) % 16 != 0
+    (three,) = int8_llm.generate([prompt], SamplingParams(n=3, temperature=0, max_tokens=16, ignore_eos=True))
+    (one,) = int8_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    assert [o.token_ids for o in three.outputs] == [one.outputs[0].token_ids] * 3
     int8_llm.engine.check_idle()

@@ -49,17 +49,20 @@ def files(folder) -> list[str]:
 def test_block_io_round_trips_plain_quantized_and_latent_caches():
     torch.manual_seed(0)
     plain = torch.randn(2, 6, 4, 2, 8)  # [K/V, blocks, block size, heads, dim]
-    quant = QuantizedKVCache.allocate("int8", 6, 4, 2, 8, torch.device("cpu"))
+    quant = QuantizedKVCache.allocate("int8", 6, 4, 2, 8, 1, torch.float32, torch.device("cpu"))
     quant.data.copy_(torch.randint(-127, 128, quant.data.shape))
-    quant.scales.uniform_()
+    quant.key_params.uniform_()
+    quant.value_scales.uniform_()
     latent = torch.randn(1, 6, 4, 12)  # MLA: [1, blocks, block size, width]
     io = BlockIO([plain, quant, latent])
-    assert io.row_nbytes == 2 * 4 * 2 * 8 * 4 + 2 * 4 * 2 * 8 + 2 * 4 * 2 * 4 + 4 * 12 * 4 == 896
-    before = [t.clone() for t in (plain, quant.data, quant.scales, latent)]
+    # plain K/V + int8 codes + K scale and center per channel + V scale per token + latent
+    assert io.row_nbytes == 2 * 4 * 2 * 8 * 4 + 2 * 4 * 2 * 8 + 2 * 2 * 8 * 4 + 4 * 2 * 4 + 4 * 12 * 4 == 992
+    tensors = (plain, quant.data, quant.key_params, quant.value_scales, latent)
+    before = [t.clone() for t in tensors]
     rows = io.gather([3, 1])
-    assert rows.shape == (2, 896) and rows.dtype == torch.uint8
+    assert rows.shape == (2, 992) and rows.dtype == torch.uint8
     io.scatter([0, 5], rows)
-    for t, old in zip((plain, quant.data, quant.scales, latent), before):
+    for t, old in zip(tensors, before):
         assert torch.equal(t[:, 0], old[:, 3]) and torch.equal(t[:, 5], old[:, 1])
         assert torch.equal(t[:, 1:5], old[:, 1:5])  # nothing else touched
 

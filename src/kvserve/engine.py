@@ -71,9 +71,28 @@ class Engine:
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer else set()
         self.eos_token_ids |= self.model_config.eos_token_ids
 
-        bytes_per_token = model.kv_bytes_per_token(config.torch_dtype, config.kv_cache_dtype)
+        bs, dtype, kv_dtype = config.block_size, config.torch_dtype, config.kv_cache_dtype
+        bytes_per_block = model.kv_bytes_per_block(bs, dtype, kv_dtype)
         budget = config.kv_cache_memory or default_kv_cache_memory(config.torch_device)
-        num_blocks = budget // (bytes_per_token * config.block_size)
+        # A quantized cache keeps each running sequence's open block of keys in full precision
+        # (kv/quant.py), charged to the same budget; at most half of it, or fewer sequences run.
+        open_slot_bytes = model.open_key_bytes_per_slot(bs, dtype, kv_dtype)
+        num_open_slots = 0
+        if open_slot_bytes:
+            num_open_slots = min(config.max_num_seqs, budget // 2 // open_slot_bytes)
+            if num_open_slots < config.max_num_seqs:
+                logger.warning(
+                    "kv_cache_memory %d B: %s open blocks for %d sequences would take over half of it; "
+                    "max_num_seqs lowered to %d",
+                    budget,
+                    kv_dtype,
+                    config.max_num_seqs,
+                    num_open_slots,
+                )
+                config.max_num_seqs = max(num_open_slots, 1)
+            num_open_slots = config.max_num_seqs
+        num_blocks = (budget - num_open_slots * open_slot_bytes) // bytes_per_block
+        bytes_per_token = bytes_per_block / bs
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {budget} B holds no {config.block_size}-token block")
         capacity = num_blocks * config.block_size
@@ -86,7 +105,7 @@ class Engine:
             config.max_model_len = capacity  # the default shrinks to what one request can hold
         self.fingerprint = model_fingerprint(path, self.model_config)
         root = root_hash(self.fingerprint, str(config.torch_dtype), config.kv_cache_dtype, str(config.block_size))
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, root)
+        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, root, num_open_slots)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(config, self.model_config, model, self.kv)
         if config.offload_enabled:
@@ -111,7 +130,7 @@ class Engine:
         self._next_id = 0
         logger.info(
             "model %s (%s) on %s/%s loaded in %.1fs; KV cache (%s): %d blocks x %d tokens = %d tokens, "
-            "%d B/token, %.1f MiB",
+            "%.0f B/token, %.1f MiB (+ %.1f MiB of open blocks)",
             os.path.basename(path),
             self.model_config.architecture,
             config.torch_device,
@@ -122,7 +141,8 @@ class Engine:
             config.block_size,
             capacity,
             bytes_per_token,
-            num_blocks * config.block_size * bytes_per_token / 2**20,
+            num_blocks * bytes_per_block / 2**20,
+            num_open_slots * open_slot_bytes / 2**20,
         )
 
     # ------------------------------------------------------------------ requests
@@ -286,6 +306,7 @@ class Engine:
             if copy is not False:
                 if copy is not None:
                     self.runner.copy_blocks([copy])
+                    self.runner.copy_open_keys(self.kv, parent, child)
                 child.num_computed_tokens = parent.num_prompt_tokens
                 self.scheduler.add_running(child)
                 return
@@ -385,6 +406,7 @@ class Engine:
         assert not self.scheduler.has_unfinished()
         self.kv.pool.check_idle()
         assert not self.kv.block_tables, f"block tables left: {list(self.kv.block_tables)[:5]}"
+        assert not self.kv.open_slots and len(self.kv.free_open_slots) == self.kv.num_open_slots
 
 
 def model_fingerprint(path: str, model_config) -> str:

@@ -54,7 +54,11 @@ PRESETS: dict[str, dict] = {
 # fmt: on
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "fp8": 1}
-SCALE_BYTES = 4  # kvserve's quantized KV keeps one fp32 scale per token per KV head (per layer for MLA)
+# kvserve's quantized KV (kv/quant.py): values one fp32 scale per token per KV head; keys an fp32 scale and
+# center per channel per block of BLOCK_SIZE tokens (the default block size); the MLA latent one fp32
+# scale per token per layer.
+SCALE_BYTES = 4
+BLOCK_SIZE = 16
 DEFAULT_SEQ_LENS = (512, 2048, 8192)
 
 
@@ -130,10 +134,14 @@ def kv_bytes_per_token(config: ModelConfig, dtype: str) -> KVBytes:
         expanded = layers * heads * ((k_dim + v_dim) * nbytes + (2 * SCALE_BYTES if quantized else 0))
     else:
         kv_heads = config.num_kv_heads
-        scales = 2 * layers * kv_heads * SCALE_BYTES if quantized else 0  # K and V each have a scale per head
+        key_params = 2 * config.head_dim * SCALE_BYTES // BLOCK_SIZE  # a block's K scale and center, per token
+        scales = layers * kv_heads * (SCALE_BYTES + key_params) if quantized else 0
         formula = f"{layers} layers x {kv_heads} KV heads x {config.head_dim} head dim x 2 (K, V) x {nbytes} B"
         if quantized:
-            formula += f" + 2 x {layers} layers x {kv_heads} KV heads x {SCALE_BYTES} B scales"
+            formula += (
+                f" + {layers} layers x {kv_heads} KV heads x ({SCALE_BYTES} B V scale"
+                f" + 2 x {config.head_dim} x {SCALE_BYTES} B K scale and center / {BLOCK_SIZE}-token block)"
+            )
         # GQA shares each KV head among num_heads / num_kv_heads query heads; MHA would not.
         expanded = (data + scales) * config.num_heads // kv_heads
     total = data + scales

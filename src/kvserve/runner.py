@@ -17,8 +17,14 @@ import torch
 
 from kvserve.config import EngineConfig
 from kvserve.kv.kv_cache_manager import KVCacheManager
-from kvserve.kv.quant import QuantizedKVCache
-from kvserve.models.attention import AttentionMetadata, DecodeCascade, PrefillSpan, block_tables_and_mask
+from kvserve.models.attention import (
+    AttentionMetadata,
+    DecodeCascade,
+    KeyWrites,
+    OpenBlocks,
+    PrefillSpan,
+    block_tables_and_mask,
+)
 from kvserve.models.llama import LlamaForCausalLM
 from kvserve.models.loader import load_weights
 from kvserve.models.model_config import ModelConfig
@@ -73,8 +79,9 @@ class ModelRunner:
         self.device = config.torch_device
         self.block_size = config.block_size
         self.kv_caches = model.allocate_kv_cache(
-            kv.pool.num_blocks, config.block_size, config.torch_dtype, config.kv_cache_dtype
+            kv.pool.num_blocks, config.block_size, config.torch_dtype, config.kv_cache_dtype, kv.num_open_slots
         )
+        self.open_keys = kv.num_open_slots > 0  # a quantized cache that keeps open blocks' keys apart
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> RunnerOutput:
@@ -91,6 +98,8 @@ class ModelRunner:
 
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
+        open_slots: list[int] = []  # decodes' open_keys slots
+        key_spans: list[tuple[int, int, int, list[int], int]] = []  # KeyWrites.plan's input
         for request, _ in decodes:
             pos = request.num_computed_tokens
             table = self.kv.block_ids(request)
@@ -99,6 +108,9 @@ class ModelRunner:
             slots.append(table[pos // bs] * bs + pos % bs)
             decode_tables.append(table)
             decode_lens.append(pos + 1)
+            if self.open_keys:
+                open_slots.append(self.kv.open_slot(request))
+                key_spans.append((len(input_ids) - 1, pos, pos + 1, table, open_slots[-1]))
             if pos + 1 == request.num_tokens:
                 sample_rows.append(len(input_ids) - 1)
                 sample_requests.append(request)
@@ -120,6 +132,11 @@ class ModelRunner:
                 span.block_ids = torch.tensor(table[:num_blocks], device=self.device)
                 q_pos = torch.arange(start, end, device=self.device)
                 span.mask = (torch.arange(end, device=self.device)[None, :] <= q_pos[:, None])[None, None]
+            if self.open_keys:
+                slot = self.kv.open_slot(request)
+                key_spans.append((flat_start, start, end, table, slot))
+                if span.block_ids is not None:
+                    span.open_block = OpenBlocks.of_last_blocks([end], [slot], bs, self.device)
             spans.append(span)
             if request.params.prompt_logprobs is not None:
                 count = min(end, request.num_prompt_tokens - 1) - start
@@ -132,12 +149,18 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=self.device), num_decode_tokens=len(decodes), prefills=spans
         )
+        if self.open_keys:
+            meta.key_writes = KeyWrites.plan(key_spans, bs, self.device)
         if decodes:
             meta.decode_block_tables, meta.decode_mask = block_tables_and_mask(
                 decode_tables, decode_lens, bs, self.device
             )
+            if self.open_keys:
+                meta.decode_open = OpenBlocks.of_last_blocks(decode_lens, open_slots, bs, self.device)
             if self.cascade_attention:
-                meta.decode_cascade = DecodeCascade.build(decode_tables, decode_lens, bs, self.device)
+                meta.decode_cascade = DecodeCascade.build(
+                    decode_tables, decode_lens, bs, self.device, open_slots if self.open_keys else None
+                )
 
         hidden = self.model(
             torch.tensor(input_ids, device=self.device),
@@ -175,8 +198,16 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in pairs], device=self.device)
         dst = torch.tensor([d for _, d in pairs], device=self.device)
         for cache in self.kv_caches:
-            for tensor in (cache.data, cache.scales) if isinstance(cache, QuantizedKVCache) else (cache,):
+            for tensor in cache.block_tensors() if hasattr(cache, "block_tensors") else (cache,):
                 tensor[:, dst] = tensor[:, src]
+
+    @torch.inference_mode()
+    def copy_open_keys(self, kv: KVCacheManager, parent: Request, child: Request) -> None:
+        """A forked sample's copy of its parent's open block also needs the parent's open keys."""
+        if self.open_keys:
+            src, dst = kv.open_slot(parent), kv.open_slot(child)
+            for cache in self.kv_caches:
+                cache.open_keys[dst] = cache.open_keys[src]
 
 
 def default_kv_cache_memory(device: torch.device) -> int:

@@ -2,7 +2,7 @@
 
 A row is the unit the lower cache tiers (kv/tiers.py) store: for one block, the
 concatenation over every cache tensor of that tensor's slice `t[:, block]`
-(K and V for MHA/GQA, the latent for MLA, int8 data and its scales for a
+(K and V for MHA/GQA, the latent for MLA, int8 codes and their scales for a
 quantized cache), each at a 16-byte-aligned offset. Every cache tensor keeps
 its blocks on dim 1, which is what makes one layout serve all of them.
 
@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from kvserve.kv.quant import QuantizedKVCache
 
 _ALIGN = 16
 
@@ -33,7 +31,7 @@ class BlockIO:
     def __init__(self, kv_caches: list) -> None:
         tensors: list[torch.Tensor] = []
         for cache in kv_caches:
-            tensors += [cache.data, cache.scales] if isinstance(cache, QuantizedKVCache) else [cache]
+            tensors += cache.block_tensors() if hasattr(cache, "block_tensors") else [cache]
         self.slices: list[_Slice] = []
         offset = 0
         for t in tensors:

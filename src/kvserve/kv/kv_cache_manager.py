@@ -3,6 +3,11 @@
 A request's block table lists its blocks in token order: token at position p
 lives in slot (table[p // block_size].block_id * block_size + p % block_size).
 Invariant: len(table) == ceil(tokens with allocated slots / block_size).
+
+A quantized cache keeps the keys of each request's last, still-filling block in
+full precision until the block is full (kv/quant.py); the manager gives every
+request that holds blocks one such open slot, from a fixed set, and takes it
+back when the request's blocks are freed.
 """
 
 from __future__ import annotations
@@ -26,8 +31,18 @@ class PrefixCacheStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, root_hash: bytes) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool,
+        root_hash: bytes,
+        num_open_slots: int = 0,
+    ) -> None:
         self.block_size = block_size
+        self.num_open_slots = num_open_slots  # 0: the cache needs none
+        self.free_open_slots = list(range(num_open_slots - 1, -1, -1))  # popped from the end: 0 first
+        self.open_slots: dict[str, int] = {}
         self.enable_prefix_caching = enable_prefix_caching
         self.root_hash = root_hash
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
@@ -44,6 +59,18 @@ class KVCacheManager:
 
     def _key(self, request: Request) -> str:
         return f"{request.request_id}#{request.index}"
+
+    def open_slot(self, request: Request) -> int:
+        return self.open_slots[self._key(request)]
+
+    def _take_open_slot(self, key: str) -> bool:
+        """Gives `key` an open slot if the cache uses them and it has none; False if none is free."""
+        if not self.num_open_slots or key in self.open_slots:
+            return True
+        if not self.free_open_slots:
+            return False
+        self.open_slots[key] = self.free_open_slots.pop()
+        return True
 
     def block_ids(self, request: Request) -> list[int]:
         return [b.block_id for b in self.block_tables[self._key(request)]]
@@ -107,7 +134,7 @@ class KVCacheManager:
         needed = -(-total_tokens // self.block_size) - len(table) - len(computed_blocks)
         # hits sitting in the free queue stop being allocatable once taken
         revived = sum(1 for b in computed_blocks if b.ref_count == 0)
-        if needed > self.pool.num_free_blocks - revived:
+        if needed > self.pool.num_free_blocks - revived or not self._take_open_slot(key):
             return False
         if computed_blocks:
             self.pool.touch(computed_blocks)
@@ -146,6 +173,8 @@ class KVCacheManager:
         has_partial = parent.num_prompt_tokens % self.block_size != 0
         if has_partial and self.pool.num_free_blocks < 1:
             raise RuntimeError("no free block to fork into")
+        if not self._take_open_slot(self._key(child)):
+            raise RuntimeError("no free open-block slot to fork into")
         shared = parent_table[:num_full]
         self.pool.share(shared)
         table = list(shared)
@@ -163,6 +192,9 @@ class KVCacheManager:
         key = self._key(request)
         table = self.block_tables.pop(key, None)
         self.num_cached_blocks.pop(key, None)
+        slot = self.open_slots.pop(key, None)
+        if slot is not None:
+            self.free_open_slots.append(slot)
         if table:
             self.pool.free(reversed(table))  # tail first: evicted before the shared head
 

@@ -1,20 +1,32 @@
-"""Quantized KV cache: int8 (CPU and CUDA) and fp8 e4m3 (CUDA), one scale per token per KV head.
+"""Quantized KV caches: int8 (CPU and CUDA) and fp8 e4m3 (CUDA).
 
-Symmetric per-(token, head) scales: scale = max|x| / qmax over the head dimension, q = x / scale.
-A token's K/V are quantized once, when they enter the cache, and dequantized only for the blocks
-a step gathers for attention; the whole cache is never held in full precision. Per-token scales
-keep a block's quantization independent of what else is in it, so paging, prefix sharing and
-preemption work unchanged.
+Attention layers (MHA/GQA), `QuantizedKVCache`. Keys and values have different error structures,
+so they are quantized differently (KIVI, Liu et al. 2024):
 
-Outliers: a few channels of K (RoPE pairs) are much larger than the rest, and with one scale per
-head they leave the other channels a handful of levels. So K and V are stored rotated by an
-orthogonal Hadamard matrix R (x' = x R), which spreads every channel's energy over all of them
-(QuaRot, SpinQuant). Attention never un-rotates the cache: scores q k^T = (q R)(k R)^T, and the
-output sum_j p_j v_j = (sum_j p_j v_j R) R^T, so only the step's queries and outputs are
-multiplied by R, [tokens, heads, D] x [D, D], not the gathered context. On the default model this
-raises the share of greedy continuations identical to full precision from 66% to 88%.
+- Keys: a few channels (RoPE pairs) carry most of the energy, and low-frequency pairs move slowly,
+  so a channel varies far less within a block than the head varies within a token. A full block's
+  keys are quantized per channel: one scale and one center for each (KV head, channel), covering
+  the channel's [min, max] over the block's tokens. A block is quantized once, when its last token
+  is written; until then its keys sit in full precision in `open_keys`, one block-sized slot per
+  running sequence, and attention reads them from there. Every full block is read-only from then on
+  (prefix caching shares it), so its parameters never change.
+- Values: one symmetric scale per (token, KV head), written when the token enters the cache. Values
+  are stored rotated by an orthogonal Hadamard matrix R (v' = v R), which spreads outlier channels
+  over all of them (QuaRot); attention outputs are rotated back, sum_j p_j v_j = (sum_j p_j v'_j) R^T,
+  so only [tokens, heads, D] x [D, D] per step, never the context.
 
-Bytes per token and layer: 2 (K, V) x Hkv x (D x 1 byte + 4 bytes of fp32 scale).
+On the default model (96 prompts x 64 greedy tokens, benchmarks/kv_quant_variants.py), the share of
+continuations identical to full precision: per-token keys and values 66%, this format ~86%, a cache
+rounded to bfloat16 89%. Dequantization happens in the attention gather, for the gathered blocks
+only; the whole cache is never held in full precision.
+
+Bytes per block, layer and KV head: block_size x 2 x D codes + 2 x D x 4 (K scale and center) +
+block_size x 4 (V scales): 164 per token for D = 64 and 16-token blocks, where fp32 takes 512 and
+bf16 256. Plus open_keys, max_num_seqs x block_size tokens of K in the
+model dtype (engine.py charges them to the KV budget).
+
+MLA's latent cache (`QuantizedLatentCache`) keeps one scale per token: its latent is both key and
+value and is read through learned up-projections, not by RoPE'd channels.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ QUANTIZED_KV_DTYPES: dict[str, tuple[torch.dtype, float]] = {
     "fp8": (torch.float8_e4m3fn, 448.0),
 }
 SCALE_DTYPE = torch.float32
+_TINY = 1e-8  # scale floor: an all-equal channel or an all-zero head stays finite (and exact)
 
 
 def hadamard(dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -45,14 +58,15 @@ def hadamard(dim: int, device: torch.device | None = None) -> torch.Tensor:
 
 @dataclass
 class QuantizedKVCache:
-    """One layer's quantized cache: data [2, num_blocks, block_size, Hkv, D] holding (K R, V R) quantized,
-    scales [2, num_blocks, block_size, Hkv], rotation R [D, D] (None: stored unrotated, as the MLA latent
-    cache is, whose width is not a per-head vector)."""
+    """One attention layer's quantized cache. Every tensor but open_keys keeps its blocks on dim 1
+    (what copy_blocks and the offload tiers move, see block_tensors)."""
 
-    data: torch.Tensor
-    scales: torch.Tensor
+    data: torch.Tensor  # [2, num_blocks, block_size, Hkv, D] storage dtype: K codes, V R codes
+    key_params: torch.Tensor  # [2, num_blocks, Hkv, D] fp32: K scale, K center, per channel of a full block
+    value_scales: torch.Tensor  # [1, num_blocks, block_size, Hkv] fp32
+    open_keys: torch.Tensor  # [num_open_slots, block_size, Hkv, D] model dtype: K of blocks being filled
+    rotation: torch.Tensor  # [D, D], R
     qmax: float
-    rotation: torch.Tensor | None = None
 
     @classmethod
     def allocate(
@@ -62,18 +76,43 @@ class QuantizedKVCache:
         block_size: int,
         num_kv_heads: int,
         head_dim: int,
+        num_open_slots: int,
+        dtype: torch.dtype,
         device: torch.device,
     ) -> QuantizedKVCache:
         storage, qmax = QUANTIZED_KV_DTYPES[kv_cache_dtype]
-        data = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=storage, device=device)
-        scales = torch.zeros(2, num_blocks, block_size, num_kv_heads, dtype=SCALE_DTYPE, device=device)
-        return cls(data, scales, qmax, hadamard(head_dim, device))
+        return cls(
+            data=torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=storage, device=device),
+            key_params=torch.zeros(2, num_blocks, num_kv_heads, head_dim, dtype=SCALE_DTYPE, device=device),
+            value_scales=torch.zeros(1, num_blocks, block_size, num_kv_heads, dtype=SCALE_DTYPE, device=device),
+            open_keys=torch.zeros(num_open_slots, block_size, num_kv_heads, head_dim, dtype=dtype, device=device),
+            rotation=hadamard(head_dim, device),
+            qmax=qmax,
+        )
+
+    def block_tensors(self) -> list[torch.Tensor]:
+        """What a full block is made of (open_keys holds nothing of a full block)."""
+        return [self.data, self.key_params, self.value_scales]
+
+
+@dataclass
+class QuantizedLatentCache:
+    """One MLA layer's quantized latent cache: data [1, num_blocks, block_size, width], one fp32 scale
+    per token, scales [1, num_blocks, block_size]."""
+
+    data: torch.Tensor
+    scales: torch.Tensor
+    qmax: float
+
+    def block_tensors(self) -> list[torch.Tensor]:
+        return [self.data, self.scales]
 
 
 def quantize(x: torch.Tensor, storage: torch.dtype, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H, D] -> (q [T, H, D] in `storage`, scale [T, H] fp32)."""
+    """Symmetric, one scale per vector of the last dim: x [T, H, D] -> (q [T, H, D] in `storage`,
+    scale [T, H] fp32)."""
     x = x.float()
-    scale = x.abs().amax(dim=-1).clamp_min(1e-8) / qmax  # [T, H]; the floor keeps all-zero heads finite
+    scale = x.abs().amax(dim=-1).clamp_min(_TINY) / qmax  # [T, H]
     q = x / scale.unsqueeze(-1)
     if storage == torch.int8:
         q = q.round_().clamp_(-qmax, qmax)
@@ -85,10 +124,37 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return (q.to(torch.float32) * scale.unsqueeze(-1)).to(dtype)
 
 
-def kv_bytes_per_token(
-    num_layers: int, num_kv_heads: int, head_dim: int, model_dtype: torch.dtype, kv_cache_dtype: str
+def quantize_key_blocks(
+    keys: torch.Tensor, storage: torch.dtype, qmax: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full blocks of keys [C, block_size, H, D] -> (codes [C, block_size, H, D] in `storage`, scale and
+    center [C, H, D] fp32): per (block, head, channel), center = (max + min) / 2 and scale =
+    (max - min) / (2 qmax), so the codes span [-qmax, qmax] and k = code x scale + center."""
+    keys = keys.float()
+    high, low = keys.amax(dim=1), keys.amin(dim=1)  # [C, H, D]
+    center = (high + low) / 2
+    scale = ((high - low) / (2 * qmax)).clamp_min(_TINY)
+    q = (keys - center.unsqueeze(1)) / scale.unsqueeze(1)
+    if storage == torch.int8:
+        q = q.round_().clamp_(-qmax, qmax)
+    return q.to(storage), scale, center
+
+
+def kv_bytes_per_block(
+    num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, model_dtype: torch.dtype, kv_cache_dtype: str
 ) -> int:
-    """Bytes one token's K and V take across all layers, scales included."""
+    """Bytes one block of K and V takes across all layers, scales included."""
     if kv_cache_dtype == "auto":
-        return num_layers * 2 * num_kv_heads * head_dim * torch.empty((), dtype=model_dtype).element_size()
-    return num_layers * 2 * num_kv_heads * (head_dim + torch.empty((), dtype=SCALE_DTYPE).element_size())
+        return num_layers * block_size * 2 * num_kv_heads * head_dim * torch.empty((), dtype=model_dtype).element_size()
+    element = torch.empty((), dtype=QUANTIZED_KV_DTYPES[kv_cache_dtype][0]).element_size()
+    scale = torch.empty((), dtype=SCALE_DTYPE).element_size()
+    codes = block_size * 2 * head_dim * element  # K and V
+    params = 2 * head_dim * scale + block_size * scale  # K scale and center per channel, V scale per token
+    return num_layers * num_kv_heads * (codes + params)
+
+
+def open_key_bytes_per_slot(
+    num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, model_dtype: torch.dtype
+) -> int:
+    """One sequence's open block of keys in the model dtype, across all layers."""
+    return num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=model_dtype).element_size()

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from kvserve.kv.quant import QuantizedKVCache, quantize
+from kvserve.kv.quant import QuantizedKVCache, quantize, quantize_key_blocks
 
 
 @dataclass
@@ -40,6 +40,79 @@ class PrefillSpan:
     context_len: int  # tokens attended after this step's K/V are written (earlier + this chunk)
     block_ids: torch.Tensor | None = None  # [ceil(context_len / block_size)], only when there is earlier context
     mask: torch.Tensor | None = None  # [1, 1, num_tokens, context_len] bool, True = attend
+    open_block: OpenBlocks | None = None  # its last block, when still open in a quantized cache
+
+
+@dataclass
+class OpenBlocks:
+    """Blocks still being filled in a quantized cache, whose keys sit in full precision in open_keys
+    (kv/quant.py): in a gathered block table, row rows[i], column cols[i] reads open_keys[slots[i]]."""
+
+    rows: torch.Tensor  # [n]
+    cols: torch.Tensor  # [n]
+    slots: torch.Tensor  # [n]
+
+    @classmethod
+    def of_last_blocks(
+        cls, lens: list[int], slots: list[int], block_size: int, device: torch.device
+    ) -> OpenBlocks | None:
+        """Row i of a table holds a context of lens[i] tokens, and its last block is open unless full."""
+        rows = [i for i, n in enumerate(lens) if n % block_size]
+        if not rows:
+            return None
+        return cls(
+            torch.tensor(rows, device=device),
+            torch.tensor([(lens[i] - 1) // block_size for i in rows], device=device),
+            torch.tensor([slots[i] for i in rows], device=device),
+        )
+
+
+@dataclass
+class KeyWrites:
+    """How one step's keys enter a quantized cache (kv/quant.py). Each block that this step fills is
+    quantized from block_size source rows, the earlier ones from open_keys (written by earlier steps),
+    the rest from this step's keys; the keys of blocks still open after the step go to open_keys.
+    Rows of open_keys are slot * block_size + offset."""
+
+    full_blocks: torch.Tensor  # [C] block ids filled this step
+    from_open_dst: torch.Tensor  # rows of the [C * block_size] source that come from open_keys ...
+    from_open_src: torch.Tensor  # ... and those open_keys rows
+    from_step_dst: torch.Tensor  # rows of the source that come from this step's keys ...
+    from_step_src: torch.Tensor  # ... and those tokens' indices in the step
+    to_open_src: torch.Tensor  # tokens whose blocks stay open ...
+    to_open_dst: torch.Tensor  # ... and their open_keys rows
+
+    @classmethod
+    def plan(
+        cls, spans: list[tuple[int, int, int, list[int], int]], block_size: int, device: torch.device
+    ) -> KeyWrites:
+        """spans: per request in the step, (index of its first token in the step, first position, end
+        position, block table, open_keys slot); the request writes positions [first, end)."""
+        bs = block_size
+        full: list[int] = []
+        rows: dict[str, list[int]] = {name: [] for name in ("od", "os", "sd", "ss", "ts", "td")}
+        for flat, start, end, table, slot in spans:
+            for b in range(start // bs, -(-end // bs)):
+                if (b + 1) * bs <= end:  # filled this step
+                    base = len(full) * bs
+                    full.append(table[b])
+                    for offset in range(bs):
+                        pos = b * bs + offset
+                        if pos < start:
+                            rows["od"].append(base + offset)
+                            rows["os"].append(slot * bs + offset)
+                        else:
+                            rows["sd"].append(base + offset)
+                            rows["ss"].append(flat + pos - start)
+                else:  # still open after the step
+                    for pos in range(max(start, b * bs), end):
+                        rows["ts"].append(flat + pos - start)
+                        rows["td"].append(slot * bs + pos % bs)
+
+        def t(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(t(full), *(t(rows[name]) for name in ("od", "os", "sd", "ss", "ts", "td")))
 
 
 @dataclass
@@ -59,6 +132,7 @@ class DecodeCascade:
     groups: list[CascadeGroup]
     suffix_block_tables: torch.Tensor  # [Nd, max_suffix_blocks], padded with block 0
     suffix_mask: torch.Tensor  # [Nd, 1, 1, max_suffix_blocks * block_size] bool, True = in context
+    suffix_open: OpenBlocks | None = None  # open blocks (always in the suffix) of a quantized cache
 
     # Least share of the decode batch's gathered blocks that the cascade must save. Its attention
     # (a product and softmax per KV head, to get log-sum-exps) costs ~15% more per token than SDPA's
@@ -68,14 +142,20 @@ class DecodeCascade:
 
     @classmethod
     def build(
-        cls, tables: list[list[int]], lens: list[int], block_size: int, device: torch.device
+        cls,
+        tables: list[list[int]],
+        lens: list[int],
+        block_size: int,
+        device: torch.device,
+        open_slots: list[int] | None = None,
     ) -> DecodeCascade | None:
         """From the decodes' block tables and context lengths (the new token included). Groups
         decodes by their first block; a group of >= 2 whose tables share >= 1 leading block becomes
         a CascadeGroup. None when no group qualifies or the groups save less than `min_saving` of
         the blocks. The shared run is cut before the block holding any member's new token (position
         len - 1): that block is the member's own (a shared block is full and read-only), and the cut
-        guarantees that every suffix is non-empty."""
+        guarantees that every suffix is non-empty. open_slots: each decode's open_keys slot, for a
+        quantized cache."""
         by_first: dict[int, list[int]] = {}
         for i, table in enumerate(tables):
             by_first.setdefault(table[0], []).append(i)
@@ -100,7 +180,10 @@ class DecodeCascade:
             return None
         suffix_tables = [t[p:] for t, p in zip(tables, prefix_len)]
         suffix_lens = [n - p * block_size for n, p in zip(lens, prefix_len)]
-        return cls(groups, *block_tables_and_mask(suffix_tables, suffix_lens, block_size, device))
+        cascade = cls(groups, *block_tables_and_mask(suffix_tables, suffix_lens, block_size, device))
+        if open_slots is not None:
+            cascade.suffix_open = OpenBlocks.of_last_blocks(suffix_lens, open_slots, block_size, device)
+        return cascade
 
 
 def block_tables_and_mask(
@@ -121,24 +204,43 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [Nd, 1, 1, max_blocks * block_size] bool
     decode_cascade: DecodeCascade | None = None  # when decodes share leading blocks
     prefills: list[PrefillSpan] = field(default_factory=list)
+    key_writes: KeyWrites | None = None  # quantized caches only
+    decode_open: OpenBlocks | None = None  # quantized caches only: decodes' open last blocks
 
 
 KVCache = torch.Tensor | QuantizedKVCache  # one layer's cache; a plain tensor is [2, num_blocks, block_size, Hkv, D]
 
 
-def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k, v [T, Hkv, D] go to their T slots (quantized first for an int8/fp8 cache); nothing else is touched."""
+def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    """This step's k, v [T, Hkv, D] go to their T slots (meta.slot_mapping); nothing else is touched.
+    A quantized cache quantizes values per token at once, and keys per channel a block at a time as
+    meta.key_writes says (kv/quant.py)."""
     num_kv_heads, head_dim = k.shape[1:]
-    if isinstance(kv_cache, QuantizedKVCache):
-        for i, x in enumerate((k, v)):
-            if kv_cache.rotation is not None:
-                x = x.float() @ kv_cache.rotation
-            q, scale = quantize(x, kv_cache.data.dtype, kv_cache.qmax)
-            kv_cache.data[i].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, q)
-            kv_cache.scales[i].view(-1, num_kv_heads).index_copy_(0, slot_mapping, scale)
+    slots = meta.slot_mapping
+    if not isinstance(kv_cache, QuantizedKVCache):
+        kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
+        kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
         return
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    q, scale = quantize(v.float() @ kv_cache.rotation, kv_cache.data.dtype, kv_cache.qmax)
+    kv_cache.data[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, q)
+    kv_cache.value_scales[0].view(-1, num_kv_heads).index_copy_(0, slots, scale)
+    writes = meta.key_writes
+    open_rows = kv_cache.open_keys.view(-1, num_kv_heads, head_dim)
+    k = k.to(open_rows.dtype)
+    num_full = writes.full_blocks.shape[0]
+    if num_full:  # before the open rows are written: a chunk's later block may reuse its slot
+        block_size = kv_cache.data.shape[2]
+        source = torch.empty(num_full * block_size, num_kv_heads, head_dim, dtype=k.dtype, device=k.device)
+        source.index_copy_(0, writes.from_open_dst, open_rows.index_select(0, writes.from_open_src))
+        source.index_copy_(0, writes.from_step_dst, k.index_select(0, writes.from_step_src))
+        codes, key_scale, center = quantize_key_blocks(
+            source.view(num_full, block_size, num_kv_heads, head_dim), kv_cache.data.dtype, kv_cache.qmax
+        )
+        kv_cache.data[0].index_copy_(0, writes.full_blocks, codes)
+        kv_cache.key_params[0].index_copy_(0, writes.full_blocks, key_scale)
+        kv_cache.key_params[1].index_copy_(0, writes.full_blocks, center)
+    if writes.to_open_src.shape[0]:
+        open_rows.index_copy_(0, writes.to_open_dst, k.index_select(0, writes.to_open_src))
 
 
 class GatherBuffers(threading.local):
@@ -172,35 +274,42 @@ class GatherBuffers(threading.local):
 gather_buffers = GatherBuffers()
 
 
-def gather_kv(kv_cache: KVCache, block_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv(
+    kv_cache: KVCache, block_ids: torch.Tensor, dtype: torch.dtype, open_block: OpenBlocks | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The K and V of whole blocks, in order: each [len(block_ids) * block_size, Hkv, D] in `dtype`
     (see `gather_blocks`)."""
-    keys, values = gather_blocks(kv_cache, block_ids[None], dtype)
+    keys, values = gather_blocks(kv_cache, block_ids[None], dtype, open_block)
     return keys[0], values[0]
 
 
 def gather_blocks(
-    kv_cache: KVCache, block_tables: torch.Tensor, dtype: torch.dtype
+    kv_cache: KVCache, block_tables: torch.Tensor, dtype: torch.dtype, open_blocks: OpenBlocks | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:  # K, V [N, n * block_size, Hkv, D], token-major as stored
     """Each row of block_tables [N, n] gathered, into `gather_buffers` (valid until the next gather on
     this thread). index_select along dim 0 of each plane is a row memcpy per block (~3x faster on the
     CPU than advanced indexing, and several times faster than index_select along dim 1 of [2, ...]).
 
-    A quantized cache is dequantized here, for the gathered blocks only, and stays rotated (see
-    kv/quant.py: the caller rotates queries and un-rotates outputs instead): its int8/fp8 data (a
-    quarter of fp32's bytes) and scales are gathered, converted into the model dtype in one pass
-    and scaled in place. Measured on the CPU, that costs about what an fp32 gather does, where the
-    same product written as one mixed-dtype multiply is 2x slower, and allocating its result fresh
-    (page faults, see GatherBuffers) 20x. Folding the scales into the attention instead (scores x
-    k_scale, probabilities x v_scale) saves the in-place pass but rules out SDPA, and the
-    hand-written attention it needs is slower than that pass (16 decodes x 1,050 tokens)."""
+    A quantized cache is dequantized here, for the gathered blocks only (values stay rotated, see
+    kv/quant.py: the caller un-rotates outputs instead): its int8/fp8 codes (a quarter of fp32's
+    bytes) are gathered and converted into the model dtype in one pass, then keys take their
+    block's per-channel scale and center and values their per-token scale, in place. Open blocks'
+    keys are then copied over from open_keys. Measured on the CPU, converting in one pass and
+    scaling in place costs about what an fp32 gather does, where the same product written as one
+    mixed-dtype multiply is 2x slower, and allocating its result fresh (page faults, see
+    GatherBuffers) 20x."""
     rows = block_tables.shape[0]
     block_ids = block_tables.flatten()
     if isinstance(kv_cache, QuantizedKVCache):
         data = index_select_reused("data", kv_cache.data, block_ids)  # [2, N * n, bs, Hkv, D] int8/fp8
-        scales = index_select_reused("scales", kv_cache.scales, block_ids)  # [2, N * n, bs, Hkv] fp32
+        key_params = index_select_reused("key_params", kv_cache.key_params, block_ids)  # [2, N * n, Hkv, D]
+        value_scales = index_select_reused("value_scales", kv_cache.value_scales, block_ids)  # [1, N * n, bs, Hkv]
         kv = gather_buffers.get("kv", data.shape, dtype, data.device).copy_(data)  # exact: |q| <= 127 (448)
-        kv.mul_(scales.unsqueeze(-1))  # computed in fp32, rounded once to dtype, as quant.dequantize does
+        kv[0].mul_(key_params[0].unsqueeze(1)).add_(key_params[1].unsqueeze(1))
+        kv[1].mul_(value_scales[0].unsqueeze(-1))
+        if open_blocks is not None:
+            keys = kv[0].view(rows, -1, *kv.shape[2:])  # [N, n, bs, Hkv, D]
+            keys[open_blocks.rows, open_blocks.cols] = kv_cache.open_keys[open_blocks.slots].to(dtype)
     else:
         kv = index_select_reused("kv", kv_cache, block_ids)  # [2, N * n, bs, Hkv, D]
     kv = kv.view(2, rows, -1, *kv.shape[3:])  # [2, N, n * bs, Hkv, D]
@@ -208,9 +317,10 @@ def gather_blocks(
 
 
 def index_select_reused(role: str, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """cache [2, num_blocks, ...] -> [2, len(block_ids), ...] (K and V planes) in `gather_buffers`."""
-    out = gather_buffers.get(role, (2, block_ids.shape[0], *cache.shape[2:]), cache.dtype, cache.device)
-    for plane in range(2):
+    """cache [planes, num_blocks, ...] -> [planes, len(block_ids), ...] in `gather_buffers`."""
+    planes = cache.shape[0]
+    out = gather_buffers.get(role, (planes, block_ids.shape[0], *cache.shape[2:]), cache.dtype, cache.device)
+    for plane in range(planes):
         torch.index_select(cache[plane], 0, block_ids, out=out[plane])
     return out
 
@@ -263,7 +373,7 @@ def merge_attention(
 
 
 def cascade_decode_attention(
-    queries: torch.Tensor,  # [Nd, Hkv, G, D], rotated for a rotated cache
+    queries: torch.Tensor,  # [Nd, Hkv, G, D]
     kv_cache: KVCache,
     cascade: DecodeCascade,
     scale: float,
@@ -273,7 +383,9 @@ def cascade_decode_attention(
     unmasked, grouped heads and members folded into one query axis: [n * G, D] x [D, P * bs] per
     KV head. Suffixes are attended per row, masked; the two parts merge by their log-sum-exps."""
     nd, num_kv_heads, group, head_dim = queries.shape
-    keys, values = gather_blocks(kv_cache, cascade.suffix_block_tables, queries.dtype)  # [Nd, S * bs, Hkv, D]
+    keys, values = gather_blocks(
+        kv_cache, cascade.suffix_block_tables, queries.dtype, cascade.suffix_open
+    )  # [Nd, S * bs, Hkv, D]
     out, lse = attention_with_lse(
         queries, keys, values, scale, cascade.suffix_mask[:, 0]
     )  # [Nd, Hkv, G, D], [Nd, Hkv, G]
@@ -300,18 +412,19 @@ def paged_attention(
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
-    # Against a rotated (quantized) cache, queries are rotated and outputs rotated back.
+    # A quantized cache holds values rotated (kv/quant.py): outputs that read it are rotated back.
     rotation = getattr(kv_cache, "rotation", None)
     rotation = rotation.to(q.dtype) if rotation is not None else None
-    q_cached = q @ rotation if rotation is not None else q  # queries that attend to cached K
 
     nd = meta.num_decode_tokens
     if nd:
-        queries = q_cached[:nd].view(nd, num_kv_heads, group, head_dim)  # [Nd, Hkv, G, D]
+        queries = q[:nd].view(nd, num_kv_heads, group, head_dim)  # [Nd, Hkv, G, D]
         if meta.decode_cascade is not None:
             attn = cascade_decode_attention(queries, kv_cache, meta.decode_cascade, scale)
         else:
-            keys, values = gather_blocks(kv_cache, meta.decode_block_tables, q.dtype)  # [Nd, L, Hkv, D]
+            keys, values = gather_blocks(
+                kv_cache, meta.decode_block_tables, q.dtype, meta.decode_open
+            )  # [Nd, L, Hkv, D]
             keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [Nd, Hkv, L, D]
             attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask, scale=scale)
         attn = attn.reshape(nd, num_heads, head_dim)
@@ -327,8 +440,8 @@ def paged_attention(
             out[rows] = attn[0].transpose(0, 1)
             continue
         ctx = span.context_len
-        queries = q_cached[rows].transpose(0, 1).unsqueeze(0)
-        keys, values = gather_kv(kv_cache, span.block_ids, q.dtype)
+        queries = q[rows].transpose(0, 1).unsqueeze(0)
+        keys, values = gather_kv(kv_cache, span.block_ids, q.dtype, span.open_block)
         keys = keys[:ctx].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
         values = values[:ctx].transpose(0, 1).unsqueeze(0)
         attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=True)

@@ -80,7 +80,12 @@ class DeepseekForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def allocate_kv_cache(
-        self, num_blocks: int, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto"
+        self,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        kv_cache_dtype: str = "auto",
+        num_open_slots: int = 0,
     ) -> list[KVCache]:
         """Per layer: one [1, num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] latent tensor, or its
         int8/fp8 form with one scale per token."""
@@ -92,6 +97,12 @@ class DeepseekForCausalLM(nn.Module):
 
     def kv_bytes_per_token(self, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
         return latent_bytes_per_token(self.config.num_layers, self.latent_width, dtype, kv_cache_dtype)
+
+    def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+        return block_size * self.kv_bytes_per_token(dtype, kv_cache_dtype)
+
+    def open_key_bytes_per_slot(self, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+        return 0  # the latent cache quantizes per token: no open blocks kept apart
 
     def forward(
         self,

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from kvserve.kv.quant import QuantizedKVCache, kv_bytes_per_token
+from kvserve.kv.quant import QuantizedKVCache, kv_bytes_per_block, open_key_bytes_per_slot
 from kvserve.models.attention import AttentionMetadata, KVCache, paged_attention, write_kv
 from kvserve.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
 from kvserve.models.model_config import ModelConfig
@@ -49,7 +49,7 @@ class LlamaAttention(nn.Module):
         q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)  # [T, Hq, D]
         k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        write_kv(kv_cache, k, v, meta)
         return self.o_proj(paged_attention(q, k, v, kv_cache, meta, self.scale))
 
 
@@ -89,22 +89,41 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def allocate_kv_cache(
-        self, num_blocks: int, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto"
+        self,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        kv_cache_dtype: str = "auto",
+        num_open_slots: int = 0,
     ) -> list[KVCache]:
-        """Per layer: one [2, num_blocks, block_size, Hkv, D] tensor (K and V), or its quantized form."""
+        """Per layer: one [2, num_blocks, block_size, Hkv, D] tensor (K and V), or its quantized form with
+        `num_open_slots` open blocks of full-precision keys (kv/quant.py)."""
         heads, head_dim = self.config.num_kv_heads, self.config.head_dim
         device = self.embed_tokens.weight.device
         if kv_cache_dtype != "auto":
             return [
-                QuantizedKVCache.allocate(kv_cache_dtype, num_blocks, block_size, heads, head_dim, device)
+                QuantizedKVCache.allocate(
+                    kv_cache_dtype, num_blocks, block_size, heads, head_dim, num_open_slots, dtype, device
+                )
                 for _ in self.layers
             ]
         shape = (2, num_blocks, block_size, heads, head_dim)
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
 
-    def kv_bytes_per_token(self, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
         c = self.config
-        return kv_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, dtype, kv_cache_dtype)
+        return kv_bytes_per_block(c.num_layers, c.num_kv_heads, c.head_dim, block_size, dtype, kv_cache_dtype)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Full-precision KV bytes of one token across all layers."""
+        return self.kv_bytes_per_block(1, dtype)
+
+    def open_key_bytes_per_slot(self, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+        """What one running sequence's open block of full-precision keys costs (quantized caches only)."""
+        if kv_cache_dtype == "auto":
+            return 0
+        c = self.config
+        return open_key_bytes_per_slot(c.num_layers, c.num_kv_heads, c.head_dim, block_size, dtype)
 
     def forward(
         self,

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kvserve.kv.quant import QUANTIZED_KV_DTYPES, SCALE_DTYPE, QuantizedKVCache, dequantize, quantize
+from kvserve.kv.quant import QUANTIZED_KV_DTYPES, SCALE_DTYPE, QuantizedLatentCache, dequantize, quantize
 from kvserve.models.attention import AttentionMetadata, KVCache
 from kvserve.models.layers import RMSNorm, rope_inv_freq
 from kvserve.models.model_config import ModelConfig
@@ -124,7 +124,8 @@ def allocate_latent_cache(
         return torch.zeros(1, num_blocks, block_size, width, dtype=dtype, device=device)
     storage, qmax = QUANTIZED_KV_DTYPES[kv_cache_dtype]
     data = torch.zeros(1, num_blocks, block_size, width, dtype=storage, device=device)
-    return QuantizedKVCache(data, torch.zeros(1, num_blocks, block_size, dtype=SCALE_DTYPE, device=device), qmax)
+    scales = torch.zeros(1, num_blocks, block_size, dtype=SCALE_DTYPE, device=device)
+    return QuantizedLatentCache(data, scales, qmax)
 
 
 def latent_bytes_per_token(num_layers: int, width: int, dtype: torch.dtype, kv_cache_dtype: str) -> int:
@@ -139,7 +140,7 @@ def latent_bytes_per_token(num_layers: int, width: int, dtype: torch.dtype, kv_c
 def write_latents(kv_cache: KVCache, latent: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """latent [T, width] goes to its T slots (block * block_size + offset), quantized first for an int8/fp8 cache."""
     width = latent.shape[1]
-    if isinstance(kv_cache, QuantizedKVCache):
+    if isinstance(kv_cache, QuantizedLatentCache):
         q, scale = quantize(latent.unsqueeze(1), kv_cache.data.dtype, kv_cache.qmax)  # [T, 1, width], [T, 1]
         kv_cache.data[0].view(-1, width).index_copy_(0, slot_mapping, q[:, 0])
         kv_cache.scales[0].view(-1).index_copy_(0, slot_mapping, scale[:, 0])
@@ -151,7 +152,7 @@ def gather_latents(kv_cache: KVCache, block_ids: torch.Tensor, dtype: torch.dtyp
     """The latents of whole blocks in order: [len(block_ids) * block_size, width] in `dtype`. index_select
     of whole blocks is a row memcpy (~3x faster on the CPU than advanced indexing); a quantized cache is
     dequantized here, for the gathered blocks only."""
-    if isinstance(kv_cache, QuantizedKVCache):
+    if isinstance(kv_cache, QuantizedLatentCache):
         data = kv_cache.data[0].index_select(0, block_ids)  # [n, bs, width]
         scales = kv_cache.scales[0].index_select(0, block_ids)  # [n, bs]
         return dequantize(data, scales, dtype).flatten(0, 1)
