@@ -87,7 +87,7 @@ class ExpandedDeepseek(deepseek.DeepseekForCausalLM):
         for layer in self.layers:
             layer.self_attn.__class__ = ExpandedMLAAttention  # same parameters, another cache and forward
 
-    def allocate_kv_cache(self, num_blocks, block_size, dtype, kv_cache_dtype="auto"):
+    def allocate_kv_cache(self, num_blocks, block_size, dtype, kv_cache_dtype="auto", num_open_slots=0):
         if kv_cache_dtype != "auto":
             raise ValueError("the expanded comparison runs with kv_cache_dtype auto only")
         attn = self.layers[0].self_attn
