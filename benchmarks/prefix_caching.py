@@ -97,6 +97,9 @@ def main() -> None:
         "--max-num-batched-tokens", type=int, default=None, help="engine step budget (default: the engine's)"
     )
     parser.add_argument("--step-time", type=int, default=0, help="decode steps to time, cascade on/off alternating")
+    parser.add_argument(
+        "--dtype", default="auto", help="model dtype of both engines (bfloat16 on CPUs with bf16 units)"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -104,14 +107,8 @@ def main() -> None:
         args.num_requests, args.shared_len, args.concurrency, args.no_shared_len = 8, 200, 4, 64
 
     rng = random.Random(0)
-    llms = {
-        "off": LLM(
-            kv_cache_memory="1GiB", enable_prefix_caching=False, max_num_batched_tokens=args.max_num_batched_tokens
-        ),
-        "on": LLM(
-            kv_cache_memory="1GiB", enable_prefix_caching=True, max_num_batched_tokens=args.max_num_batched_tokens
-        ),
-    }
+    common = dict(kv_cache_memory="1GiB", max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype)
+    llms = {"off": LLM(**common, enable_prefix_caching=False), "on": LLM(**common, enable_prefix_caching=True)}
     base = llms["on"]
     system = text_tokens(base, rng, args.shared_len)
     shared = [system + text_tokens(base, rng, args.distinct_len) for _ in range(args.num_requests)]

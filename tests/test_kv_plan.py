@@ -149,7 +149,9 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["kv"]["total"] == 82944 and data["kv_cache_dtype"] == "int8" and data["model_dtype"] == "bfloat16"
-    assert data["num_blocks"] == GIB // (16 * 82944) == 809 and data["num_tokens"] == 809 * 16
+    # 128 running sequences' open blocks of bf16 keys (32 x 16 x 8 x 128 x 2 B = 1 MiB each) come off the top
+    assert data["open_block_bytes"] == 128 * 2**20 and data["max_num_seqs"] == 128
+    assert data["num_blocks"] == (GIB - 128 * 2**20) // (16 * 82944) == 707 and data["num_tokens"] == 707 * 16
 
 
 def test_cli_compare(capsys: pytest.CaptureFixture[str]) -> None:
@@ -174,3 +176,17 @@ def test_cli_default_model_is_smollm2_gguf(capsys: pytest.CaptureFixture[str], m
     data = json.loads(capsys.readouterr().out)
     assert data["model"].endswith(".gguf") and data["model_dtype"] == "float32"
     assert data["kv"]["total"] == 46080 and data["layers"] == 30 and data["kv_heads"] == 3
+
+
+def test_quantized_plan_matches_the_engine_budget() -> None:
+    # What the engine allocates for SmolLM2 in fp32 with int8 KV in 64 MiB (tests/test_kv_quant.py):
+    # open blocks for 128 sequences would pass half the budget, so 91 run, and 142 blocks remain.
+    p = plan(preset_config("smollm2-135m"), 64 * 2**20, "int8", model_dtype="float32")
+    assert (p.max_num_seqs, p.open_block_bytes, p.num_blocks) == (91, 91 * 368640, 142)
+    # per-channel key parameters spread over the block: larger blocks, fewer bytes per token
+    from kvserve.kv.quant import kv_bytes_per_block
+
+    for block_size in (16, 32):
+        kv = kv_bytes_per_token(preset_config("llama-3-8b"), "int8", block_size)
+        assert block_size * kv.total == kv_bytes_per_block(32, 8, 128, block_size, torch.bfloat16, "int8")
+    assert kv.total == 32 * 8 * (256 + 32 + 4)

@@ -183,7 +183,7 @@ def test_int8_with_preemption_prefix_cache_and_forks(int8_llm):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
     reference = int8_llm.generate(prompts, params)
     assert int8_llm.get_stats()["prefix_cache_hits"] > 0
-    # 12 blocks and 4 open slots: requests wait for slots and are preempted for blocks
+    # 12 blocks, 4 sequences at most (so 4 open slots): requests are preempted for blocks
     small = LLM(
         kv_cache_memory=12 * BLOCK_BYTES + 4 * OPEN_SLOT_BYTES,
         kv_cache_dtype="int8",
@@ -196,6 +196,11 @@ def test_int8_with_preemption_prefix_cache_and_forks(int8_llm):
     for out, ref in zip(outs, reference):
         assert_same_or_near_tie(out.outputs[0].token_ids, ref.outputs[0].token_ids, ref.outputs[0].logprobs)
     small.engine.check_idle()
+    # 13-token steps: prefill chunks start and end mid-block, so chunks attend open blocks' exact keys
+    chunked = LLM(kv_cache_memory="16MiB", kv_cache_dtype="int8", max_num_batched_tokens=13)
+    for out, ref in zip(chunked.generate(prompts[:4], params), reference):
+        assert_same_or_near_tie(out.outputs[0].token_ids, ref.outputs[0].token_ids, ref.outputs[0].logprobs)
+    chunked.engine.check_idle()
     # n=3 forks copy the prompt's open block, keys included: every sample equals the single greedy run
     prompt = prompts[3]
     assert len(prompt) % 16 != 0

@@ -23,6 +23,7 @@ from kvserve.kv.block_io import BlockIO
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.offload import TieredKVStore
 from kvserve.kv.prefix_hash import root_hash
+from kvserve.kv.quant import QUANTIZED_FORMAT
 from kvserve.models.loader import load_model_config, resolve_model_path
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, SequenceDelta
 from kvserve.request import Request, RequestStatus
@@ -81,6 +82,7 @@ class Engine:
         if open_slot_bytes:
             num_open_slots = min(config.max_num_seqs, budget // 2 // open_slot_bytes)
             if num_open_slots < config.max_num_seqs:
+                num_open_slots = max(num_open_slots, 1)
                 logger.warning(
                     "kv_cache_memory %d B: %s open blocks for %d sequences would take over half of it; "
                     "max_num_seqs lowered to %d",
@@ -89,8 +91,7 @@ class Engine:
                     config.max_num_seqs,
                     num_open_slots,
                 )
-                config.max_num_seqs = max(num_open_slots, 1)
-            num_open_slots = config.max_num_seqs
+                config.max_num_seqs = num_open_slots
         num_blocks = (budget - num_open_slots * open_slot_bytes) // bytes_per_block
         bytes_per_token = bytes_per_block / bs
         if num_blocks < 1:
@@ -104,7 +105,8 @@ class Engine:
                 )
             config.max_model_len = capacity  # the default shrinks to what one request can hold
         self.fingerprint = model_fingerprint(path, self.model_config)
-        root = root_hash(self.fingerprint, str(config.torch_dtype), config.kv_cache_dtype, str(config.block_size))
+        kv_format = config.kv_cache_dtype if kv_dtype == "auto" else f"{kv_dtype}:{QUANTIZED_FORMAT}"
+        root = root_hash(self.fingerprint, str(config.torch_dtype), kv_format, str(config.block_size))
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, root, num_open_slots)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(config, self.model_config, model, self.kv)

@@ -55,10 +55,11 @@ PRESETS: dict[str, dict] = {
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "fp8": 1}
 # kvserve's quantized KV (kv/quant.py): values one fp32 scale per token per KV head; keys an fp32 scale and
-# center per channel per block of BLOCK_SIZE tokens (the default block size); the MLA latent one fp32
-# scale per token per layer.
+# center per channel per block, and each running sequence's open block of keys in the model dtype (GQA/MHA);
+# the MLA latent one fp32 scale per token per layer.
 SCALE_BYTES = 4
-BLOCK_SIZE = 16
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_MAX_NUM_SEQS = 128
 DEFAULT_SEQ_LENS = (512, 2048, 8192)
 
 
@@ -99,6 +100,8 @@ class Plan:
     sequences: list[SeqFit] = field(default_factory=list)
     model_dtype: str = ""
     dtype_note: str = ""  # why auto chose model_dtype
+    open_block_bytes: int = 0  # budget kept for running sequences' open blocks of keys (quantized GQA/MHA)
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS  # as the engine would run with this budget
 
 
 def attention_kind(config: ModelConfig) -> str:
@@ -115,8 +118,9 @@ def kv_width(config: ModelConfig) -> int:
     return config.head_dim
 
 
-def kv_bytes_per_token(config: ModelConfig, dtype: str) -> KVBytes:
-    """KV cache bytes one token takes, for a cache dtype in DTYPE_BYTES (int8/fp8 include their scales)."""
+def kv_bytes_per_token(config: ModelConfig, dtype: str, block_size: int = DEFAULT_BLOCK_SIZE) -> KVBytes:
+    """KV cache bytes one token takes, for a cache dtype in DTYPE_BYTES (int8/fp8 include their scales,
+    a block's key parameters spread over its block_size tokens)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown KV dtype {dtype!r}; use one of {sorted(DTYPE_BYTES)}")
     nbytes, layers = DTYPE_BYTES[dtype], config.num_layers
@@ -134,13 +138,13 @@ def kv_bytes_per_token(config: ModelConfig, dtype: str) -> KVBytes:
         expanded = layers * heads * ((k_dim + v_dim) * nbytes + (2 * SCALE_BYTES if quantized else 0))
     else:
         kv_heads = config.num_kv_heads
-        key_params = 2 * config.head_dim * SCALE_BYTES // BLOCK_SIZE  # a block's K scale and center, per token
+        key_params = 2 * config.head_dim * SCALE_BYTES // block_size  # a block's K scale and center, per token
         scales = layers * kv_heads * (SCALE_BYTES + key_params) if quantized else 0
         formula = f"{layers} layers x {kv_heads} KV heads x {config.head_dim} head dim x 2 (K, V) x {nbytes} B"
         if quantized:
             formula += (
                 f" + {layers} layers x {kv_heads} KV heads x ({SCALE_BYTES} B V scale"
-                f" + 2 x {config.head_dim} x {SCALE_BYTES} B K scale and center / {BLOCK_SIZE}-token block)"
+                f" + 2 x {config.head_dim} x {SCALE_BYTES} B K scale and center / {block_size}-token block)"
             )
         # GQA shares each KV head among num_heads / num_kv_heads query heads; MHA would not.
         expanded = (data + scales) * config.num_heads // kv_heads
@@ -156,20 +160,29 @@ def plan(
     config: ModelConfig,
     budget_bytes: int,
     dtype: str,
-    block_size: int = 16,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     max_model_len: int | None = None,
     seq_lens: list[int] | None = None,
     name: str = "",
+    model_dtype: str = "bfloat16",
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
 ) -> Plan:
-    """What `budget_bytes` of KV cache in `dtype` holds, paged in blocks vs contiguous per sequence."""
+    """What `budget_bytes` of KV cache in `dtype` holds, paged in blocks vs contiguous per sequence.
+    A quantized GQA/MHA cache first sets aside what the engine does (engine.py): one open block of
+    keys in model_dtype per running sequence, at most half the budget (fewer sequences otherwise)."""
     max_model_len = max_model_len or config.max_position_embeddings
     if budget_bytes <= 0 or block_size <= 0 or max_model_len <= 0:
         raise ValueError("budget, block size and max_model_len must be positive")
     if seq_lens and any(n <= 0 or n > max_model_len for n in seq_lens):
         raise ValueError(f"sequence lengths must be in 1..max_model_len ({max_model_len})")
-    kv = kv_bytes_per_token(config, dtype)
+    kv = kv_bytes_per_token(config, dtype, block_size)
     block_bytes = block_size * kv.total
-    num_blocks = budget_bytes // block_bytes
+    open_bytes = 0
+    if dtype in ("int8", "fp8") and not config.is_mla:
+        slot = config.num_layers * block_size * config.num_kv_heads * config.head_dim * DTYPE_BYTES[model_dtype]
+        max_num_seqs = max(1, min(max_num_seqs, budget_bytes // 2 // slot))
+        open_bytes = max_num_seqs * slot
+    num_blocks = max(0, budget_bytes - open_bytes) // block_bytes
     # A contiguous allocator reserves max_model_len for every sequence, however short it turns out.
     contiguous = budget_bytes // (max_model_len * kv.total)
     fits = []
@@ -193,6 +206,9 @@ def plan(
         num_tokens=num_blocks * block_size,
         max_model_len=max_model_len,
         sequences=fits,
+        model_dtype=model_dtype,
+        open_block_bytes=open_bytes,
+        max_num_seqs=max_num_seqs,
     )
 
 
@@ -238,6 +254,14 @@ def format_plan(p: Plan) -> str:
         )
     lines += [
         f"  budget          {_human(p.budget_bytes)} ({p.budget_bytes:,} B)",
+        *(
+            [
+                f"  open blocks     {_human(p.open_block_bytes)} of it: {p.max_num_seqs} running sequences' "
+                f"keys of their last, unfilled block, in {p.model_dtype} (full blocks are quantized)"
+            ]
+            if p.open_block_bytes
+            else []
+        ),
         f"  paged           {p.num_blocks:,} blocks x {p.block_size} tokens ({_human(p.block_bytes)} each) "
         f"= {p.num_tokens:,} tokens",
         f"  contiguous      {p.sequences[0].contiguous_seqs:,} sequence(s), each reserving max_model_len "
@@ -297,8 +321,8 @@ def cmd_kv_plan(args: argparse.Namespace) -> int:
         max_len = args.max_model_len
         if max_len and args.compare:  # one length for all presets, capped at each one's context
             max_len = min(max_len, config.max_position_embeddings)
-        p = plan(config, budget, kv_dtype, args.block_size, max_len, args.seq_len, name)
-        p.model_dtype, p.dtype_note = model_dtype, note
+        p = plan(config, budget, kv_dtype, args.block_size, max_len, args.seq_len, name, model_dtype, args.max_num_seqs)
+        p.dtype_note = note
         plans.append(p)
     if args.json:
         data = [asdict(p) for p in plans]
@@ -322,7 +346,9 @@ def add_kv_plan_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype; auto: bfloat16 for presets and on CUDA, float32 for a local model on CPU")  # fmt: skip
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    p.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS,
+                   help="running sequences (int8/fp8 keep each one's open block of keys in full precision)")  # fmt: skip
     p.add_argument("--seq-len", type=int, action="append", default=None,
                    help="sequence length to fit (repeatable; default 512, 2048, 8192, max_model_len)")  # fmt: skip
     p.add_argument("--compare", action="store_true", help="all presets in one table")

@@ -167,7 +167,8 @@ class KVCacheManager:
     def fork(self, parent: Request, child: Request) -> tuple[int, int] | None:
         """Gives `child` the parent's prompt KV: full blocks shared by reference, the partial last
         block copied. Returns (src, dst) block ids to copy, or None if nothing to copy.
-        Raises RuntimeError if no block is free for the copy (the caller falls back to recompute)."""
+        Raises RuntimeError if no block is free for the copy, or no open-block slot for the child
+        (the caller falls back to recompute)."""
         parent_table = self.block_tables[self._key(parent)]
         num_full = parent.num_prompt_tokens // self.block_size
         has_partial = parent.num_prompt_tokens % self.block_size != 0

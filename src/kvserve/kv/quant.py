@@ -17,13 +17,15 @@ so they are quantized differently (KIVI, Liu et al. 2024):
 
 On the default model the share of greedy continuations identical to full precision: 32 prompts x
 64 tokens (benchmarks/kv_quant_quality.py) 29/32 with this format, 26/32 with keys per token, 28/32
-with the cache rounded to bfloat16; emulated over 96 prompts (kv_quant_variants.py) 83%, 66%, 89%. Dequantization happens in the attention gather, for the gathered blocks
-only; the whole cache is never held in full precision.
+with the cache rounded to bfloat16; emulated over 96 prompts (kv_quant_variants.py) 83%, 66%, 89%.
+
+Dequantization happens in the attention gather, for the gathered blocks only; the whole cache is
+never held in full precision.
 
 Bytes per block, layer and KV head: block_size x 2 x D codes + 2 x D x 4 (K scale and center) +
 block_size x 4 (V scales): 164 per token for D = 64 and 16-token blocks, where fp32 takes 512 and
-bf16 256. Plus open_keys, max_num_seqs x block_size tokens of K in the
-model dtype (engine.py charges them to the KV budget).
+bf16 256 (head dim 128: 292 vs bf16's 512). Plus open_keys, max_num_seqs x block_size tokens of K in
+the model dtype, which engine.py charges to the KV budget.
 
 MLA's latent cache (`QuantizedLatentCache`) keeps one scale per token: its latent is both key and
 value and is read through learned up-projections, not by RoPE'd channels.
@@ -41,6 +43,9 @@ QUANTIZED_KV_DTYPES: dict[str, tuple[torch.dtype, float]] = {
     "fp8": (torch.float8_e4m3fn, 448.0),
 }
 SCALE_DTYPE = torch.float32
+# Names the layout of quantized blocks in the prefix-cache hash chain (engine.py), so that blocks that
+# the disk tier stored in an earlier layout are never read as this one.
+QUANTIZED_FORMAT = "keys-per-channel-per-block/values-per-token-rotated"
 _TINY = 1e-8  # scale floor: an all-equal channel or an all-zero head stays finite (and exact)
 
 
@@ -58,8 +63,8 @@ def hadamard(dim: int, device: torch.device | None = None) -> torch.Tensor:
 
 @dataclass
 class QuantizedKVCache:
-    """One attention layer's quantized cache. Every tensor but open_keys keeps its blocks on dim 1
-    (what copy_blocks and the offload tiers move, see block_tensors)."""
+    """One attention layer's quantized cache. The tensors of block_tensors() keep their blocks on dim 1
+    (what copy_blocks and the offload tiers move); open_keys is per running sequence, not per block."""
 
     data: torch.Tensor  # [2, num_blocks, block_size, Hkv, D] storage dtype: K codes, V R codes
     key_params: torch.Tensor  # [2, num_blocks, Hkv, D] fp32: K scale, K center, per channel of a full block
@@ -80,6 +85,8 @@ class QuantizedKVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> QuantizedKVCache:
+        if num_open_slots < 1:
+            raise ValueError("a quantized KV cache needs open-block slots, one per running sequence")
         storage, qmax = QUANTIZED_KV_DTYPES[kv_cache_dtype]
         return cls(
             data=torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=storage, device=device),

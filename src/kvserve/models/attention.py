@@ -225,6 +225,8 @@ def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, meta: Attentio
     kv_cache.data[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, q)
     kv_cache.value_scales[0].view(-1, num_kv_heads).index_copy_(0, slots, scale)
     writes = meta.key_writes
+    if writes is None:
+        raise ValueError("a quantized KV cache is written with meta.key_writes (KeyWrites.plan)")
     open_rows = kv_cache.open_keys.view(-1, num_kv_heads, head_dim)
     k = k.to(open_rows.dtype)
     num_full = writes.full_blocks.shape[0]
@@ -294,10 +296,10 @@ def gather_blocks(
     kv/quant.py: the caller un-rotates outputs instead): its int8/fp8 codes (a quarter of fp32's
     bytes) are gathered and converted into the model dtype in one pass, then keys take their
     block's per-channel scale and center and values their per-token scale, in place. Open blocks'
-    keys are then copied over from open_keys. Measured on the CPU, converting in one pass and
-    scaling in place costs about what an fp32 gather does, where the same product written as one
-    mixed-dtype multiply is 2x slower, and allocating its result fresh (page faults, see
-    GatherBuffers) 20x."""
+    keys are then copied over from open_keys. Measured on the CPU (per-token format, one multiply
+    per plane), converting in one pass and scaling in place cost about what an fp32 gather does,
+    where the same product written as one mixed-dtype multiply was 2x slower, and allocating its
+    result fresh (page faults, see GatherBuffers) 20x; keys now take a multiply and an add."""
     rows = block_tables.shape[0]
     block_ids = block_tables.flatten()
     if isinstance(kv_cache, QuantizedKVCache):
@@ -305,8 +307,12 @@ def gather_blocks(
         key_params = index_select_reused("key_params", kv_cache.key_params, block_ids)  # [2, N * n, Hkv, D]
         value_scales = index_select_reused("value_scales", kv_cache.value_scales, block_ids)  # [1, N * n, bs, Hkv]
         kv = gather_buffers.get("kv", data.shape, dtype, data.device).copy_(data)  # exact: |q| <= 127 (448)
-        kv[0].mul_(key_params[0].unsqueeze(1)).add_(key_params[1].unsqueeze(1))
-        kv[1].mul_(value_scales[0].unsqueeze(-1))
+        scale, center = key_params[0].unsqueeze(1), key_params[1].unsqueeze(1)  # [N * n, 1, Hkv, D]
+        if dtype == torch.float32:
+            kv[0].mul_(scale).add_(center)
+        else:  # in fp32, rounded once: a 16-bit code x scale would be rounded before the center is added
+            kv[0].copy_(torch.addcmul(center, data[0].float(), scale))
+        kv[1].mul_(value_scales[0].unsqueeze(-1))  # one product, rounded once
         if open_blocks is not None:
             keys = kv[0].view(rows, -1, *kv.shape[2:])  # [N, n, bs, Hkv, D]
             keys[open_blocks.rows, open_blocks.cols] = kv_cache.open_keys[open_blocks.slots].to(dtype)
