@@ -10,6 +10,7 @@ nothing is shared.
     python benchmarks/prefix_caching.py --quick
     python benchmarks/prefix_caching.py --repeat 3 --compare-cascade --skip-no-shared --step-time 20
     python benchmarks/prefix_caching.py --repeat 5 --skip-shared     # what caching costs, paired runs
+    python benchmarks/prefix_caching.py --output-spread 0.5          # answers of 16-48 tokens, not all 32
 
 --compare-cascade adds caching on with cascade attention off (each decode then gathers the shared
 prefix itself); --repeat runs every configuration that many times, interleaved, and reports the
@@ -44,19 +45,21 @@ def text_tokens(llm: LLM, rng: random.Random, count: int) -> list[int]:
     return ids[:count]
 
 
-def run_workload(llm: LLM, prompts: list[list[int]], output_len: int, concurrency: int) -> dict:
+def run_workload(llm: LLM, prompts: list[list[int]], output_lens: list[int], concurrency: int) -> dict:
+    """prompts[i] is answered with output_lens[i] tokens."""
     engine = llm.engine
     engine.kv.pool.reset_prefix_cache()  # every run starts cold, whatever ran before on this engine
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     before = llm.get_stats()
-    pending = list(prompts)
+    pending = list(zip(prompts, output_lens))
     submitted: dict[str, float] = {}
     ttft: list[float] = []
     generated = 0
     start = time.perf_counter()
     while pending or submitted:
         while pending and len(submitted) < concurrency:
-            request_id = engine.add_request(pending.pop(0), params)
+            prompt, output_len = pending.pop(0)
+            params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+            request_id = engine.add_request(prompt, params)
             submitted[request_id] = time.perf_counter()
         for delta in engine.step():
             generated += len(delta.token_ids)
@@ -75,6 +78,7 @@ def run_workload(llm: LLM, prompts: list[list[int]], output_len: int, concurrenc
         "prefill_tokens_computed": after["num_computed_prefill_tokens"] - before["num_computed_prefill_tokens"],
         "prefix_cache_hit_tokens": after["prefix_cache_hits"] - before["prefix_cache_hits"],
         "ttft_p50_s": statistics.median(ttft),
+        "ttft_mean_s": statistics.fmean(ttft),
         "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
         "output_tokens_per_s": generated / elapsed,
         "seconds": elapsed,
@@ -87,6 +91,12 @@ def main() -> None:
     parser.add_argument("--shared-len", type=int, default=1000)
     parser.add_argument("--distinct-len", type=int, default=50)
     parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument(
+        "--output-spread",
+        type=float,
+        default=0.0,
+        help="answers of output_len x (1 +- spread) tokens, drawn per request (the same in every run)",
+    )
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--no-shared-len", type=int, default=256, help="prompt length of the no-sharing workload")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each configuration, interleaved; medians")
@@ -114,6 +124,8 @@ def main() -> None:
     shared = [system + text_tokens(base, rng, args.distinct_len) for _ in range(args.num_requests)]
     distinct = [text_tokens(base, rng, args.no_shared_len) for _ in range(args.num_requests)]
     warm = [text_tokens(base, rng, 32)]
+    spread = int(args.output_spread * args.output_len)
+    output_lens = [args.output_len + rng.randint(-spread, spread) for _ in range(args.num_requests)]
     configs = [("off", llms["off"], True), ("on", base, True)]  # (name, engine, cascade attention)
     if args.compare_cascade:
         configs.append(("on/no-cascade", base, False))
@@ -124,24 +136,27 @@ def main() -> None:
         for name, llm, cascade in configs:
             llm.engine.runner.cascade_attention = cascade
             if not args.skip_shared:
-                result = run_workload(llm, shared, args.output_len, args.concurrency)
+                result = run_workload(llm, shared, output_lens, args.concurrency)
                 runs.setdefault(f"shared/{name}", []).append(result)
             if not args.skip_no_shared and cascade:
-                result = run_workload(llm, distinct, args.output_len, args.concurrency)
+                result = run_workload(llm, distinct, output_lens, args.concurrency)
                 runs.setdefault(f"no-shared/{name}", []).append(result)
     base.engine.runner.cascade_attention = True
     results = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
 
     print(
         f"\nshared prefix: {args.num_requests} requests x ({args.shared_len} shared + {args.distinct_len} distinct) "
-        f"tokens, {args.output_len} out, concurrency {args.concurrency}; median of {args.repeat} run(s)"
+        f"tokens, {args.output_len} out (+-{spread}), concurrency {args.concurrency}; median of {args.repeat} run(s)"
     )
-    header = f"{'run':24s} {'prefill computed':>16s} {'hits':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'out tok/s':>10s}"
+    header = (
+        f"{'run':24s} {'prefill computed':>16s} {'hits':>8s} {'TTFT p50':>9s} {'TTFT mean':>9s} {'TTFT p99':>9s} "
+        f"{'out tok/s':>10s}"
+    )
     print(header)
     for name, r in results.items():
         print(
             f"{name:24s} {r['prefill_tokens_computed']:16.0f} {r['prefix_cache_hit_tokens']:8.0f} "
-            f"{r['ttft_p50_s']:9.3f} {r['ttft_p99_s']:9.3f} {r['output_tokens_per_s']:10.1f}"
+            f"{r['ttft_p50_s']:9.3f} {r['ttft_mean_s']:9.3f} {r['ttft_p99_s']:9.3f} {r['output_tokens_per_s']:10.1f}"
         )
     off = results.get("shared/off")
     for name in ("on", "on/no-cascade") if off else ():
@@ -150,7 +165,8 @@ def main() -> None:
         print(
             f"caching {name}: prefill tokens computed "
             f"{off['prefill_tokens_computed'] / max(1, on['prefill_tokens_computed']):.1f}x fewer; "
-            f"TTFT p50 {off['ttft_p50_s'] / on['ttft_p50_s']:.1f}x lower, p99 {off['ttft_p99_s'] / on['ttft_p99_s']:.1f}x"
+            f"TTFT p50 {off['ttft_p50_s'] / on['ttft_p50_s']:.1f}x lower, mean {off['ttft_mean_s'] / on['ttft_mean_s']:.1f}x, "
+            f"p99 {off['ttft_p99_s'] / on['ttft_p99_s']:.1f}x"
         )
     if not args.skip_no_shared:
         cost = 1 - results["no-shared/on"]["output_tokens_per_s"] / results["no-shared/off"]["output_tokens_per_s"]
