@@ -313,7 +313,8 @@ def gather_blocks(
         else:  # in fp32, rounded once: a 16-bit code x scale would be rounded before the center is added
             kv[0].copy_(torch.addcmul(center, data[0].float(), scale))
         kv[1].mul_(value_scales[0].unsqueeze(-1))  # one product, rounded once
-        if open_blocks is not None:
+        if open_blocks is not None:  # an open slot's rows past the sequence's end hold an earlier
+            # request's keys (finite model outputs), which the caller's mask excludes
             keys = kv[0].view(rows, -1, *kv.shape[2:])  # [N, n, bs, Hkv, D]
             keys[open_blocks.rows, open_blocks.cols] = kv_cache.open_keys[open_blocks.slots].to(dtype)
     else:
