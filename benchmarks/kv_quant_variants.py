@@ -4,8 +4,8 @@ Each variant rounds K/V as they are written into a full-precision cache (quantiz
 at once), so no kernel is needed to compare formats; greedy continuations (default 96 prompts x 64
 tokens from tests/data/english_text.txt) are compared with the unrounded cache's. The shipped int8
 format (kv/quant.py) is the last one: keys per channel over each full block, [min, max] mapped onto
-the codes, the open block unrounded; values per token, symmetric, Hadamard-rotated. The int8 format
-kvserve shipped before it rounds keys like values ("rot-sym64").
+the codes, the open block unrounded; values per token and 32 channels, symmetric, Hadamard-rotated.
+The int8 format kvserve shipped before it rounds keys like values with one scale per head ("rot-sym64").
 
     python benchmarks/kv_quant_variants.py [--num-prompts 96]
 """
@@ -78,7 +78,12 @@ VARIANTS: dict[str, tuple[Rounding, Rounding, BlockRounding | None]] = {
     "rot-asym64 (min/max)": (rotated(asymmetric), rotated(asymmetric), None),
     "keys per channel per block, symmetric; values rot-sym64": (identity, PER_TOKEN, channel_symmetric),
     "keys per channel per block, [min, max]; values exact": (identity, identity, channel_range),
-    "keys per channel per block, [min, max]; values rot-sym64 (shipped)": (identity, PER_TOKEN, channel_range),
+    "keys per channel per block, [min, max]; values rot-sym64": (identity, PER_TOKEN, channel_range),
+    "keys per channel per block, [min, max]; values rot-sym32 (shipped)": (
+        identity,
+        rotated(symmetric(32)),
+        channel_range,
+    ),
 }
 
 

@@ -9,7 +9,7 @@ from helpers import assert_same_or_near_tie, save_tiny_model
 
 import kvserve.models.attention as attention
 from kvserve import LLM, SamplingParams
-from kvserve.kv.quant import QuantizedKVCache, dequantize
+from kvserve.kv.quant import QuantizedKVCache, dequantize_values
 from kvserve.models.attention import (
     AttentionMetadata,
     DecodeCascade,
@@ -55,7 +55,7 @@ def decode(cache: attention.KVCache, tables: list[list[int]], lens: list[int], c
 def dequantized_copy(cache: QuantizedKVCache) -> torch.Tensor:
     """The plain cache holding what `cache` represents: K dequantized per channel, V per token and rotated back."""
     keys = cache.data[0].float() * cache.key_params[0].unsqueeze(1) + cache.key_params[1].unsqueeze(1)
-    values = dequantize(cache.data[1], cache.value_scales[0], torch.float32) @ cache.rotation.T
+    values = dequantize_values(cache.data[1], cache.value_scales[0], torch.float32) @ cache.rotation.T
     return torch.stack([keys, values])
 
 

@@ -16,6 +16,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from kvserve.config import parse_size
+from kvserve.kv.quant import value_groups
 from kvserve.models.model_config import ModelConfig
 
 # Published config.json values (only the fields ModelConfig.from_hf_dict reads, plus MLA dims).
@@ -139,11 +140,12 @@ def kv_bytes_per_token(config: ModelConfig, dtype: str, block_size: int = DEFAUL
     else:
         kv_heads = config.num_kv_heads
         key_params = 2 * config.head_dim * SCALE_BYTES // block_size  # a block's K scale and center, per token
-        scales = layers * kv_heads * (SCALE_BYTES + key_params) if quantized else 0
+        value_scales = SCALE_BYTES * value_groups(config.head_dim)  # per token, per 32 channels
+        scales = layers * kv_heads * (value_scales + key_params) if quantized else 0
         formula = f"{layers} layers x {kv_heads} KV heads x {config.head_dim} head dim x 2 (K, V) x {nbytes} B"
         if quantized:
             formula += (
-                f" + {layers} layers x {kv_heads} KV heads x ({SCALE_BYTES} B V scale"
+                f" + {layers} layers x {kv_heads} KV heads x ({value_scales} B V scales"
                 f" + 2 x {config.head_dim} x {SCALE_BYTES} B K scale and center / {block_size}-token block)"
             )
         # GQA shares each KV head among num_heads / num_kv_heads query heads; MHA would not.

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from kvserve.kv.quant import QuantizedKVCache, quantize, quantize_key_blocks
+from kvserve.kv.quant import QuantizedKVCache, quantize_key_blocks, quantize_values
 
 
 @dataclass
@@ -221,9 +221,9 @@ def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, meta: Attentio
         kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
         kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
         return
-    q, scale = quantize(v.float() @ kv_cache.rotation, kv_cache.data.dtype, kv_cache.qmax)
+    q, scale = quantize_values(v.float() @ kv_cache.rotation, kv_cache.data.dtype, kv_cache.qmax)
     kv_cache.data[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, q)
-    kv_cache.value_scales[0].view(-1, num_kv_heads).index_copy_(0, slots, scale)
+    kv_cache.value_scales[0].view(-1, *scale.shape[1:]).index_copy_(0, slots, scale)
     writes = meta.key_writes
     if writes is None:
         raise ValueError("a quantized KV cache is written with meta.key_writes (KeyWrites.plan)")
@@ -305,14 +305,15 @@ def gather_blocks(
     if isinstance(kv_cache, QuantizedKVCache):
         data = index_select_reused("data", kv_cache.data, block_ids)  # [2, N * n, bs, Hkv, D] int8/fp8
         key_params = index_select_reused("key_params", kv_cache.key_params, block_ids)  # [2, N * n, Hkv, D]
-        value_scales = index_select_reused("value_scales", kv_cache.value_scales, block_ids)  # [1, N * n, bs, Hkv]
+        value_scales = index_select_reused("value_scales", kv_cache.value_scales, block_ids)  # [1, N * n, bs, Hkv, G]
         kv = gather_buffers.get("kv", data.shape, dtype, data.device).copy_(data)  # exact: |q| <= 127 (448)
         scale, center = key_params[0].unsqueeze(1), key_params[1].unsqueeze(1)  # [N * n, 1, Hkv, D]
         if dtype == torch.float32:
             kv[0].mul_(scale).add_(center)
         else:  # in fp32, rounded once: a 16-bit code x scale would be rounded before the center is added
             kv[0].copy_(torch.addcmul(center, data[0].float(), scale))
-        kv[1].mul_(value_scales[0].unsqueeze(-1))  # one product, rounded once
+        values = kv[1].unflatten(-1, (value_scales.shape[-1], -1))  # [N * n, bs, Hkv, G, D / G], a view
+        values.mul_(value_scales[0].unsqueeze(-1))  # one product, rounded once
         if open_blocks is not None:  # an open slot's rows past the sequence's end hold an earlier
             # request's keys (finite model outputs), which the caller's mask excludes
             keys = kv[0].view(rows, -1, *kv.shape[2:])  # [N, n, bs, Hkv, D]
