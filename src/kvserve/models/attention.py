@@ -299,7 +299,7 @@ def gather_blocks(
     keys are then copied over from open_keys. Measured on the CPU (per-token format, one multiply
     per plane), converting in one pass and scaling in place cost about what an fp32 gather does,
     where the same product written as one mixed-dtype multiply was 2x slower, and allocating its
-    result fresh (page faults, see GatherBuffers) 20x; keys now take a multiply and an add."""
+    result fresh (page faults, see GatherBuffers) 20x; keys now take one multiply-add."""
     rows = block_tables.shape[0]
     block_ids = block_tables.flatten()
     if isinstance(kv_cache, QuantizedKVCache):
@@ -309,7 +309,7 @@ def gather_blocks(
         kv = gather_buffers.get("kv", data.shape, dtype, data.device).copy_(data)  # exact: |q| <= 127 (448)
         scale, center = key_params[0].unsqueeze(1), key_params[1].unsqueeze(1)  # [N * n, 1, Hkv, D]
         if dtype == torch.float32:
-            kv[0].mul_(scale).add_(center)
+            torch.addcmul(center, kv[0], scale, out=kv[0])  # one pass, in place
         else:  # in fp32, rounded once: a 16-bit code x scale would be rounded before the center is added
             kv[0].copy_(torch.addcmul(center, data[0].float(), scale))
         values = kv[1].unflatten(-1, (value_scales.shape[-1], -1))  # [N * n, bs, Hkv, G, D / G], a view
