@@ -127,7 +127,7 @@ def test_keys_of_open_blocks_stay_exact_until_their_block_is_full():
             cache, table, torch.float32, OpenBlocks.of_last_blocks([written], [slot[name]], bs, CPU)
         )
         assert torch.equal(gathered[full * bs : written], keys[name][full * bs : written])
-        restored = expect_codes.float() * expect_scale.unsqueeze(1) + expect_center.unsqueeze(1)
+        restored = torch.addcmul(expect_center.unsqueeze(1), expect_codes.float(), expect_scale.unsqueeze(1))
         assert torch.equal(gathered[: full * bs], restored.flatten(0, 1))
 
 
