@@ -23,7 +23,7 @@ from kvserve.kv.block_io import BlockIO
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.offload import TieredKVStore
 from kvserve.kv.prefix_hash import root_hash
-from kvserve.kv.quant import QUANTIZED_FORMAT
+from kvserve.kv.quant import QUANTIZED_FORMAT, num_open_slots
 from kvserve.models.loader import load_model_config, resolve_model_path
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, SequenceDelta
 from kvserve.request import Request, RequestStatus
@@ -78,21 +78,18 @@ class Engine:
         # A quantized cache keeps each running sequence's open block of keys in full precision
         # (kv/quant.py), charged to the same budget; at most half of it, or fewer sequences run.
         open_slot_bytes = model.open_key_bytes_per_slot(bs, dtype, kv_dtype)
-        num_open_slots = 0
-        if open_slot_bytes:
-            num_open_slots = min(config.max_num_seqs, budget // 2 // open_slot_bytes)
-            if num_open_slots < config.max_num_seqs:
-                num_open_slots = max(num_open_slots, 1)
-                logger.warning(
-                    "kv_cache_memory %d B: %s open blocks for %d sequences would take over half of it; "
-                    "max_num_seqs lowered to %d",
-                    budget,
-                    kv_dtype,
-                    config.max_num_seqs,
-                    num_open_slots,
-                )
-                config.max_num_seqs = num_open_slots
-        num_blocks = (budget - num_open_slots * open_slot_bytes) // bytes_per_block
+        open_slots = num_open_slots(config.max_num_seqs, budget, open_slot_bytes) if open_slot_bytes else 0
+        if open_slot_bytes and open_slots < config.max_num_seqs:
+            logger.warning(
+                "kv_cache_memory %d B: %s open blocks for %d sequences would take over half of it; "
+                "max_num_seqs lowered to %d",
+                budget,
+                kv_dtype,
+                config.max_num_seqs,
+                open_slots,
+            )
+            config.max_num_seqs = open_slots
+        num_blocks = (budget - open_slots * open_slot_bytes) // bytes_per_block
         bytes_per_token = bytes_per_block / bs
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {budget} B holds no {config.block_size}-token block")
@@ -107,7 +104,7 @@ class Engine:
         self.fingerprint = model_fingerprint(path, self.model_config)
         kv_format = config.kv_cache_dtype if kv_dtype == "auto" else f"{kv_dtype}:{QUANTIZED_FORMAT}"
         root = root_hash(self.fingerprint, str(config.torch_dtype), kv_format, str(config.block_size))
-        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, root, num_open_slots)
+        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, root, open_slots)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(config, self.model_config, model, self.kv)
         if config.offload_enabled:
@@ -144,7 +141,7 @@ class Engine:
             capacity,
             bytes_per_token,
             num_blocks * bytes_per_block / 2**20,
-            num_open_slots * open_slot_bytes / 2**20,
+            open_slots * open_slot_bytes / 2**20,
         )
 
     # ------------------------------------------------------------------ requests

@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from kvserve.config import parse_size
-from kvserve.kv.quant import value_groups
+from kvserve.kv.quant import num_open_slots, value_groups
 from kvserve.models.model_config import ModelConfig
 
 # Published config.json values (only the fields ModelConfig.from_hf_dict reads, plus MLA dims).
@@ -182,7 +182,7 @@ def plan(
     open_bytes = 0
     if dtype in ("int8", "fp8") and not config.is_mla:
         slot = config.num_layers * block_size * config.num_kv_heads * config.head_dim * DTYPE_BYTES[model_dtype]
-        max_num_seqs = max(1, min(max_num_seqs, budget_bytes // 2 // slot))
+        max_num_seqs = num_open_slots(max_num_seqs, budget_bytes, slot)
         open_bytes = max_num_seqs * slot
     num_blocks = max(0, budget_bytes - open_bytes) // block_bytes
     # A contiguous allocator reserves max_model_len for every sequence, however short it turns out.

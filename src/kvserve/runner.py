@@ -17,6 +17,7 @@ import torch
 
 from kvserve.config import EngineConfig
 from kvserve.kv.kv_cache_manager import KVCacheManager
+from kvserve.kv.quant import block_tensors
 from kvserve.models.attention import (
     AttentionMetadata,
     DecodeCascade,
@@ -198,7 +199,7 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in pairs], device=self.device)
         dst = torch.tensor([d for _, d in pairs], device=self.device)
         for cache in self.kv_caches:
-            for tensor in cache.block_tensors() if hasattr(cache, "block_tensors") else (cache,):
+            for tensor in block_tensors(cache):
                 tensor[:, dst] = tensor[:, src]
 
     @torch.inference_mode()

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvserve.kv.quant import block_tensors
+
 _ALIGN = 16
 
 
@@ -31,7 +33,7 @@ class BlockIO:
     def __init__(self, kv_caches: list) -> None:
         tensors: list[torch.Tensor] = []
         for cache in kv_caches:
-            tensors += cache.block_tensors() if hasattr(cache, "block_tensors") else [cache]
+            tensors += block_tensors(cache)
         self.slices: list[_Slice] = []
         offset = 0
         for t in tensors:

@@ -11,9 +11,10 @@ so they are quantized differently (KIVI, Liu et al. 2024):
   running sequence, and attention reads them from there. Every full block is read-only from then on
   (prefix caching shares it), so its parameters never change.
 - Values: one symmetric scale per (token, KV head, group of 32 channels), written when the token
-  enters the cache (a head dim that is no multiple of 32 has one group). Values are stored rotated by an orthogonal Hadamard matrix R (v' = v R), which spreads outlier channels
-  over all of them (QuaRot); attention outputs are rotated back, sum_j p_j v_j = (sum_j p_j v'_j) R^T,
-  so only [tokens, heads, D] x [D, D] per step, never the context.
+  enters the cache (a head dim that is no multiple of 32 has one group). Values are stored rotated
+  by an orthogonal Hadamard matrix R (v' = v R), which spreads outlier channels over all of them
+  (QuaRot); attention outputs are rotated back, sum_j p_j v_j = (sum_j p_j v'_j) R^T, so only
+  [tokens, heads, D] x [D, D] per step, never the context.
 
 On the default model the share of greedy continuations identical to full precision (64 tokens,
 benchmarks/kv_quant_quality.py, 192 prompts): 88% with this format, 92% with the cache rounded to
@@ -123,10 +124,15 @@ def quantize(x: torch.Tensor, storage: torch.dtype, qmax: float) -> tuple[torch.
     scale [T, H] fp32)."""
     x = x.float()
     scale = x.abs().amax(dim=-1).clamp_min(_TINY) / qmax  # [T, H]
-    q = x / scale.unsqueeze(-1)
+    return _codes(x / scale.unsqueeze(-1), storage, qmax), scale
+
+
+def _codes(scaled: torch.Tensor, storage: torch.dtype, qmax: float) -> torch.Tensor:
+    """Values already scaled into [-qmax, qmax], stored: int8 rounds (and clamps the float error at the
+    edges); fp8 rounds in its own cast."""
     if storage == torch.int8:
-        q = q.round_().clamp_(-qmax, qmax)
-    return q.to(storage), scale
+        scaled = scaled.round_().clamp_(-qmax, qmax)
+    return scaled.to(storage)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -160,10 +166,7 @@ def quantize_key_blocks(
     high, low = keys.amax(dim=1), keys.amin(dim=1)  # [C, H, D]
     center = (high + low) / 2
     scale = ((high - low) / (2 * qmax)).clamp_min(_TINY)
-    q = (keys - center.unsqueeze(1)) / scale.unsqueeze(1)
-    if storage == torch.int8:
-        q = q.round_().clamp_(-qmax, qmax)
-    return q.to(storage), scale, center
+    return _codes((keys - center.unsqueeze(1)) / scale.unsqueeze(1), storage, qmax), scale, center
 
 
 def kv_bytes_per_block(
@@ -177,6 +180,19 @@ def kv_bytes_per_block(
     codes = block_size * 2 * head_dim * element  # K and V
     params = 2 * head_dim * scale + block_size * value_groups(head_dim) * scale  # K per channel, V per token
     return num_layers * num_kv_heads * (codes + params)
+
+
+def num_open_slots(max_num_seqs: int, budget_bytes: int, slot_bytes: int) -> int:
+    """How many sequences get an open block of keys: max_num_seqs, unless their slots would take over
+    half the KV budget; then as many as fit in that half, at least one. The engine runs at most
+    this many sequences; kv-plan reports the same."""
+    return max(1, min(max_num_seqs, budget_bytes // 2 // slot_bytes))
+
+
+def block_tensors(cache: torch.Tensor | QuantizedKVCache | QuantizedLatentCache) -> list[torch.Tensor]:
+    """The tensors that hold a layer's full blocks, each with its blocks on dim 1 (what block copies and
+    the offload tiers move): a plain cache is one."""
+    return cache.block_tensors() if isinstance(cache, QuantizedKVCache | QuantizedLatentCache) else [cache]
 
 
 def open_key_bytes_per_slot(

@@ -90,7 +90,7 @@ class KeyWrites:
         position, block table, open_keys slot); the request writes positions [first, end)."""
         bs = block_size
         full: list[int] = []
-        rows: dict[str, list[int]] = {name: [] for name in ("od", "os", "sd", "ss", "ts", "td")}
+        from_open_dst, from_open_src, from_step_dst, from_step_src, to_open_src, to_open_dst = ([] for _ in range(6))
         for flat, start, end, table, slot in spans:
             for b in range(start // bs, -(-end // bs)):
                 if (b + 1) * bs <= end:  # filled this step
@@ -99,20 +99,17 @@ class KeyWrites:
                     for offset in range(bs):
                         pos = b * bs + offset
                         if pos < start:
-                            rows["od"].append(base + offset)
-                            rows["os"].append(slot * bs + offset)
+                            from_open_dst.append(base + offset)
+                            from_open_src.append(slot * bs + offset)
                         else:
-                            rows["sd"].append(base + offset)
-                            rows["ss"].append(flat + pos - start)
+                            from_step_dst.append(base + offset)
+                            from_step_src.append(flat + pos - start)
                 else:  # still open after the step
                     for pos in range(max(start, b * bs), end):
-                        rows["ts"].append(flat + pos - start)
-                        rows["td"].append(slot * bs + pos % bs)
-
-        def t(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
-        return cls(t(full), *(t(rows[name]) for name in ("od", "os", "sd", "ss", "ts", "td")))
+                        to_open_src.append(flat + pos - start)
+                        to_open_dst.append(slot * bs + pos % bs)
+        rows = (full, from_open_dst, from_open_src, from_step_dst, from_step_src, to_open_src, to_open_dst)
+        return cls(*(torch.tensor(r, dtype=torch.long, device=device) for r in rows))
 
 
 @dataclass
