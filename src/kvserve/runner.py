@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvserve import kernels
 from kvserve.config import EngineConfig
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.quant import block_tensors
@@ -83,6 +84,8 @@ class ModelRunner:
             kv.pool.num_blocks, config.block_size, config.torch_dtype, config.kv_cache_dtype, kv.num_open_slots
         )
         self.open_keys = kv.num_open_slots > 0  # a quantized cache that keeps open blocks' keys apart
+        if config.kv_cache_dtype == "int8" and self.device.type == "cpu":
+            kernels.cpu_ops()  # built (once per machine) or loaded now, not inside the first step
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> RunnerOutput:

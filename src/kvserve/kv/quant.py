@@ -20,8 +20,9 @@ On the default model the share of greedy continuations identical to full precisi
 benchmarks/kv_quant_quality.py, 192 prompts): 88% with this format, 92% with the cache rounded to
 bfloat16, ~66% with keys quantized per token like values.
 
-Dequantization happens in the attention gather, for the gathered blocks only; the whole cache is
-never held in full precision.
+Dequantization happens in attention, for the blocks attended only; the whole cache is never held in
+full precision. On the CPU, compiled kernels (kvserve/kernels) read int8 codes where they lie: decode
+attention folds the key scales into the query and the value scales into the softmax weights.
 
 Bytes per block, layer and KV head: block_size x 2 x D codes + 2 x D x 4 (K scale and center) +
 block_size x D / 32 x 4 (V scales): 168 per token for D = 64 and 16-token blocks, where fp32 takes

@@ -19,6 +19,10 @@ prompt served from the prefix cache), those blocks are gathered once and all
 those decodes' queries attend to them in one product; each decode's remaining
 blocks are attended as above, and the two partial results are merged exactly
 through their log-sum-exps (DecodeCascade, cascade_decode_attention).
+
+An int8 cache on the CPU is read by compiled kernels (kvserve/kernels) when they could be built:
+decodes attend straight from the codes (no gather at all), and prefill spans and cascades gather
+and dequantize in one pass. Without them, the plain PyTorch path below does the same in passes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
+from kvserve import kernels
 from kvserve.kv.quant import QuantizedKVCache, quantize_key_blocks, quantize_values
 
 
@@ -203,6 +208,18 @@ class AttentionMetadata:
     prefills: list[PrefillSpan] = field(default_factory=list)
     key_writes: KeyWrites | None = None  # quantized caches only
     decode_open: OpenBlocks | None = None  # quantized caches only: decodes' open last blocks
+    _decode_rows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def decode_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per decode, its context length and the open_keys slot of its last block (-1 when the block
+        is full), both [Nd] int64: what the fused int8 decode kernel reads. Computed once per step."""
+        if self._decode_rows is None:
+            lens = self.decode_mask[:, 0, 0].sum(-1)
+            slots = torch.full_like(lens, -1)
+            if self.decode_open is not None:
+                slots[self.decode_open.rows] = self.decode_open.slots
+            self._decode_rows = (lens, slots)
+        return self._decode_rows
 
 
 KVCache = torch.Tensor | QuantizedKVCache  # one layer's cache; a plain tensor is [2, num_blocks, block_size, Hkv, D]
@@ -286,7 +303,9 @@ def gather_blocks(
     kv_cache: KVCache, block_tables: torch.Tensor, dtype: torch.dtype, open_blocks: OpenBlocks | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:  # K, V [N, n * block_size, Hkv, D], token-major as stored
     """Each row of block_tables [N, n] gathered, into `gather_buffers` (valid until the next gather on
-    this thread). index_select along dim 0 of each plane is a row memcpy per block (~3x faster on the
+    this thread). An int8 cache on the CPU goes through the compiled gather_dequant when it is built
+    (kvserve/kernels): one pass, the same values (keys up to one rounding); what follows is the
+    plain path. index_select along dim 0 of each plane is a row memcpy per block (~3x faster on the
     CPU than advanced indexing, and several times faster than index_select along dim 1 of [2, ...]).
 
     A quantized cache is dequantized here, for the gathered blocks only (values stay rotated, see
@@ -299,7 +318,14 @@ def gather_blocks(
     result fresh (page faults, see GatherBuffers) 20x; keys now take one multiply-add."""
     rows = block_tables.shape[0]
     block_ids = block_tables.flatten()
-    if isinstance(kv_cache, QuantizedKVCache):
+    if (ops := fused_int8_ops(kv_cache)) is not None:  # one pass: codes in, dequantized values out
+        data = kv_cache.data
+        kv = gather_buffers.get("kv", (2, block_ids.shape[0], *data.shape[2:]), dtype, data.device)
+        ops.gather_dequant(data, kv_cache.key_params, kv_cache.value_scales, block_ids, kv)
+        if open_blocks is not None:
+            keys = kv[0].view(rows, -1, *kv.shape[2:])  # [N, n, bs, Hkv, D]
+            keys[open_blocks.rows, open_blocks.cols] = kv_cache.open_keys[open_blocks.slots].to(dtype)
+    elif isinstance(kv_cache, QuantizedKVCache):
         data = index_select_reused("data", kv_cache.data, block_ids)  # [2, N * n, bs, Hkv, D] int8/fp8
         key_params = index_select_reused("key_params", kv_cache.key_params, block_ids)  # [2, N * n, Hkv, D]
         value_scales = index_select_reused("value_scales", kv_cache.value_scales, block_ids)  # [1, N * n, bs, Hkv, G]
@@ -319,6 +345,13 @@ def gather_blocks(
         kv = index_select_reused("kv", kv_cache, block_ids)  # [2, N * n, bs, Hkv, D]
     kv = kv.view(2, rows, -1, *kv.shape[3:])  # [2, N, n * bs, Hkv, D]
     return kv[0], kv[1]
+
+
+def fused_int8_ops(kv_cache: KVCache):  # -> torch.ops.kvserve | None
+    """The compiled kernels (kvserve/kernels), when they can read this cache: int8 on the CPU."""
+    if isinstance(kv_cache, QuantizedKVCache) and kv_cache.data.dtype == torch.int8 and kv_cache.data.is_cpu:
+        return kernels.cpu_ops()
+    return None
 
 
 def index_select_reused(role: str, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -426,6 +459,21 @@ def paged_attention(
         queries = q[:nd].view(nd, num_kv_heads, group, head_dim)  # [Nd, Hkv, G, D]
         if meta.decode_cascade is not None:
             attn = cascade_decode_attention(queries, kv_cache, meta.decode_cascade, scale)
+        elif (ops := fused_int8_ops(kv_cache)) is not None:  # reads the int8 blocks in place, no gather
+            lens, open_slots = meta.decode_rows()
+            attn = torch.empty_like(queries)
+            ops.decode_attention(
+                queries.contiguous(),
+                kv_cache.data,
+                kv_cache.key_params,
+                kv_cache.value_scales,
+                kv_cache.open_keys,
+                meta.decode_block_tables,
+                lens,
+                open_slots,
+                scale,
+                attn,
+            )
         else:
             keys, values = gather_blocks(
                 kv_cache, meta.decode_block_tables, q.dtype, meta.decode_open
