@@ -8,14 +8,16 @@ output tokens/s.
     python benchmarks/kv_quant_capacity.py --quick
     python benchmarks/kv_quant_capacity.py --num-requests 32 --kv-cache-memory 1GiB --repeat 3
 
---repeat N runs the workload N times per dtype, alternating the two engines (built once), and
-reports the median tokens/s of each and the median of the per-round ratios.
+--repeat N runs the workload N times per dtype, alternating the engines (built once), and
+reports the median tokens/s of each and the median of the per-round ratios. --plain-int8 adds a third
+engine, int8 without kvserve's compiled CPU kernels (KVSERVE_CPU_KERNELS=0 while it runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
@@ -32,7 +34,8 @@ def build(kv_cache_dtype: str, args) -> LLM:
     )
 
 
-def run(llm: LLM, kv_cache_dtype: str, args) -> dict:
+def run(llm: LLM, name: str, args) -> dict:
+    os.environ["KVSERVE_CPU_KERNELS"] = "0" if name == "int8-plain" else "1"  # read at every attention call
     engine = llm.engine
     preemptions_before = engine.scheduler.num_preemptions
     rng = random.Random(0)
@@ -54,7 +57,7 @@ def run(llm: LLM, kv_cache_dtype: str, args) -> dict:
     elapsed = time.perf_counter() - start
     engine.check_idle()
     return {
-        "kv_cache_dtype": kv_cache_dtype,
+        "kv_cache_dtype": name,
         "num_blocks": engine.kv.pool.num_blocks,
         "max_running": max_running,
         "preemptions": engine.scheduler.num_preemptions - preemptions_before,
@@ -71,17 +74,19 @@ def main() -> None:
     parser.add_argument("--kv-cache-memory", default="512MiB")
     parser.add_argument("--repeat", type=int, default=1, help="runs per dtype, interleaved; medians")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--plain-int8", action="store_true", help="also int8 without the compiled kernels")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.quick:
         args.num_requests, args.prompt_len, args.output_len, args.kv_cache_memory = 16, 64, 32, "24MiB"
-    llms = {dtype: build(dtype, args) for dtype in ("auto", "int8")}
-    rounds = [[run(llm, dtype, args) for dtype, llm in llms.items()] for _ in range(args.repeat)]
+    names = ["auto", "int8"] + (["int8-plain"] if args.plain_int8 else [])
+    llms = {name: build(name.removesuffix("-plain"), args) for name in names}
+    rounds = [[run(llm, name, args) for name, llm in llms.items()] for _ in range(args.repeat)]
     results = [
         {**runs[len(runs) // 2], "output_tokens_per_s": statistics.median(r["output_tokens_per_s"] for r in runs)}
         for runs in zip(*rounds)
     ]
-    ratios = [i8["output_tokens_per_s"] / full["output_tokens_per_s"] for full, i8 in rounds]
+    ratios = [runs[1]["output_tokens_per_s"] / runs[0]["output_tokens_per_s"] for runs in rounds]
     print(
         f"\n{args.num_requests} requests x ({args.prompt_len} + {args.output_len}) tokens, KV budget {args.kv_cache_memory}"
     )
@@ -91,12 +96,15 @@ def main() -> None:
             f"{r['kv_cache_dtype']:10s} {r['num_blocks']:7d} {r['max_running']:12d} {r['preemptions']:12d} "
             f"{r['output_tokens_per_s']:10.1f}"
         )
-    full, int8 = results
+    full, int8 = results[:2]
     print(
         f"\nint8 / auto: {int8['max_running'] / full['max_running']:.2f}x concurrent requests, "
         f"{int8['output_tokens_per_s'] / full['output_tokens_per_s']:.2f}x output tokens/s "
         f"(medians of {args.repeat} interleaved runs; per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})"
     )
+    if args.plain_int8:
+        plain = [runs[2]["output_tokens_per_s"] / runs[0]["output_tokens_per_s"] for runs in rounds]
+        print(f"int8 without the compiled kernels / auto: per-round {', '.join(f'{r:.2f}' for r in plain)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": results, "rounds": rounds, "ratios": ratios}, f, indent=2)

@@ -83,7 +83,8 @@ def test_fused_gather_equals_the_pytorch_dequantization(ops, monkeypatch, dtype)
     [
         (torch.float32, 3, 3, 64),  # SmolLM2's shape, compiled specialization
         (torch.float32, 2, 4, 128),  # Llama-3's head dim, compiled specialization
-        (torch.float32, 2, 1, 48),  # any other head dim: one value group, the generic loop
+        (torch.float32, 2, 1, 48),  # any other head dim, the generic loop: three value groups
+        (torch.float32, 1, 2, 40),  # ... one value group (40 is no multiple of 16)
         (torch.bfloat16, 3, 3, 64),
     ],
 )

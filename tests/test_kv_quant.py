@@ -47,16 +47,16 @@ def test_int8_round_trip_error_is_within_half_a_step():
     assert torch.equal(dequantize(qz, sz, torch.float32), zero)  # all-zero heads stay finite and exact
 
 
-def test_values_take_a_scale_per_32_channels():
+def test_values_take_a_scale_per_16_channels():
     torch.manual_seed(0)
     x = torch.randn(10, 3, 64)
-    x[..., :32] *= 50  # one loud half: the quiet half keeps its own, finer scale
+    x[..., :16] *= 50  # one loud group: the quiet ones keep their own, finer scales
     q, scale = quantize_values(x, torch.int8, 127.0)
-    assert q.shape == x.shape and scale.shape == (10, 3, 2)
-    assert torch.equal(scale, x.unflatten(-1, (2, 32)).abs().amax(-1) / 127)
-    err = (dequantize_values(q, scale, torch.float32) - x).unflatten(-1, (2, 32)).abs()
+    assert q.shape == x.shape and scale.shape == (10, 3, 4)
+    assert torch.equal(scale, x.unflatten(-1, (4, 16)).abs().amax(-1) / 127)
+    err = (dequantize_values(q, scale, torch.float32) - x).unflatten(-1, (4, 16)).abs()
     assert (err <= scale.unsqueeze(-1) / 2 + 1e-5).all()
-    assert quantize_values(torch.randn(4, 2, 80), torch.int8, 127.0)[1].shape == (4, 2, 1)  # 80: one group
+    assert quantize_values(torch.randn(4, 2, 72), torch.int8, 127.0)[1].shape == (4, 2, 1)  # 72: one group
 
 
 def test_key_blocks_quantize_per_channel_within_half_a_step():
@@ -76,11 +76,11 @@ def test_key_blocks_quantize_per_channel_within_half_a_step():
 def test_bytes_per_block_include_scales():
     # SmolLM2: 30 layers, 3 KV heads, head dim 64, 16-token blocks
     assert kv_bytes_per_block(30, 3, 64, 16, torch.float32, "auto") == 16 * 30 * 2 * 3 * 64 * 4 == 16 * 46080
-    # codes 16 x 2 x 64, K scale and center 2 x 64 x 4, V scales 16 x 2 x 4: 15,120 B/token, 3.0x fewer than fp32
-    assert kv_bytes_per_block(30, 3, 64, 16, torch.float32, "int8") == 30 * 3 * (2048 + 512 + 128) == 16 * 15120
-    # the planner's per-token figure is the same arithmetic (Llama-3-8B: 1.52x fewer than bf16)
-    assert kv_bytes_per_block(32, 8, 128, 16, torch.bfloat16, "int8") == 16 * 86016
-    assert kv_bytes_per_token(preset_config("llama-3-8b"), "int8").total == 86016
+    # codes 16 x 2 x 64, K scale and center 2 x 64 x 4, V scales 16 x 4 x 4: 15,840 B/token, 2.9x fewer than fp32
+    assert kv_bytes_per_block(30, 3, 64, 16, torch.float32, "int8") == 30 * 3 * (2048 + 512 + 256) == 16 * 15840
+    # the planner's per-token figure is the same arithmetic (Llama-3-8B: 1.45x fewer than bf16)
+    assert kv_bytes_per_block(32, 8, 128, 16, torch.bfloat16, "int8") == 16 * 90112
+    assert kv_bytes_per_token(preset_config("llama-3-8b"), "int8").total == 90112
 
 
 def write(cache, k, v, spans, block_size):
@@ -166,8 +166,13 @@ def int8_llm():
     return LLM(kv_cache_memory="64MiB", kv_cache_dtype="int8", max_num_batched_tokens=64)
 
 
-BLOCK_BYTES = 16 * 15120  # an int8 block of SmolLM2 (see test_bytes_per_block_include_scales)
+BLOCK_BYTES = 16 * 15840  # an int8 block of SmolLM2 (see test_bytes_per_block_include_scales)
 OPEN_SLOT_BYTES = 30 * 16 * 3 * 64 * 4  # one sequence's open block of fp32 keys
+# Two int8 runs that compute a token along different paths (a prefix-cache hit or not, other chunk
+# boundaries, a recompute after preemption) quantize keys from float-rounding-different inputs, and a
+# code may land one step apart: their logprobs differ by up to ~0.014 on the prompts below, so a
+# near-tie here is anything under 0.05 (a wrong block or slot moves logprobs by far more).
+INT8_TIE = 0.05
 
 
 def test_int8_holds_more_blocks_and_keeps_perplexity(int8_llm):
@@ -208,12 +213,12 @@ def test_int8_with_preemption_prefix_cache_and_forks(int8_llm):
     outs = small.generate(prompts, params)
     assert small.get_stats()["num_preemptions"] > 0
     for out, ref in zip(outs, reference):
-        assert_same_or_near_tie(out.outputs[0].token_ids, ref.outputs[0].token_ids, ref.outputs[0].logprobs)
+        assert_same_or_near_tie(out.outputs[0].token_ids, ref.outputs[0].token_ids, ref.outputs[0].logprobs, INT8_TIE)
     small.engine.check_idle()
     # 13-token steps: prefill chunks start and end mid-block, so chunks attend open blocks' exact keys
     chunked = LLM(kv_cache_memory="16MiB", kv_cache_dtype="int8", max_num_batched_tokens=13)
     for out, ref in zip(chunked.generate(prompts[:4], params), reference):
-        assert_same_or_near_tie(out.outputs[0].token_ids, ref.outputs[0].token_ids, ref.outputs[0].logprobs)
+        assert_same_or_near_tie(out.outputs[0].token_ids, ref.outputs[0].token_ids, ref.outputs[0].logprobs, INT8_TIE)
     chunked.engine.check_idle()
     # n=3 forks copy the prompt's open block, keys included: every sample equals the single greedy run
     prompt = prompts[3]

@@ -22,6 +22,8 @@
 
 namespace {
 
+constexpr int64_t kValueGroup = 16;  // channels per value scale: kv/quant.py VALUE_GROUP
+
 // out [2, M, bs, H, D] = the blocks block_ids [M] of data [2, NB, bs, H, D] int8, dequantized:
 // keys (plane 0) as code * key_params[0] + key_params[1] per (block, head, channel), in one fused
 // multiply-add; values (plane 1) as code * value_scales per (block, token, head, group of D / G).
@@ -93,7 +95,7 @@ void decode_one(const T* __restrict__ query, int64_t group, int64_t dim_, int64_
                 const float* __restrict__ vscales, int64_t value_groups, const T* __restrict__ open_keys,
                 int64_t num_blocks, float scale, T* __restrict__ out) {
   const int64_t dim = kDim ? kDim : dim_;  // a constant lets the compiler unroll and keep rows in registers
-  const int64_t row = heads * dim, block = block_size * row, group_dim = kDim ? 32 : dim / value_groups;
+  const int64_t row = heads * dim, block = block_size * row, group_dim = kDim ? kValueGroup : dim / value_groups;
   const int64_t blocks = (len + block_size - 1) / block_size;
   thread_local std::vector<float> buffer;
   buffer.resize(group * (3 * dim + 3 + block_size) + block_size * dim);
@@ -242,8 +244,8 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& data, con
     at::parallel_for(0, nd * heads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / heads, h = task % heads, offset = task * group * dim;
-        // Head dims 64 and 128 (with two and four value groups of 32) as compile-time constants.
-        const bool grouped = value_scales.size(4) * 32 == dim;
+        // Head dims 64 and 128 (value groups of kValueGroup channels) as compile-time constants.
+        const bool grouped = value_scales.size(4) * kValueGroup == dim;
         auto one = grouped && dim == 64    ? decode_one<scalar_t, 64>
                    : grouped && dim == 128 ? decode_one<scalar_t, 128>
                                            : decode_one<scalar_t, 0>;
