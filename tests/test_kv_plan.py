@@ -42,12 +42,12 @@ def test_known_totals() -> None:
 
 @pytest.mark.parametrize("dtype", ["int8", "fp8"])
 def test_quantized_kv_adds_fp32_scales(dtype: str) -> None:
-    # GQA: 1 byte per element; V an fp32 scale per token per KV head per 16 channels (8 x 4 B); K an fp32
+    # GQA: 1 byte per element; V an fp32 scale per token per KV head per 32 channels (4 x 4 B); K an fp32
     # scale and center per channel per 16-token block: 2 x 128 x 4 / 16 = 64 B per token per KV head.
     kv = kv_bytes_per_token(preset_config("llama-3-8b"), dtype)
-    assert kv.scale_bytes == 32 * 8 * (32 + 64) == 24576
-    assert kv.total == 32 * 8 * 128 * 2 + 24576 == 90112
-    assert kv.per_layer == 90112 // 32
+    assert kv.scale_bytes == 32 * 8 * (16 + 64) == 20480
+    assert kv.total == 32 * 8 * 128 * 2 + 20480 == 86016
+    assert kv.per_layer == 86016 // 32
     # MLA: one fp32 scale per token per layer for the whole latent.
     kv = kv_bytes_per_token(preset_config("deepseek-v3"), dtype)
     assert (kv.total, kv.scale_bytes) == (61 * 576 + 61 * 4, 244) == (35380, 244)
@@ -148,10 +148,10 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["kv-plan", "--preset", "llama-3-8b", "--kv-cache-dtype", "int8", "--kv-cache-memory", "1GiB", "--json"]
     assert main(argv) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["kv"]["total"] == 90112 and data["kv_cache_dtype"] == "int8" and data["model_dtype"] == "bfloat16"
+    assert data["kv"]["total"] == 86016 and data["kv_cache_dtype"] == "int8" and data["model_dtype"] == "bfloat16"
     # 128 running sequences' open blocks of bf16 keys (32 x 16 x 8 x 128 x 2 B = 1 MiB each) come off the top
     assert data["open_block_bytes"] == 128 * 2**20 and data["max_num_seqs"] == 128
-    assert data["num_blocks"] == (GIB - 128 * 2**20) // (16 * 90112) == 651 and data["num_tokens"] == 651 * 16
+    assert data["num_blocks"] == (GIB - 128 * 2**20) // (16 * 86016) == 682 and data["num_tokens"] == 682 * 16
 
 
 def test_cli_compare(capsys: pytest.CaptureFixture[str]) -> None:
@@ -180,13 +180,13 @@ def test_cli_default_model_is_smollm2_gguf(capsys: pytest.CaptureFixture[str], m
 
 def test_quantized_plan_matches_the_engine_budget() -> None:
     # What the engine allocates for SmolLM2 in fp32 with int8 KV in 64 MiB (tests/test_kv_quant.py):
-    # open blocks for 128 sequences would pass half the budget, so 91 run, and 132 blocks remain.
+    # open blocks for 128 sequences would pass half the budget, so 91 run, and 138 blocks remain.
     p = plan(preset_config("smollm2-135m"), 64 * 2**20, "int8", model_dtype="float32")
-    assert (p.max_num_seqs, p.open_block_bytes, p.num_blocks) == (91, 91 * 368640, 132)
+    assert (p.max_num_seqs, p.open_block_bytes, p.num_blocks) == (91, 91 * 368640, 138)
     # per-channel key parameters spread over the block: larger blocks, fewer bytes per token
     from kvserve.kv.quant import kv_bytes_per_block
 
     for block_size in (16, 32):
         kv = kv_bytes_per_token(preset_config("llama-3-8b"), "int8", block_size)
         assert block_size * kv.total == kv_bytes_per_block(32, 8, 128, block_size, torch.bfloat16, "int8")
-    assert kv.total == 32 * 8 * (256 + 32 + 32)
+    assert kv.total == 32 * 8 * (256 + 32 + 16)

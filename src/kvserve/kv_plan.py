@@ -55,7 +55,7 @@ PRESETS: dict[str, dict] = {
 # fmt: on
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "fp8": 1}
-# kvserve's quantized KV (kv/quant.py): values an fp32 scale per token, KV head and 16 channels; keys an fp32 scale and
+# kvserve's quantized KV (kv/quant.py): values one fp32 scale per token per KV head; keys an fp32 scale and
 # center per channel per block, and each running sequence's open block of keys in the model dtype (GQA/MHA);
 # the MLA latent one fp32 scale per token per layer.
 SCALE_BYTES = 4
@@ -140,7 +140,7 @@ def kv_bytes_per_token(config: ModelConfig, dtype: str, block_size: int = DEFAUL
     else:
         kv_heads = config.num_kv_heads
         key_params = 2 * config.head_dim * SCALE_BYTES // block_size  # a block's K scale and center, per token
-        value_scales = SCALE_BYTES * value_groups(config.head_dim)  # per token, per 16 channels
+        value_scales = SCALE_BYTES * value_groups(config.head_dim)  # per token, per 32 channels
         scales = layers * kv_heads * (value_scales + key_params) if quantized else 0
         formula = f"{layers} layers x {kv_heads} KV heads x {config.head_dim} head dim x 2 (K, V) x {nbytes} B"
         if quantized:

@@ -28,7 +28,9 @@ logger = logging.getLogger("kvserve")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kv_dequant.cpp")
 # -ffast-math: lets the compiler vectorize the float sums and use the vector exp; the kernels keep
 # no infinities or NaNs of their own (scores start at the lowest finite float).
-CFLAGS = ["-O3", "-march=native", "-ffast-math"]
+# -fopenmp: at::parallel_for is an OpenMP loop compiled into the caller (ATen/ParallelOpenMP.h), so
+# without it the kernels run on one thread; the process's libgomp (torch's) is the one it binds to.
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 _lock = threading.Lock()
 _ops: Any = None
@@ -72,6 +74,7 @@ def _build() -> Any:
         name="kvserve_kernels",
         sources=[SOURCE],
         extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
         build_directory=build_dir,
         is_python_module=False,
         verbose=False,

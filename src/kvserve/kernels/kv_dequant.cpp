@@ -22,7 +22,7 @@
 
 namespace {
 
-constexpr int64_t kValueGroup = 16;  // channels per value scale: kv/quant.py VALUE_GROUP
+constexpr int64_t kValueGroup = 32;  // channels per value scale: kv/quant.py VALUE_GROUP
 
 // out [2, M, bs, H, D] = the blocks block_ids [M] of data [2, NB, bs, H, D] int8, dequantized:
 // keys (plane 0) as code * key_params[0] + key_params[1] per (block, head, channel), in one fused
@@ -112,13 +112,16 @@ void decode_one(const T* __restrict__ query, int64_t group, int64_t dim_, int64_
   std::fill(top, top + group, std::numeric_limits<float>::lowest());
   std::fill(total, total + group, 0.f);
 
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t tokens = std::min(block_size, len - b * block_size), id = table[b];
+  auto view = [&](int64_t id) {
     TORCH_CHECK(id >= 0 && id < num_blocks, "block id ", id, " out of range");
     const int64_t base = id * block + h * dim;
-    const BlockView v{codes + base, codes + num_blocks * block + base, params + id * row + h * dim,
-                      params + (num_blocks + id) * row + h * dim,
-                      vscales + (id * block_size * heads + h) * value_groups};
+    return BlockView{codes + base, codes + num_blocks * block + base, params + id * row + h * dim,
+                     params + (num_blocks + id) * row + h * dim,
+                     vscales + (id * block_size * heads + h) * value_groups};
+  };
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t tokens = std::min(block_size, len - b * block_size);
+    const BlockView v = view(table[b]);
 
     // Scores [group, tokens] into weights.
     const float* __restrict__ qk = qs;  // what the tile's keys are multiplied by

