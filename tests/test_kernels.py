@@ -133,3 +133,19 @@ def test_fused_decode_attention_refuses_bad_tables(ops):
             0.125,
             torch.empty_like(q),
         )
+
+
+def test_without_the_kernels_attention_falls_back_to_pytorch(ops, monkeypatch, caplog):
+    monkeypatch.setenv("KVSERVE_CPU_KERNELS", "0")
+    assert kernels.cpu_ops() is None  # switched off, though built
+    monkeypatch.delenv("KVSERVE_CPU_KERNELS")
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_ops", None)
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(kernels, "_build", no_compiler)
+    with caplog.at_level("WARNING", logger="kvserve"):
+        assert kernels.cpu_ops() is None and kernels.cpu_ops() is None  # tried once, logged once
+    assert caplog.text.count("could not be built (no C++ compiler found)") == 1
