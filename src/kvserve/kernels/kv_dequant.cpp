@@ -199,12 +199,17 @@ void decode_one(const T* __restrict__ query, int64_t group, int64_t dim_, int64_
     for (int64_t c = 0; c < dim; ++c) out[g * dim + c] = static_cast<T>(acc[g * dim + c] / total[g]);
 }
 
-at::Tensor gather_dequant(const at::Tensor& data, const at::Tensor& key_params, const at::Tensor& value_scales,
-                          const at::Tensor& block_ids, at::Tensor out) {
+// The int8 cache's three tensors (QuantizedKVCache.block_tensors), as both kernels read them.
+void check_cache(const at::Tensor& data, const at::Tensor& key_params, const at::Tensor& value_scales) {
   TORCH_CHECK(data.device().is_cpu() && data.scalar_type() == at::kChar && data.is_contiguous() && data.dim() == 5,
               "data: a contiguous int8 CPU tensor [2, num_blocks, block_size, heads, dim]");
   TORCH_CHECK(key_params.scalar_type() == at::kFloat && key_params.is_contiguous(), "key_params: contiguous fp32");
   TORCH_CHECK(value_scales.scalar_type() == at::kFloat && value_scales.is_contiguous(), "value_scales: contiguous fp32");
+}
+
+at::Tensor gather_dequant(const at::Tensor& data, const at::Tensor& key_params, const at::Tensor& value_scales,
+                          const at::Tensor& block_ids, at::Tensor out) {
+  check_cache(data, key_params, value_scales);
   TORCH_CHECK(block_ids.scalar_type() == at::kLong && block_ids.is_contiguous(), "block_ids: contiguous int64");
   TORCH_CHECK(out.is_contiguous() && out.numel() == 2 * block_ids.size(0) * data[0][0].numel(), "out: [2, M, ...]");
   switch (out.scalar_type()) {
@@ -221,10 +226,7 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& data, con
                             const at::Tensor& block_tables, const at::Tensor& context_lens,
                             const at::Tensor& open_slots, double scale, at::Tensor out) {
   TORCH_CHECK(query.dim() == 4 && query.is_contiguous(), "query: contiguous [Nd, Hkv, G, D]");
-  TORCH_CHECK(data.device().is_cpu() && data.scalar_type() == at::kChar && data.is_contiguous() && data.dim() == 5,
-              "data: a contiguous int8 CPU tensor [2, num_blocks, block_size, heads, dim]");
-  TORCH_CHECK(key_params.scalar_type() == at::kFloat && key_params.is_contiguous(), "key_params: contiguous fp32");
-  TORCH_CHECK(value_scales.scalar_type() == at::kFloat && value_scales.is_contiguous(), "value_scales: contiguous fp32");
+  check_cache(data, key_params, value_scales);
   TORCH_CHECK(open_keys.scalar_type() == query.scalar_type() && open_keys.is_contiguous(), "open_keys: query's dtype");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() && block_tables.dim() == 2,
               "block_tables: contiguous int64 [Nd, width]");
@@ -244,18 +246,18 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& data, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "decode_attention", [&] {
     const scalar_t* q = query.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    // Head dims 64 and 128 (value groups of kValueGroup channels) as compile-time constants.
+    const bool grouped = value_scales.size(4) * kValueGroup == dim;
+    auto one = grouped && dim == 64    ? decode_one<scalar_t, 64>
+               : grouped && dim == 128 ? decode_one<scalar_t, 128>
+                                       : decode_one<scalar_t, 0>;
     at::parallel_for(0, nd * heads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / heads, h = task % heads, offset = task * group * dim;
-        // Head dims 64 and 128 (value groups of kValueGroup channels) as compile-time constants.
-        const bool grouped = value_scales.size(4) * kValueGroup == dim;
-        auto one = grouped && dim == 64    ? decode_one<scalar_t, 64>
-                   : grouped && dim == 128 ? decode_one<scalar_t, 128>
-                                           : decode_one<scalar_t, 0>;
         one(q + offset, group, dim, heads, h, lens[n], block_size,
-                             block_tables.data_ptr<int64_t>() + n * width, slots[n], data.data_ptr<int8_t>(),
-                             key_params.data_ptr<float>(), value_scales.data_ptr<float>(), value_scales.size(4),
-                             open_keys.data_ptr<scalar_t>(), num_blocks, static_cast<float>(scale), o + offset);
+            block_tables.data_ptr<int64_t>() + n * width, slots[n], data.data_ptr<int8_t>(),
+            key_params.data_ptr<float>(), value_scales.data_ptr<float>(), value_scales.size(4),
+            open_keys.data_ptr<scalar_t>(), num_blocks, static_cast<float>(scale), o + offset);
       }
     });
   });

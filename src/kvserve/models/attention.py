@@ -322,9 +322,6 @@ def gather_blocks(
         data = kv_cache.data
         kv = gather_buffers.get("kv", (2, block_ids.shape[0], *data.shape[2:]), dtype, data.device)
         ops.gather_dequant(data, kv_cache.key_params, kv_cache.value_scales, block_ids, kv)
-        if open_blocks is not None:
-            keys = kv[0].view(rows, -1, *kv.shape[2:])  # [N, n, bs, Hkv, D]
-            keys[open_blocks.rows, open_blocks.cols] = kv_cache.open_keys[open_blocks.slots].to(dtype)
     elif isinstance(kv_cache, QuantizedKVCache):
         data = index_select_reused("data", kv_cache.data, block_ids)  # [2, N * n, bs, Hkv, D] int8/fp8
         key_params = index_select_reused("key_params", kv_cache.key_params, block_ids)  # [2, N * n, Hkv, D]
@@ -337,12 +334,12 @@ def gather_blocks(
             kv[0].copy_(torch.addcmul(center, data[0].float(), scale))
         values = kv[1].unflatten(-1, (value_scales.shape[-1], -1))  # [N * n, bs, Hkv, G, D / G], a view
         values.mul_(value_scales[0].unsqueeze(-1))  # one product, rounded once
-        if open_blocks is not None:  # an open slot's rows past the sequence's end hold an earlier
-            # request's keys (finite model outputs), which the caller's mask excludes
-            keys = kv[0].view(rows, -1, *kv.shape[2:])  # [N, n, bs, Hkv, D]
-            keys[open_blocks.rows, open_blocks.cols] = kv_cache.open_keys[open_blocks.slots].to(dtype)
     else:
         kv = index_select_reused("kv", kv_cache, block_ids)  # [2, N * n, bs, Hkv, D]
+    if isinstance(kv_cache, QuantizedKVCache) and open_blocks is not None:  # an open slot's rows past the
+        # sequence's end hold an earlier request's keys (finite model outputs), which the caller's mask excludes
+        keys = kv[0].view(rows, -1, *kv.shape[2:])  # [N, n, bs, Hkv, D]
+        keys[open_blocks.rows, open_blocks.cols] = kv_cache.open_keys[open_blocks.slots].to(dtype)
     kv = kv.view(2, rows, -1, *kv.shape[3:])  # [2, N, n * bs, Hkv, D]
     return kv[0], kv[1]
 
