@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 import kvserve.kernels as kernels
 from kvserve.kv.quant import QuantizedKVCache
-from kvserve.models.attention import OpenBlocks, block_tables_and_mask, gather_blocks
+from kvserve.models.attention import AttentionMetadata, WindowBlocks, block_tables_and_mask, gather_blocks
 
 DECODES, CONTEXT, BLOCK, KV_HEADS, GROUP, DIM, LAYERS, BLOCKS = 32, 384, 16, 3, 3, 64, 30, 4190
 CPU = torch.device("cpu")
@@ -39,7 +39,7 @@ def main() -> None:
         cache.data.random_(-127, 128)
         cache.key_params.uniform_(0.01, 0.1)
         cache.value_scales.uniform_(0.01, 1)
-        cache.open_keys.normal_()
+        cache.window.normal_()
         quantized.append(cache)
         plain.append(torch.randn(2, BLOCKS, BLOCK, KV_HEADS, DIM))
     order = torch.randperm(BLOCKS).tolist()
@@ -47,23 +47,32 @@ def main() -> None:
     tables = [order[i * per_row : (i + 1) * per_row] for i in range(DECODES)]
     lens = [CONTEXT - 3] * DECODES  # every last block open
     block_tables, mask = block_tables_and_mask(tables, lens, BLOCK, CPU)
-    open_blocks = OpenBlocks.of_last_blocks(lens, list(range(DECODES)), BLOCK, CPU)
-    slots = torch.full((DECODES,), -1, dtype=torch.long)
-    slots[open_blocks.rows] = open_blocks.slots
-    context_lens = torch.tensor(lens)
+    window = WindowBlocks.of_rows(lens, list(range(DECODES)), [0] * DECODES, BLOCK, CPU)  # last two blocks
+    meta = AttentionMetadata(torch.zeros(DECODES, dtype=torch.long), DECODES, block_tables, mask, decode_window=window)
+    context_lens, slots, window_from = meta.decode_rows()
     q = torch.randn(DECODES, KV_HEADS, GROUP, DIM)
     out = torch.empty_like(q)
 
     def gathered(caches: list, kernels_on: bool) -> None:
         os.environ["KVSERVE_CPU_KERNELS"] = "1" if kernels_on else "0"
         for cache in caches:
-            k, v = gather_blocks(cache, block_tables, torch.float32, open_blocks)
+            k, v = gather_blocks(cache, block_tables, torch.float32, window)
             F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=DIM**-0.5)
 
     def decode_kernel() -> None:
         for c in quantized:
             ops.decode_attention(
-                q, c.data, c.key_params, c.value_scales, c.open_keys, block_tables, context_lens, slots, DIM**-0.5, out
+                q,
+                c.data,
+                c.key_params,
+                c.value_scales,
+                c.window,
+                block_tables,
+                context_lens,
+                slots,
+                window_from,
+                DIM**-0.5,
+                out,
             )
 
     runs = {

@@ -112,6 +112,15 @@ VARIANTS: dict[str, Variant] = {
     "shipped keys; values rot-sym32; last two blocks exact (K and V)": Variant(
         identity, identity, channel_range, SHIPPED_VALUES, exact_full_blocks=1
     ),
+    "shipped keys; values rot-sym32; last two blocks in fp16 (K and V)": Variant(
+        lambda x: x.half().float(), lambda x: x.half().float(), channel_range, SHIPPED_VALUES, exact_full_blocks=1
+    ),
+    "shipped keys; values rot-sym32; last four blocks in fp16 (K and V)": Variant(
+        lambda x: x.half().float(), lambda x: x.half().float(), channel_range, SHIPPED_VALUES, exact_full_blocks=3
+    ),
+    "shipped keys; values rot-sym32; last four blocks exact (K and V)": Variant(
+        identity, identity, channel_range, SHIPPED_VALUES, exact_full_blocks=3
+    ),
     "shipped keys; values rot-sym32; last two blocks' keys exact, values at write": Variant(
         identity, SHIPPED_VALUES, channel_range, exact_full_blocks=1
     ),

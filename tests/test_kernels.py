@@ -1,6 +1,6 @@
 """The compiled int8 KV kernels (kvserve/kernels/kv_dequant.cpp) against attention.py's plain PyTorch
 path on the same cache: the fused gather and the fused decode attention, for fp32/bf16 models, head
-dims with and without a compiled specialization, grouped queries, and open blocks."""
+dims with and without a compiled specialization, grouped queries, and the recent windows."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kvserve.kv.quant import QuantizedKVCache
 from kvserve.models.attention import (
     AttentionMetadata,
     KeyWrites,
-    OpenBlocks,
+    WindowBlocks,
     block_tables_and_mask,
     gather_blocks,
     paged_attention,
@@ -39,8 +39,8 @@ def filled_cache(
     num_blocks: int, heads: int, dim: int, dtype: torch.dtype, lens: list[int], seed: int = 0
 ) -> tuple[QuantizedKVCache, list[list[int]]]:
     """A cache holding one sequence per entry of lens, written in one step like a prefill (so full
-    blocks are quantized and each sequence's open block sits in its open_keys slot); block tables
-    are scattered over the cache."""
+    blocks are quantized and each sequence's last two blocks also sit in its window, slot i);
+    block tables are scattered over the cache."""
     torch.manual_seed(seed)
     cache = QuantizedKVCache.allocate("int8", num_blocks, BS, heads, dim, len(lens), dtype, CPU)
     order = torch.randperm(num_blocks).tolist()
@@ -48,7 +48,7 @@ def filled_cache(
     for i, n in enumerate(lens):
         table = [order.pop() for _ in range(-(-n // BS))]
         tables.append(table)
-        spans.append((flat, 0, n, table, i))
+        spans.append((flat, 0, n, table, i, 0))
         slots.extend(table[p // BS] * BS + p % BS for p in range(n))
         flat += n
     k, v = torch.randn(flat, heads, dim), torch.randn(flat, heads, dim)
@@ -58,10 +58,13 @@ def filled_cache(
     return cache, tables
 
 
-def decode_meta(tables: list[list[int]], lens: list[int]) -> AttentionMetadata:
+def decode_meta(tables: list[list[int]], lens: list[int], first_written: list[int] | None = None) -> AttentionMetadata:
+    """first_written: per sequence, the first position its window holds (0: all it wrote); a later one
+    stands for a prefix-cache hit, whose blocks are read as codes only."""
     block_tables, mask = block_tables_and_mask(tables, lens, BS, CPU)
     meta = AttentionMetadata(torch.zeros(len(lens), dtype=torch.long), len(lens), block_tables, mask)
-    meta.decode_open = OpenBlocks.of_last_blocks(lens, list(range(len(lens))), BS, CPU)
+    starts = first_written or [0] * len(lens)
+    meta.decode_window = WindowBlocks.of_rows(lens, list(range(len(lens))), starts, BS, CPU)
     return meta
 
 
@@ -70,9 +73,9 @@ def test_fused_gather_equals_the_pytorch_dequantization(ops, monkeypatch, dtype)
     lens = [40, 16, 1, 33]
     cache, tables = filled_cache(24, 3, 64, dtype, lens)
     meta = decode_meta(tables, lens)
-    got_k, got_v = (x.clone() for x in gather_blocks(cache, meta.decode_block_tables, dtype, meta.decode_open))
+    got_k, got_v = (x.clone() for x in gather_blocks(cache, meta.decode_block_tables, dtype, meta.decode_window))
     monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
-    ref_k, ref_v = gather_blocks(cache, meta.decode_block_tables, dtype, meta.decode_open)
+    ref_k, ref_v = gather_blocks(cache, meta.decode_block_tables, dtype, meta.decode_window)
     assert torch.equal(got_v, ref_v)  # one product, rounded once, either way
     # keys: one fused multiply-add against PyTorch's addcmul, at most one rounding apart
     torch.testing.assert_close(got_k, ref_k, rtol=2**-22 if dtype == torch.float32 else 2**-7, atol=0)
@@ -89,14 +92,19 @@ def test_fused_gather_equals_the_pytorch_dequantization(ops, monkeypatch, dtype)
     ],
 )
 def test_fused_decode_attention_equals_gather_and_sdpa(ops, monkeypatch, dtype, heads, group, dim):
-    lens = [1, 15, 16, 17, 40, 64, 200]  # open last blocks and full ones, one and many blocks
-    cache, tables = filled_cache(40, heads, dim, dtype, lens, seed=dim)
+    lens = [1, 15, 16, 17, 40, 64, 200, 40, 200]  # open last blocks and full ones, one and many blocks
+    # the last two as if from the prefix cache up to their open block (40) or last full one (200)
+    first_written = [0] * 7 + [32, 192]
+    cache, tables = filled_cache(60, heads, dim, dtype, lens, seed=dim)
     torch.manual_seed(1)
     q = torch.randn(len(lens), heads * group, dim).to(dtype)
     new = torch.zeros(len(lens), heads, dim, dtype=dtype)  # this step's K/V: only prefill spans read them
-    got = paged_attention(q, new, new, cache, decode_meta(tables, lens), dim**-0.5)
+    meta = decode_meta(tables, lens, first_written)
+    _, _, window_from = meta.decode_rows()
+    assert window_from.tolist() == [0, 0, 0, 0, 1, 3, 11, 2, 12]  # the last two blocks, less cache hits
+    got = paged_attention(q, new, new, cache, meta, dim**-0.5)
     monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
-    ref = paged_attention(q, new, new, cache, decode_meta(tables, lens), dim**-0.5)
+    ref = paged_attention(q, new, new, cache, decode_meta(tables, lens, first_written), dim**-0.5)
     # fp32 sums in another order (and, for bf16, one rounding of the output)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref.float(), rtol=tolerance, atol=tolerance)
@@ -106,17 +114,18 @@ def test_fused_decode_attention_equals_gather_and_sdpa(ops, monkeypatch, dtype, 
 def test_fused_decode_attention_refuses_bad_tables(ops):
     cache, tables = filled_cache(8, 1, 64, torch.float32, [20])
     q = torch.randn(1, 1, 1, 64)
-    lens, slots = torch.tensor([20]), torch.tensor([0])
+    lens, slots, window_from = torch.tensor([20]), torch.tensor([0]), torch.tensor([0])
     with pytest.raises(RuntimeError, match="out of range"):
         ops.decode_attention(
             q,
             cache.data,
             cache.key_params,
             cache.value_scales,
-            cache.open_keys,
+            cache.window,
             torch.tensor([[99, 0]]),
             lens,
             slots,
+            window_from,
             0.125,
             torch.empty_like(q),
         )
@@ -126,10 +135,11 @@ def test_fused_decode_attention_refuses_bad_tables(ops):
             cache.data,
             cache.key_params,
             cache.value_scales,
-            cache.open_keys,
+            cache.window,
             torch.tensor([tables[0]]),
             torch.tensor([33]),
             slots,
+            window_from,
             0.125,
             torch.empty_like(q),
         )

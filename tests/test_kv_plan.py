@@ -149,9 +149,10 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["kv"]["total"] == 86016 and data["kv_cache_dtype"] == "int8" and data["model_dtype"] == "bfloat16"
-    # 128 running sequences' open blocks of bf16 keys (32 x 16 x 8 x 128 x 2 B = 1 MiB each) come off the top
-    assert data["open_block_bytes"] == 128 * 2**20 and data["max_num_seqs"] == 128
-    assert data["num_blocks"] == (GIB - 128 * 2**20) // (16 * 86016) == 682 and data["num_tokens"] == 682 * 16
+    # 128 running sequences' windows (K and V of two blocks in bf16: 32 x 2 x 2 x 16 x 8 x 128 x 2 B = 4 MiB
+    # each) come off the top: exactly half the budget, the most the engine sets aside
+    assert data["window_bytes"] == 128 * 4 * 2**20 and data["max_num_seqs"] == 128
+    assert data["num_blocks"] == (GIB - 512 * 2**20) // (16 * 86016) == 390 and data["num_tokens"] == 390 * 16
 
 
 def test_cli_compare(capsys: pytest.CaptureFixture[str]) -> None:
@@ -180,9 +181,10 @@ def test_cli_default_model_is_smollm2_gguf(capsys: pytest.CaptureFixture[str], m
 
 def test_quantized_plan_matches_the_engine_budget() -> None:
     # What the engine allocates for SmolLM2 in fp32 with int8 KV in 64 MiB (tests/test_kv_quant.py):
-    # open blocks for 128 sequences would pass half the budget, so 91 run, and 138 blocks remain.
+    # windows (K and V of two blocks in fp16: 30 x 2 x 2 x 16 x 3 x 64 x 2 B = 737,280 B) for 128
+    # sequences would pass half the budget, so 45 run, and 140 blocks remain.
     p = plan(preset_config("smollm2-135m"), 64 * 2**20, "int8", model_dtype="float32")
-    assert (p.max_num_seqs, p.open_block_bytes, p.num_blocks) == (91, 91 * 368640, 138)
+    assert (p.max_num_seqs, p.window_bytes, p.num_blocks) == (45, 45 * 737280, 140)
     # per-channel key parameters spread over the block: larger blocks, fewer bytes per token
     from kvserve.kv.quant import kv_bytes_per_block
 

@@ -22,7 +22,14 @@ from kvserve.kv.quant import (
     quantize_values,
 )
 from kvserve.kv_plan import kv_bytes_per_token, preset_config
-from kvserve.models.attention import AttentionMetadata, KeyWrites, OpenBlocks, gather_kv, paged_attention, write_kv
+from kvserve.models.attention import (
+    AttentionMetadata,
+    KeyWrites,
+    WindowBlocks,
+    gather_kv,
+    paged_attention,
+    write_kv,
+)
 
 TEXT = os.path.join(os.path.dirname(__file__), "data", "english_text.txt")
 CPU = torch.device("cpu")
@@ -85,50 +92,60 @@ def test_bytes_per_block_include_scales():
 
 def write(cache, k, v, spans, block_size):
     """write_kv of a step: spans as KeyWrites.plan takes them, slots from each span's block table."""
-    slots = [table[p // block_size] * block_size + p % block_size for _, s, e, table, _ in spans for p in range(s, e)]
+    slots = [table[p // block_size] * block_size + p % block_size for _, s, e, table, *_ in spans for p in range(s, e)]
     meta = AttentionMetadata(torch.tensor(slots), 0, key_writes=KeyWrites.plan(spans, block_size, CPU))
     write_kv(cache, k, v, meta)
 
 
-def test_keys_of_open_blocks_stay_exact_until_their_block_is_full():
-    # Two sequences written in chunks that start and end mid-block, cross blocks and refill a slot
-    # in one step (seq A: 0-5, 5-6, 6-37, 37-38; seq B decodes alongside). Full blocks must hold
-    # exactly what quantizing their whole keys at once gives; open blocks their keys, unrounded.
+def test_windows_hold_the_last_two_blocks_and_full_blocks_are_quantized_once():
+    # Two sequences written in chunks that start and end mid-block, cross blocks and reuse a window
+    # entry in one step (seq A: 0-5, 5-6, 6-37, 37-38; seq B decodes alongside, and its window starts
+    # at 8, as after an 8-token prefix-cache hit). Full blocks must hold exactly what quantizing their
+    # whole keys at once gives (in the window's fp16, whichever step wrote them); each window the K
+    # and V (rotated) of its sequence's last two blocks, and a gather must read those from there.
     torch.manual_seed(0)
     bs, heads, dim = 8, 2, 16
     cache = QuantizedKVCache.allocate("int8", 12, bs, heads, dim, 2, torch.float32, CPU)
+    assert cache.window.dtype == torch.float16  # an fp32 model's window
     keys = {name: torch.randn(40, heads, dim) for name in "AB"}
-    values = torch.randn(40, heads, dim)
+    values = {name: torch.randn(40, heads, dim) for name in "AB"}
     tables = {"A": [3, 7, 1, 9, 0], "B": [2, 5, 6, 4, 8]}
-    slot = {"A": 1, "B": 0}
-    steps = [[("A", 0, 5)], [("A", 5, 6), ("B", 0, 7)], [("B", 7, 8), ("A", 6, 37)], [("A", 37, 38), ("B", 8, 9)]]
+    slot, first_written = {"A": 1, "B": 0}, {"A": 0, "B": 8}
+    steps = [[("A", 0, 5)], [("A", 5, 6), ("B", 8, 15)], [("B", 15, 16), ("A", 6, 37)], [("A", 37, 38), ("B", 16, 17)]]
     for step in steps:
         spans, flat, k, v = [], 0, [], []
         for name, start, end in step:
-            spans.append((flat, start, end, tables[name], slot[name]))
+            spans.append((flat, start, end, tables[name], slot[name], first_written[name]))
             k.append(keys[name][start:end])
-            v.append(values[start:end])
+            v.append(values[name][start:end])
             flat += end - start
         write(cache, torch.cat(k), torch.cat(v), spans, bs)
-    for name, written in (("A", 38), ("B", 9)):
+    for name, written, window_blocks in (("A", 38, [3, 4]), ("B", 17, [1, 2])):
         full = written // bs
+        first = first_written[name] // bs  # B's block 0 came from the prefix cache: never written here
         expect_codes, expect_scale, expect_center = quantize_key_blocks(
-            keys[name][: full * bs].view(full, bs, heads, dim), torch.int8, 127.0
+            keys[name][first * bs : full * bs].half().view(full - first, bs, heads, dim), torch.int8, 127.0
         )
-        ids = torch.tensor(tables[name][:full])
+        ids = torch.tensor(tables[name][first:full])
         assert torch.equal(cache.data[0, ids], expect_codes)
         assert torch.equal(cache.key_params[0, ids], expect_scale)
         assert torch.equal(cache.key_params[1, ids], expect_center)
-        open_rows = written - full * bs
-        assert torch.equal(cache.open_keys[slot[name], :open_rows], keys[name][full * bs : written])
-        # a gather reads full blocks dequantized and the open block from open_keys
+        rotated = values[name] @ cache.rotation
+        for b in window_blocks:
+            rows = slice(b * bs, min(written, (b + 1) * bs))
+            entry = cache.window[:, slot[name], b % 2, : rows.stop - rows.start]
+            assert torch.equal(entry[0], keys[name][rows].half())
+            assert torch.equal(entry[1], rotated[rows].half())
+        # a gather reads the blocks before the window dequantized, and the window's from the window
         table = torch.tensor(tables[name][: full + 1])
-        gathered, _ = gather_kv(
-            cache, table, torch.float32, OpenBlocks.of_last_blocks([written], [slot[name]], bs, CPU)
-        )
-        assert torch.equal(gathered[full * bs : written], keys[name][full * bs : written])
+        window = WindowBlocks.of_rows([written], [slot[name]], [first_written[name]], bs, CPU)
+        assert window.cols.tolist() == window_blocks
+        gathered_k, gathered_v = gather_kv(cache, table, torch.float32, window)
+        start = window_blocks[0] * bs
+        assert torch.equal(gathered_k[start:written], keys[name][start:written].half().float())
+        assert torch.equal(gathered_v[start:written], rotated[start:written].half().float())
         restored = torch.addcmul(expect_center.unsqueeze(1), expect_codes.float(), expect_scale.unsqueeze(1))
-        assert torch.equal(gathered[: full * bs], restored.flatten(0, 1))
+        assert torch.equal(gathered_k[first * bs : start], restored.flatten(0, 1)[: start - first * bs])
 
 
 def test_attention_on_int8_cache_matches_full_precision():
@@ -139,9 +156,9 @@ def test_attention_on_int8_cache_matches_full_precision():
     ctx = 40
     k, v = torch.randn(ctx, kv_heads, dim), torch.randn(ctx, kv_heads, dim)
     k[:, :, :4] *= 20  # outlier channels, as RoPE'd keys have
-    write(full, k, v, [(0, 0, ctx, [0, 1, 2], 0)], bs)
-    write(quant, k, v, [(0, 0, ctx, [0, 1, 2], 0)], bs)
-    _, gv = gather_kv(quant, torch.tensor([0, 1, 2]), torch.float32)
+    write(full, k, v, [(0, 0, ctx, [0, 1, 2], 0, 0)], bs)
+    write(quant, k, v, [(0, 0, ctx, [0, 1, 2], 0, 0)], bs)
+    _, gv = gather_kv(quant, torch.tensor([0, 1, 2]), torch.float32)  # codes only, no window
     assert torch.allclose(gv[:ctx] @ quant.rotation.T, v, atol=0.05)  # values stored rotated
     q = torch.randn(1, heads, dim)
     meta = AttentionMetadata(
@@ -149,7 +166,7 @@ def test_attention_on_int8_cache_matches_full_precision():
         num_decode_tokens=1,
         decode_block_tables=torch.tensor([[0, 1, 2]]),
         decode_mask=(torch.arange(48) < ctx)[None, None, None],
-        decode_open=OpenBlocks.of_last_blocks([ctx], [0], bs, CPU),
+        decode_window=WindowBlocks.of_rows([ctx], [0], [0], bs, CPU),
     )
     ref = paged_attention(q, k[-1:], v[-1:], full, meta, dim**-0.5)
     got = paged_attention(q, k[-1:], v[-1:], quant, meta, dim**-0.5)
@@ -167,7 +184,7 @@ def int8_llm():
 
 
 BLOCK_BYTES = 16 * 15120  # an int8 block of SmolLM2 (see test_bytes_per_block_include_scales)
-OPEN_SLOT_BYTES = 30 * 16 * 3 * 64 * 4  # one sequence's open block of fp32 keys
+WINDOW_BYTES = 30 * 2 * 2 * 16 * 3 * 64 * 2  # one sequence's window: K and V of two blocks in fp16
 # Two int8 runs that compute a token along different paths (a prefix-cache hit or not, other chunk
 # boundaries, a recompute after preemption) quantize keys from float-rounding-different inputs, and a
 # code may land one step apart: their logprobs differ by up to ~0.014 on the prompts below, so a
@@ -177,10 +194,10 @@ INT8_TIE = 0.05
 
 def test_int8_holds_more_blocks_and_keeps_perplexity(int8_llm):
     full = LLM(kv_cache_memory="64MiB", max_num_batched_tokens=64)
-    # open blocks for 128 sequences would take over half of 64 MiB: the engine runs fewer at once
-    open_slots = 32 * 2**20 // OPEN_SLOT_BYTES
-    assert int8_llm.engine.config.max_num_seqs == int8_llm.engine.kv.num_open_slots == open_slots == 91
-    assert int8_llm.engine.kv.pool.num_blocks == (64 * 2**20 - open_slots * OPEN_SLOT_BYTES) // BLOCK_BYTES
+    # windows for 128 sequences would take over half of 64 MiB: the engine runs fewer at once
+    open_slots = 32 * 2**20 // WINDOW_BYTES
+    assert int8_llm.engine.config.max_num_seqs == int8_llm.engine.kv.num_open_slots == open_slots == 45
+    assert int8_llm.engine.kv.pool.num_blocks == (64 * 2**20 - open_slots * WINDOW_BYTES) // BLOCK_BYTES
     assert full.engine.kv.pool.num_blocks == (64 * 2**20) // (16 * 46080)
     with open(TEXT) as f:
         ids = full.tokenizer.encode(f.read(), add_special_tokens=False)[:1024]
@@ -202,28 +219,29 @@ def test_int8_with_preemption_prefix_cache_and_forks(int8_llm):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
     reference = int8_llm.generate(prompts, params)
     assert int8_llm.get_stats()["prefix_cache_hits"] > 0
-    # 12 blocks, 4 sequences at most (so 4 open slots): requests are preempted for blocks
+    # 8 blocks, 2 sequences at most (so 2 windows): requests are preempted for blocks
     small = LLM(
-        kv_cache_memory=12 * BLOCK_BYTES + 4 * OPEN_SLOT_BYTES,
+        kv_cache_memory=8 * BLOCK_BYTES + 2 * WINDOW_BYTES,
         kv_cache_dtype="int8",
         max_num_batched_tokens=64,
-        max_num_seqs=4,
+        max_num_seqs=2,
     )
-    assert small.engine.kv.pool.num_blocks == 12 and small.engine.kv.num_open_slots == 4
+    assert small.engine.kv.pool.num_blocks == 8 and small.engine.kv.num_open_slots == 2
     outs = small.generate(prompts, params)
     assert small.get_stats()["num_preemptions"] > 0
     for out, ref in zip(outs, reference):
         assert_same_or_near_tie(out.outputs[0].token_ids, ref.outputs[0].token_ids, ref.outputs[0].logprobs, INT8_TIE)
     small.engine.check_idle()
-    # 13-token steps: prefill chunks start and end mid-block, so chunks attend open blocks' exact keys
+    # 13-token steps: prefill chunks start and end mid-block, and attend their windows
     chunked = LLM(kv_cache_memory="16MiB", kv_cache_dtype="int8", max_num_batched_tokens=13)
     for out, ref in zip(chunked.generate(prompts[:4], params), reference):
         assert_same_or_near_tie(out.outputs[0].token_ids, ref.outputs[0].token_ids, ref.outputs[0].logprobs, INT8_TIE)
     chunked.engine.check_idle()
-    # n=3 forks copy the prompt's open block, keys included: every sample equals the single greedy run
-    prompt = prompts[3]
-    assert len(prompt) % 16 != 0
-    (three,) = int8_llm.generate([prompt], SamplingParams(n=3, temperature=0, max_tokens=16, ignore_eos=True))
-    (one,) = int8_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    assert [o.token_ids for o in three.outputs] == [one.outputs[0].token_ids] * 3
+    # n=3 forks copy the prompt's open block and its window (also when the prompt fills its last
+    # block, which the window still holds): every sample equals the single greedy run
+    for prompt in (prompts[3], prompts[3][:48]):
+        (three,) = int8_llm.generate([prompt], SamplingParams(n=3, temperature=0, max_tokens=16, ignore_eos=True))
+        (one,) = int8_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        assert [o.token_ids for o in three.outputs] == [one.outputs[0].token_ids] * 3
+    assert len(prompts[3]) % 16 != 0
     int8_llm.engine.check_idle()

@@ -75,13 +75,13 @@ class Engine:
         bs, dtype, kv_dtype = config.block_size, config.torch_dtype, config.kv_cache_dtype
         bytes_per_block = model.kv_bytes_per_block(bs, dtype, kv_dtype)
         budget = config.kv_cache_memory or default_kv_cache_memory(config.torch_device)
-        # A quantized cache keeps each running sequence's open block of keys in full precision
-        # (kv/quant.py), charged to the same budget; at most half of it, or fewer sequences run.
-        open_slot_bytes = model.open_key_bytes_per_slot(bs, dtype, kv_dtype)
-        open_slots = num_open_slots(config.max_num_seqs, budget, open_slot_bytes) if open_slot_bytes else 0
-        if open_slot_bytes and open_slots < config.max_num_seqs:
+        # A quantized cache keeps each running sequence's last two blocks in a window of 16 bits or
+        # more (kv/quant.py), charged to the same budget; at most half of it, or fewer sequences run.
+        window_bytes = model.window_bytes_per_slot(bs, dtype, kv_dtype)
+        open_slots = num_open_slots(config.max_num_seqs, budget, window_bytes) if window_bytes else 0
+        if window_bytes and open_slots < config.max_num_seqs:
             logger.warning(
-                "kv_cache_memory %d B: %s open blocks for %d sequences would take over half of it; "
+                "kv_cache_memory %d B: %s recent windows for %d sequences would take over half of it; "
                 "max_num_seqs lowered to %d",
                 budget,
                 kv_dtype,
@@ -89,7 +89,7 @@ class Engine:
                 open_slots,
             )
             config.max_num_seqs = open_slots
-        num_blocks = (budget - open_slots * open_slot_bytes) // bytes_per_block
+        num_blocks = (budget - open_slots * window_bytes) // bytes_per_block
         bytes_per_token = bytes_per_block / bs
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {budget} B holds no {config.block_size}-token block")
@@ -129,7 +129,7 @@ class Engine:
         self._next_id = 0
         logger.info(
             "model %s (%s) on %s/%s loaded in %.1fs; KV cache (%s): %d blocks x %d tokens = %d tokens, "
-            "%.0f B/token, %.1f MiB (+ %.1f MiB of open blocks)",
+            "%.0f B/token, %.1f MiB (+ %.1f MiB of recent windows)",
             os.path.basename(path),
             self.model_config.architecture,
             config.torch_device,
@@ -141,7 +141,7 @@ class Engine:
             capacity,
             bytes_per_token,
             num_blocks * bytes_per_block / 2**20,
-            open_slots * open_slot_bytes / 2**20,
+            open_slots * window_bytes / 2**20,
         )
 
     # ------------------------------------------------------------------ requests
@@ -305,7 +305,7 @@ class Engine:
             if copy is not False:
                 if copy is not None:
                     self.runner.copy_blocks([copy])
-                    self.runner.copy_open_keys(self.kv, parent, child)
+                self.runner.copy_window(self.kv, parent, child)
                 child.num_computed_tokens = parent.num_prompt_tokens
                 self.scheduler.add_running(child)
                 return

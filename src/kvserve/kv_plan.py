@@ -15,8 +15,10 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from kvserve.config import parse_size
-from kvserve.kv.quant import num_open_slots, value_groups
+from kvserve.kv.quant import num_open_slots, value_groups, window_bytes_per_slot, window_dtype
 from kvserve.models.model_config import ModelConfig
 
 # Published config.json values (only the fields ModelConfig.from_hf_dict reads, plus MLA dims).
@@ -101,7 +103,7 @@ class Plan:
     sequences: list[SeqFit] = field(default_factory=list)
     model_dtype: str = ""
     dtype_note: str = ""  # why auto chose model_dtype
-    open_block_bytes: int = 0  # budget kept for running sequences' open blocks of keys (quantized GQA/MHA)
+    window_bytes: int = 0  # budget kept for running sequences' recent windows (quantized GQA/MHA)
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS  # as the engine would run with this budget
 
 
@@ -170,8 +172,9 @@ def plan(
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
 ) -> Plan:
     """What `budget_bytes` of KV cache in `dtype` holds, paged in blocks vs contiguous per sequence.
-    A quantized GQA/MHA cache first sets aside what the engine does (engine.py): one open block of
-    keys in model_dtype per running sequence, at most half the budget (fewer sequences otherwise)."""
+    A quantized GQA/MHA cache first sets aside what the engine does (engine.py): a recent window (K and
+    V of the last two blocks, kv/quant.py) per running sequence, at most half the budget (fewer
+    sequences otherwise)."""
     max_model_len = max_model_len or config.max_position_embeddings
     if budget_bytes <= 0 or block_size <= 0 or max_model_len <= 0:
         raise ValueError("budget, block size and max_model_len must be positive")
@@ -179,12 +182,14 @@ def plan(
         raise ValueError(f"sequence lengths must be in 1..max_model_len ({max_model_len})")
     kv = kv_bytes_per_token(config, dtype, block_size)
     block_bytes = block_size * kv.total
-    open_bytes = 0
+    window_bytes = 0
     if dtype in ("int8", "fp8") and not config.is_mla:
-        slot = config.num_layers * block_size * config.num_kv_heads * config.head_dim * DTYPE_BYTES[model_dtype]
+        slot = window_bytes_per_slot(
+            config.num_layers, config.num_kv_heads, config.head_dim, block_size, getattr(torch, model_dtype)
+        )
         max_num_seqs = num_open_slots(max_num_seqs, budget_bytes, slot)
-        open_bytes = max_num_seqs * slot
-    num_blocks = max(0, budget_bytes - open_bytes) // block_bytes
+        window_bytes = max_num_seqs * slot
+    num_blocks = max(0, budget_bytes - window_bytes) // block_bytes
     # A contiguous allocator reserves max_model_len for every sequence, however short it turns out.
     contiguous = budget_bytes // (max_model_len * kv.total)
     fits = []
@@ -209,7 +214,7 @@ def plan(
         max_model_len=max_model_len,
         sequences=fits,
         model_dtype=model_dtype,
-        open_block_bytes=open_bytes,
+        window_bytes=window_bytes,
         max_num_seqs=max_num_seqs,
     )
 
@@ -228,6 +233,10 @@ def resolve_dtype(dtype: str, is_preset: bool, cuda: bool) -> tuple[str, str]:
     if is_preset or cuda:
         return "bfloat16", "auto: presets and GPUs run in bf16"
     return "float32", "auto: kvserve's default on CPU"
+
+
+def _window_dtype_name(model_dtype: str) -> str:
+    return str(window_dtype(getattr(torch, model_dtype))).removeprefix("torch.")
 
 
 def _note(note: str) -> str:
@@ -258,10 +267,10 @@ def format_plan(p: Plan) -> str:
         f"  budget          {_human(p.budget_bytes)} ({p.budget_bytes:,} B)",
         *(
             [
-                f"  open blocks     {_human(p.open_block_bytes)} of it: {p.max_num_seqs} running sequences' "
-                f"keys of their last, unfilled block, in {p.model_dtype} (full blocks are quantized)"
+                f"  recent windows  {_human(p.window_bytes)} of it: {p.max_num_seqs} running sequences' "
+                f"K and V of their last two blocks, in {_window_dtype_name(p.model_dtype)} (also kept quantized)"
             ]
-            if p.open_block_bytes
+            if p.window_bytes
             else []
         ),
         f"  paged           {p.num_blocks:,} blocks x {p.block_size} tokens ({_human(p.block_bytes)} each) "
@@ -307,7 +316,6 @@ def cmd_kv_plan(args: argparse.Namespace) -> int:
         names, is_preset = [args.preset.lower()], True
     else:
         names, is_preset = [None], False
-    import torch  # only to tell whether auto means the GPU's bf16 or the CPU's fp32
 
     model_dtype, note = resolve_dtype(args.dtype, is_preset, torch.cuda.is_available())
     kv_dtype = model_dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype

@@ -23,8 +23,8 @@ from kvserve.models.attention import (
     AttentionMetadata,
     DecodeCascade,
     KeyWrites,
-    OpenBlocks,
     PrefillSpan,
+    WindowBlocks,
     block_tables_and_mask,
 )
 from kvserve.models.llama import LlamaForCausalLM
@@ -83,7 +83,7 @@ class ModelRunner:
         self.kv_caches = model.allocate_kv_cache(
             kv.pool.num_blocks, config.block_size, config.torch_dtype, config.kv_cache_dtype, kv.num_open_slots
         )
-        self.open_keys = kv.num_open_slots > 0  # a quantized cache that keeps open blocks' keys apart
+        self.windows = kv.num_open_slots > 0  # a quantized cache, with a recent window per sequence
         if config.kv_cache_dtype == "int8" and self.device.type == "cpu":
             kernels.cpu_ops()  # built (once per machine) or loaded now, not inside the first step
 
@@ -102,8 +102,9 @@ class ModelRunner:
 
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        open_slots: list[int] = []  # decodes' open_keys slots
-        key_spans: list[tuple[int, int, int, list[int], int]] = []  # KeyWrites.plan's input
+        window_slots: list[int] = []  # decodes' window slots ...
+        window_starts: list[int] = []  # ... and the first positions they wrote there
+        key_spans: list[tuple[int, int, int, list[int], int, int]] = []  # KeyWrites.plan's input
         for request, _ in decodes:
             pos = request.num_computed_tokens
             table = self.kv.block_ids(request)
@@ -112,9 +113,10 @@ class ModelRunner:
             slots.append(table[pos // bs] * bs + pos % bs)
             decode_tables.append(table)
             decode_lens.append(pos + 1)
-            if self.open_keys:
-                open_slots.append(self.kv.open_slot(request))
-                key_spans.append((len(input_ids) - 1, pos, pos + 1, table, open_slots[-1]))
+            if self.windows:
+                window_slots.append(self.kv.open_slot(request))
+                window_starts.append(self.kv.window_start(request, pos))
+                key_spans.append((len(input_ids) - 1, pos, pos + 1, table, window_slots[-1], window_starts[-1]))
             if pos + 1 == request.num_tokens:
                 sample_rows.append(len(input_ids) - 1)
                 sample_requests.append(request)
@@ -136,11 +138,11 @@ class ModelRunner:
                 span.block_ids = torch.tensor(table[:num_blocks], device=self.device)
                 q_pos = torch.arange(start, end, device=self.device)
                 span.mask = (torch.arange(end, device=self.device)[None, :] <= q_pos[:, None])[None, None]
-            if self.open_keys:
-                slot = self.kv.open_slot(request)
-                key_spans.append((flat_start, start, end, table, slot))
+            if self.windows:
+                slot, first = self.kv.open_slot(request), self.kv.window_start(request, start)
+                key_spans.append((flat_start, start, end, table, slot, first))
                 if span.block_ids is not None:
-                    span.open_block = OpenBlocks.of_last_blocks([end], [slot], bs, self.device)
+                    span.window = WindowBlocks.of_rows([end], [slot], [first], bs, self.device)
             spans.append(span)
             if request.params.prompt_logprobs is not None:
                 count = min(end, request.num_prompt_tokens - 1) - start
@@ -153,18 +155,17 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=self.device), num_decode_tokens=len(decodes), prefills=spans
         )
-        if self.open_keys:
+        if self.windows:
             meta.key_writes = KeyWrites.plan(key_spans, bs, self.device)
         if decodes:
             meta.decode_block_tables, meta.decode_mask = block_tables_and_mask(
                 decode_tables, decode_lens, bs, self.device
             )
-            if self.open_keys:
-                meta.decode_open = OpenBlocks.of_last_blocks(decode_lens, open_slots, bs, self.device)
+            windows = (window_slots, window_starts) if self.windows else None
+            if windows is not None:
+                meta.decode_window = WindowBlocks.of_rows(decode_lens, *windows, bs, self.device)
             if self.cascade_attention:
-                meta.decode_cascade = DecodeCascade.build(
-                    decode_tables, decode_lens, bs, self.device, open_slots if self.open_keys else None
-                )
+                meta.decode_cascade = DecodeCascade.build(decode_tables, decode_lens, bs, self.device, windows)
 
         hidden = self.model(
             torch.tensor(input_ids, device=self.device),
@@ -206,12 +207,12 @@ class ModelRunner:
                 tensor[:, dst] = tensor[:, src]
 
     @torch.inference_mode()
-    def copy_open_keys(self, kv: KVCacheManager, parent: Request, child: Request) -> None:
-        """A forked sample's copy of its parent's open block also needs the parent's open keys."""
-        if self.open_keys:
+    def copy_window(self, kv: KVCacheManager, parent: Request, child: Request) -> None:
+        """A forked sample reads its parent's last blocks from its own window: a copy of the parent's."""
+        if self.windows:
             src, dst = kv.open_slot(parent), kv.open_slot(child)
             for cache in self.kv_caches:
-                cache.open_keys[dst] = cache.open_keys[src]
+                cache.window[:, dst] = cache.window[:, src]
 
 
 def default_kv_cache_memory(device: torch.device) -> int:

@@ -4,7 +4,8 @@
 // PyTorch has no int8 x float product, so attention.py's plain path gathers a step's blocks, converts
 // the codes into the model dtype and applies the scales (a pass through memory each) and then attends
 // over that copy. Two kernels replace it:
-// - decode_attention: the decode batch's attention, reading the codes where they lie, with no copy.
+// - decode_attention: the decode batch's attention, reading the codes where they lie, with no copy,
+//   and each sequence's last two blocks from its recent window.
 // - gather_dequant: the gather for prefill chunks and cascade attention (SDPA attends over it), in one
 //   pass: 1 byte read and 4 written per element for fp32, where gathering an fp32 cache moves 4 and 4.
 #include <ATen/ATen.h>
@@ -18,11 +19,13 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kValueGroup = 32;  // channels per value scale: kv/quant.py VALUE_GROUP
+constexpr int64_t kValueGroup = 32;    // channels per value scale: kv/quant.py VALUE_GROUP
+constexpr int64_t kWindowBlocks = 2;  // entries of a window slot: kv/quant.py WINDOW_BLOCKS
 
 // out [2, M, bs, H, D] = the blocks block_ids [M] of data [2, NB, bs, H, D] int8, dequantized:
 // keys (plane 0) as code * key_params[0] + key_params[1] per (block, head, channel), in one fused
@@ -83,17 +86,19 @@ struct BlockView {
 //   q.center: the scale folds into the query once per block, and the codes are only converted.
 // - Values are dequantized per block into a tile (code x the token's group scale), then accumulated
 //   with the block's softmax weights.
+// - Blocks from window_from on are read from the sequence's window (K and V in 16 bits or more,
+//   entry block % 2 of its slot) instead of their codes.
 // Weights are floored at exp(-80) (~2e-35 of the max's): a vectorized exp falls back to a slow scalar
 // path for lanes that underflow, which were a third of the time with spread-out scores.
 // Every inner loop runs over contiguous channels, so the compiler vectorizes it; pointers are
 // __restrict__ because int8 pointers may alias anything, and alias checks in the innermost loops
 // cost more than their work.
-template <typename T, int64_t kDim>
+template <typename T, typename W, int64_t kDim>
 void decode_one(const T* __restrict__ query, int64_t group, int64_t dim_, int64_t heads, int64_t h, int64_t len,
-                int64_t block_size, const int64_t* __restrict__ table, int64_t open_slot,
-                const int8_t* __restrict__ codes, const float* __restrict__ params,
-                const float* __restrict__ vscales, int64_t value_groups, const T* __restrict__ open_keys,
-                int64_t num_blocks, float scale, T* __restrict__ out) {
+                int64_t block_size, const int64_t* __restrict__ table, const int8_t* __restrict__ codes,
+                const float* __restrict__ params, const float* __restrict__ vscales, int64_t value_groups,
+                int64_t num_blocks, const W* __restrict__ window, int64_t num_slots, int64_t slot,
+                int64_t window_from, float scale, T* __restrict__ out) {
   const int64_t dim = kDim ? kDim : dim_;  // a constant lets the compiler unroll and keep rows in registers
   const int64_t row = heads * dim, block = block_size * row, group_dim = kDim ? kValueGroup : dim / value_groups;
   const int64_t blocks = (len + block_size - 1) / block_size;
@@ -123,10 +128,16 @@ void decode_one(const T* __restrict__ query, int64_t group, int64_t dim_, int64_
     const int64_t tokens = std::min(block_size, len - b * block_size);
     const BlockView v = view(table[b]);
 
+    // The block's K and V in the window: [2, num_slots, kWindowBlocks, block_size, heads, dim].
+    const bool windowed = slot >= 0 && b >= window_from;
+    const W* __restrict__ window_keys =
+        windowed ? window + (slot * kWindowBlocks + b % kWindowBlocks) * block + h * dim : nullptr;
+    const W* __restrict__ window_values = windowed ? window_keys + num_slots * kWindowBlocks * block : nullptr;
+
     // Scores [group, tokens] into weights.
     const float* __restrict__ qk = qs;  // what the tile's keys are multiplied by
-    if (b == blocks - 1 && open_slot >= 0) {  // the open block: exact keys, in open_keys
-      const T* __restrict__ keys = open_keys + open_slot * block + h * dim;
+    if (windowed) {
+      const W* __restrict__ keys = window_keys;
       for (int64_t t = 0; t < tokens; ++t)
         for (int64_t c = 0; c < dim; ++c) tile[t * dim + c] = static_cast<float>(keys[t * row + c]);
       std::fill(bias, bias + group, 0.f);
@@ -172,12 +183,17 @@ void decode_one(const T* __restrict__ query, int64_t group, int64_t dim_, int64_
     }
 
     // acc += weights . values.
-    for (int64_t t = 0; t < tokens; ++t)
-      for (int64_t k = 0; k < value_groups; ++k) {
-        const float s = v.value_scales[t * heads * value_groups + k];
-        for (int64_t c = k * group_dim; c < (k + 1) * group_dim; ++c)
-          tile[t * dim + c] = static_cast<float>(v.values[t * row + c]) * s;
-      }
+    if (windowed) {
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t c = 0; c < dim; ++c) tile[t * dim + c] = static_cast<float>(window_values[t * row + c]);
+    } else {
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t k = 0; k < value_groups; ++k) {
+          const float s = v.value_scales[t * heads * value_groups + k];
+          for (int64_t c = k * group_dim; c < (k + 1) * group_dim; ++c)
+            tile[t * dim + c] = static_cast<float>(v.values[t * row + c]) * s;
+        }
+    }
     for (int64_t g = 0; g < group; ++g) {
       if constexpr (kDim > 0) {  // the row in registers across the block's tokens
         float a[kDim];
@@ -221,43 +237,63 @@ at::Tensor gather_dequant(const at::Tensor& data, const at::Tensor& key_params, 
   return out;
 }
 
+// The window's dtype for a query dtype: kv/quant.py window_dtype.
+template <typename T>
+using WindowType = std::conditional_t<std::is_same_v<T, c10::BFloat16>, c10::BFloat16, c10::Half>;
+
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& data, const at::Tensor& key_params,
-                            const at::Tensor& value_scales, const at::Tensor& open_keys,
+                            const at::Tensor& value_scales, const at::Tensor& window,
                             const at::Tensor& block_tables, const at::Tensor& context_lens,
-                            const at::Tensor& open_slots, double scale, at::Tensor out) {
+                            const at::Tensor& window_slots, const at::Tensor& window_from, double scale,
+                            at::Tensor out) {
   TORCH_CHECK(query.dim() == 4 && query.is_contiguous(), "query: contiguous [Nd, Hkv, G, D]");
   check_cache(data, key_params, value_scales);
-  TORCH_CHECK(open_keys.scalar_type() == query.scalar_type() && open_keys.is_contiguous(), "open_keys: query's dtype");
+  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16 ||
+                  query.scalar_type() == at::kHalf,
+              "query: fp32, bf16 or fp16");
+  const auto window_type = query.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kHalf;
+  TORCH_CHECK(window.scalar_type() == window_type && window.is_contiguous() && window.dim() == 6 &&
+                  window.size(0) == 2 && window.size(2) == kWindowBlocks && window.size(3) == data.size(2) &&
+                  window.size(4) == data.size(3) && window.size(5) == data.size(4),
+              "window: contiguous [2, slots, ", kWindowBlocks, ", block_size, heads, dim], bf16 for a bf16 query, else fp16");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() && block_tables.dim() == 2,
               "block_tables: contiguous int64 [Nd, width]");
-  TORCH_CHECK(context_lens.scalar_type() == at::kLong && open_slots.scalar_type() == at::kLong,
-              "context_lens, open_slots: int64");
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && window_slots.scalar_type() == at::kLong &&
+                  window_from.scalar_type() == at::kLong && context_lens.is_contiguous() &&
+                  window_slots.is_contiguous() && window_from.is_contiguous() &&
+                  context_lens.numel() == query.size(0) && window_slots.numel() == query.size(0) &&
+                  window_from.numel() == query.size(0),
+              "context_lens, window_slots, window_from: contiguous int64 [Nd]");
   TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type() && out.is_contiguous(),
               "out: like query");
   const int64_t nd = query.size(0), heads = query.size(1), group = query.size(2), dim = query.size(3);
   const int64_t num_blocks = data.size(1), block_size = data.size(2), width = block_tables.size(1);
   TORCH_CHECK(data.size(3) == heads && data.size(4) == dim, "data: heads and dim of the query");
   const int64_t* lens = context_lens.data_ptr<int64_t>();
-  const int64_t* slots = open_slots.data_ptr<int64_t>();
+  const int64_t* slots = window_slots.data_ptr<int64_t>();
+  const int64_t* from = window_from.data_ptr<int64_t>();
+  const int64_t num_slots = window.size(1);
   for (int64_t n = 0; n < nd; ++n) {
     TORCH_CHECK(lens[n] >= 1 && lens[n] <= width * block_size, "context length out of its block table");
-    TORCH_CHECK(slots[n] >= -1 && slots[n] < open_keys.size(0), "open_keys slot out of range");
+    TORCH_CHECK(slots[n] >= -1 && slots[n] < num_slots, "window slot out of range");
+    TORCH_CHECK(from[n] >= 0, "window_from: a block index");
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "decode_attention", [&] {
+    using W = WindowType<scalar_t>;
     const scalar_t* q = query.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     // Head dims 64 and 128 (value groups of kValueGroup channels) as compile-time constants.
     const bool grouped = value_scales.size(4) * kValueGroup == dim;
-    auto one = grouped && dim == 64    ? decode_one<scalar_t, 64>
-               : grouped && dim == 128 ? decode_one<scalar_t, 128>
-                                       : decode_one<scalar_t, 0>;
+    auto one = grouped && dim == 64    ? decode_one<scalar_t, W, 64>
+               : grouped && dim == 128 ? decode_one<scalar_t, W, 128>
+                                       : decode_one<scalar_t, W, 0>;
     at::parallel_for(0, nd * heads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / heads, h = task % heads, offset = task * group * dim;
-        one(q + offset, group, dim, heads, h, lens[n], block_size,
-            block_tables.data_ptr<int64_t>() + n * width, slots[n], data.data_ptr<int8_t>(),
-            key_params.data_ptr<float>(), value_scales.data_ptr<float>(), value_scales.size(4),
-            open_keys.data_ptr<scalar_t>(), num_blocks, static_cast<float>(scale), o + offset);
+        one(q + offset, group, dim, heads, h, lens[n], block_size, block_tables.data_ptr<int64_t>() + n * width,
+            data.data_ptr<int8_t>(), key_params.data_ptr<float>(), value_scales.data_ptr<float>(),
+            value_scales.size(4), num_blocks, window.data_ptr<W>(), num_slots, slots[n], from[n],
+            static_cast<float>(scale), o + offset);
       }
     });
   });
@@ -268,8 +304,9 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& data, con
 
 TORCH_LIBRARY(kvserve, m) {
   m.def(
-      "decode_attention(Tensor query, Tensor data, Tensor key_params, Tensor value_scales, Tensor open_keys, "
-      "Tensor block_tables, Tensor context_lens, Tensor open_slots, float scale, Tensor(a!) out) -> Tensor(a!)");
+      "decode_attention(Tensor query, Tensor data, Tensor key_params, Tensor value_scales, Tensor window, "
+      "Tensor block_tables, Tensor context_lens, Tensor window_slots, Tensor window_from, float scale, "
+      "Tensor(a!) out) -> Tensor(a!)");
   m.def("gather_dequant(Tensor data, Tensor key_params, Tensor value_scales, Tensor block_ids, Tensor(a!) out) -> Tensor(a!)");
 }
 

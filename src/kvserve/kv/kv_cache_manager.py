@@ -42,7 +42,8 @@ class KVCacheManager:
         self.block_size = block_size
         self.num_open_slots = num_open_slots  # 0: the cache needs none
         self.free_open_slots = list(range(num_open_slots - 1, -1, -1))  # popped from the end: 0 first
-        self.open_slots: dict[str, int] = {}
+        self.open_slots: dict[str, int] = {}  # a quantized cache's window slot per running sequence
+        self.window_starts: dict[str, int] = {}  # the first position each wrote into its window slot
         self.enable_prefix_caching = enable_prefix_caching
         self.root_hash = root_hash
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
@@ -62,6 +63,11 @@ class KVCacheManager:
 
     def open_slot(self, request: Request) -> int:
         return self.open_slots[self._key(request)]
+
+    def window_start(self, request: Request, position: int) -> int:
+        """The first position `request` wrote into its window slot: `position` if this is its first
+        write since it took the slot (kv/quant.py window_first_block)."""
+        return self.window_starts.setdefault(self._key(request), position)
 
     def _take_open_slot(self, key: str) -> bool:
         """Gives `key` an open slot if the cache uses them and it has none; False if none is free."""
@@ -185,6 +191,8 @@ class KVCacheManager:
             table.append(block)
             copy = (parent_table[num_full].block_id, block.block_id)
         key = self._key(child)
+        if (start := self.window_starts.get(self._key(parent))) is not None:
+            self.window_starts[key] = start  # the caller copies the parent's window into the child's
         self.block_tables[key] = table
         self.num_cached_blocks[key] = min(num_full, self.num_cached_blocks.get(self._key(parent), 0))
         return copy
@@ -193,6 +201,7 @@ class KVCacheManager:
         key = self._key(request)
         table = self.block_tables.pop(key, None)
         self.num_cached_blocks.pop(key, None)
+        self.window_starts.pop(key, None)
         slot = self.open_slots.pop(key, None)
         if slot is not None:
             self.free_open_slots.append(slot)

@@ -7,18 +7,26 @@ so they are quantized differently (KIVI, Liu et al. 2024):
   so a channel varies far less within a block than the head varies within a token. A full block's
   keys are quantized per channel: one scale and one center for each (KV head, channel), covering
   the channel's [min, max] over the block's tokens. A block is quantized once, when its last token
-  is written; until then its keys sit in full precision in `open_keys`, one block-sized slot per
-  running sequence, and attention reads them from there. Every full block is read-only from then on
-  (prefix caching shares it), so its parameters never change.
+  is written, and is read-only from then on (prefix caching shares it), so its parameters never
+  change.
 - Values: one symmetric scale per (token, KV head, group of 32 channels), written when the token
   enters the cache (a head dim that is no multiple of 32 has one group). Values are stored rotated
   by an orthogonal Hadamard matrix R (v' = v R), which spreads outlier channels over all of them
   (QuaRot); attention outputs are rotated back, sum_j p_j v_j = (sum_j p_j v'_j) R^T, so only
   [tokens, heads, D] x [D, D] per step, never the context.
+- The recent window: every running sequence also keeps the K and V (rotated) of its last two blocks
+  in 16 bits or more (`window`, see window_dtype), and attention reads those two blocks from there
+  instead of their codes: the open block being filled (whose keys have no block scale yet) and the
+  full block before it. Recent tokens draw most of the attention, so this is where rounding costs
+  the most (KIVI keeps such a residual too). The window is a ring of two block-sized entries per
+  slot, entry = block index % 2. It holds only what the sequence wrote itself since it took its
+  slot (a prefix-cache hit has only codes): see window_first_block. The blocks' codes are written
+  all the same, so what prefix caching shares, preemption frees and the tiers move is unchanged.
 
 On the default model the share of greedy continuations identical to full precision (64 tokens,
-benchmarks/kv_quant_quality.py, 192 prompts): 88% with this format, 92% with the cache rounded to
-bfloat16, ~66% with keys quantized per token like values.
+benchmarks/kv_quant_quality.py, 192 prompts): 88% with the quantized blocks alone, 92% with the
+cache rounded to bfloat16, ~66% with keys quantized per token like values; see benchmarks/README.md
+for the window's effect.
 
 Dequantization happens in attention, for the blocks attended only; the whole cache is never held in
 full precision. On the CPU, compiled kernels (kvserve/kernels) read int8 codes where they lie: decode
@@ -26,8 +34,8 @@ attention folds the key scales into the query and the value scales into the soft
 
 Bytes per block, layer and KV head: block_size x 2 x D codes + 2 x D x 4 (K scale and center) +
 block_size x D / 32 x 4 (V scales): 168 per token for D = 64 and 16-token blocks, where fp32 takes
-512 and bf16 256 (head dim 128: 304 vs bf16's 512). Plus open_keys, max_num_seqs x block_size tokens of K in
-the model dtype, which engine.py charges to the KV budget.
+512 and bf16 256 (head dim 128: 304 vs bf16's 512). Plus the windows, max_num_seqs x 2 blocks of K and
+V in window_dtype, which engine.py charges to the KV budget.
 
 MLA's latent cache (`QuantizedLatentCache`) keeps one scale per token: its latent is both key and
 value and is read through learned up-projections, not by RoPE'd channels.
@@ -45,6 +53,7 @@ QUANTIZED_KV_DTYPES: dict[str, tuple[torch.dtype, float]] = {
     "fp8": (torch.float8_e4m3fn, 448.0),
 }
 SCALE_DTYPE = torch.float32
+WINDOW_BLOCKS = 2  # a sequence's last blocks read from its window: the open one and the full one before it
 VALUE_GROUP = 32  # channels of a value per scale: two scales per 64-wide head read 86% vs 81% (192 prompts)
 # Names the layout of quantized blocks in the prefix-cache hash chain (engine.py), so that blocks that
 # the disk tier stored in an earlier layout are never read as this one.
@@ -67,12 +76,14 @@ def hadamard(dim: int, device: torch.device | None = None) -> torch.Tensor:
 @dataclass
 class QuantizedKVCache:
     """One attention layer's quantized cache. The tensors of block_tensors() keep their blocks on dim 1
-    (what copy_blocks and the offload tiers move); open_keys is per running sequence, not per block."""
+    (what copy_blocks and the offload tiers move); the window is per running sequence, not per block."""
 
     data: torch.Tensor  # [2, num_blocks, block_size, Hkv, D] storage dtype: K codes, V R codes
     key_params: torch.Tensor  # [2, num_blocks, Hkv, D] fp32: K scale, K center, per channel of a full block
     value_scales: torch.Tensor  # [1, num_blocks, block_size, Hkv, value_groups(D)] fp32
-    open_keys: torch.Tensor  # [num_open_slots, block_size, Hkv, D] model dtype: K of blocks being filled
+    # [2, num_open_slots, WINDOW_BLOCKS, block_size, Hkv, D] window_dtype: K and V R of each running
+    # sequence's last two blocks, block index b in entry b % WINDOW_BLOCKS of its slot
+    window: torch.Tensor
     rotation: torch.Tensor  # [D, D], R
     qmax: float
 
@@ -97,13 +108,22 @@ class QuantizedKVCache:
             value_scales=torch.zeros(
                 1, num_blocks, block_size, num_kv_heads, value_groups(head_dim), dtype=SCALE_DTYPE, device=device
             ),
-            open_keys=torch.zeros(num_open_slots, block_size, num_kv_heads, head_dim, dtype=dtype, device=device),
+            window=torch.zeros(
+                2,
+                num_open_slots,
+                WINDOW_BLOCKS,
+                block_size,
+                num_kv_heads,
+                head_dim,
+                dtype=window_dtype(dtype),
+                device=device,
+            ),
             rotation=hadamard(head_dim, device),
             qmax=qmax,
         )
 
     def block_tensors(self) -> list[torch.Tensor]:
-        """What a full block is made of (open_keys holds nothing of a full block)."""
+        """What a full block is made of (the window only copies some)."""
         return [self.data, self.key_params, self.value_scales]
 
 
@@ -184,7 +204,7 @@ def kv_bytes_per_block(
 
 
 def num_open_slots(max_num_seqs: int, budget_bytes: int, slot_bytes: int) -> int:
-    """How many sequences get an open block of keys: max_num_seqs, unless their slots would take over
+    """How many sequences get a window (an open slot): max_num_seqs, unless their slots would take over
     half the KV budget; then as many as fit in that half, at least one. The engine runs at most
     this many sequences; kv-plan reports the same."""
     return max(1, min(max_num_seqs, budget_bytes // 2 // slot_bytes))
@@ -196,8 +216,24 @@ def block_tensors(cache: torch.Tensor | QuantizedKVCache | QuantizedLatentCache)
     return cache.block_tensors() if isinstance(cache, QuantizedKVCache | QuantizedLatentCache) else [cache]
 
 
-def open_key_bytes_per_slot(
+def window_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """What the recent window holds K and V in: the model dtype, except fp16 for an fp32 model (half the
+    bytes; a whole fp16 cache keeps 97% of greedy continuations on the default model, bf16 92%).
+    Written values are clamped to fp16's range."""
+    return torch.float16 if model_dtype == torch.float32 else model_dtype
+
+
+def window_bytes_per_slot(
     num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, model_dtype: torch.dtype
 ) -> int:
-    """One sequence's open block of keys in the model dtype, across all layers."""
-    return num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=model_dtype).element_size()
+    """One running sequence's window (K and V of WINDOW_BLOCKS blocks in window_dtype), across all layers."""
+    element = torch.empty((), dtype=window_dtype(model_dtype)).element_size()
+    return num_layers * 2 * WINDOW_BLOCKS * block_size * num_kv_heads * head_dim * element
+
+
+def window_first_block(context_len: int, first_written: int, block_size: int) -> int:
+    """The first block of a context of `context_len` tokens that attention reads from the sequence's
+    window: the full block before the open one (or the last block, when it is full), unless the
+    sequence wrote no earlier than `first_written` into its slot (its blocks before came from the
+    prefix cache or a lower tier, as codes only). May exceed the last block: then none."""
+    return max(context_len // block_size - 1, -(-first_written // block_size))

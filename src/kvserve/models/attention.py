@@ -20,9 +20,11 @@ those decodes' queries attend to them in one product; each decode's remaining
 blocks are attended as above, and the two partial results are merged exactly
 through their log-sum-exps (DecodeCascade, cascade_decode_attention).
 
-An int8 cache on the CPU is read by compiled kernels (kvserve/kernels) when they could be built:
-decodes attend straight from the codes (no gather at all), and prefill spans and cascades gather
-and dequantize in one pass. Without them, the plain PyTorch path below does the same in passes.
+A quantized cache (kv/quant.py) is read dequantized, except each sequence's last two blocks, which
+come from its recent window (WindowBlocks). An int8 cache on the CPU is read by compiled kernels
+(kvserve/kernels) when they could be built: decodes attend straight from the codes and the window
+(no gather at all), and prefill spans and cascades gather and dequantize in one pass. Without
+them, the plain PyTorch path below does the same in passes.
 """
 
 from __future__ import annotations
@@ -35,7 +37,13 @@ import torch
 from torch.nn import functional as F
 
 from kvserve import kernels
-from kvserve.kv.quant import QuantizedKVCache, quantize_key_blocks, quantize_values
+from kvserve.kv.quant import (
+    WINDOW_BLOCKS,
+    QuantizedKVCache,
+    quantize_key_blocks,
+    quantize_values,
+    window_first_block,
+)
 
 
 @dataclass
@@ -45,82 +53,100 @@ class PrefillSpan:
     context_len: int  # tokens attended after this step's K/V are written (earlier + this chunk)
     block_ids: torch.Tensor | None = None  # [ceil(context_len / block_size)], only when there is earlier context
     mask: torch.Tensor | None = None  # [1, 1, num_tokens, context_len] bool, True = attend
-    open_block: OpenBlocks | None = None  # its last block, when still open in a quantized cache
+    window: WindowBlocks | None = None  # its blocks read from its window, in a quantized cache
 
 
 @dataclass
-class OpenBlocks:
-    """Blocks still being filled in a quantized cache, whose keys sit in full precision in open_keys
-    (kv/quant.py): in a gathered block table, row rows[i], column cols[i] reads open_keys[slots[i]]."""
+class WindowBlocks:
+    """Blocks of a quantized cache read from their sequence's recent window instead of their codes
+    (kv/quant.py): in a gathered block table, row rows[i], column cols[i] reads window entry
+    entries[i] (slot * WINDOW_BLOCKS + block index % WINDOW_BLOCKS, of window[plane].flatten(0, 1))."""
 
     rows: torch.Tensor  # [n]
     cols: torch.Tensor  # [n]
-    slots: torch.Tensor  # [n]
+    entries: torch.Tensor  # [n]
 
     @classmethod
-    def of_last_blocks(
-        cls, lens: list[int], slots: list[int], block_size: int, device: torch.device
-    ) -> OpenBlocks | None:
-        """Row i of a table holds a context of lens[i] tokens, and its last block is open unless full."""
-        rows = [i for i, n in enumerate(lens) if n % block_size]
+    def of_rows(
+        cls,
+        lens: list[int],
+        slots: list[int],
+        first_written: list[int],
+        block_size: int,
+        device: torch.device,
+        skipped: list[int] | None = None,
+    ) -> WindowBlocks | None:
+        """Row i of a table holds a context of lens[i] tokens of the sequence in window slot slots[i],
+        which wrote its slot from position first_written[i] on; skipped[i] leading blocks of it are
+        left out of the row (a cascade's shared prefix, never in a window)."""
+        rows, cols, entries = [], [], []
+        for i, (n, slot, first) in enumerate(zip(lens, slots, first_written)):
+            skip = skipped[i] if skipped else 0
+            for b in range(window_first_block(n, first, block_size), -(-n // block_size)):
+                rows.append(i)
+                cols.append(b - skip)
+                entries.append(slot * WINDOW_BLOCKS + b % WINDOW_BLOCKS)
         if not rows:
             return None
-        return cls(
-            torch.tensor(rows, device=device),
-            torch.tensor([(lens[i] - 1) // block_size for i in rows], device=device),
-            torch.tensor([slots[i] for i in rows], device=device),
-        )
+        return cls(*(torch.tensor(x, device=device) for x in (rows, cols, entries)))
 
 
 @dataclass
 class KeyWrites:
-    """How one step's keys enter a quantized cache (kv/quant.py). Each block that this step fills is
-    quantized from block_size source rows, the earlier ones from open_keys (written by earlier steps),
-    the rest from this step's keys; the keys of blocks still open after the step go to open_keys.
-    Rows of open_keys are slot * block_size + offset."""
+    """How one step's K and V enter a quantized cache (kv/quant.py). Each block that this step fills
+    has its keys quantized from block_size source rows: those written by earlier steps from the
+    window, the rest from this step's keys. Then the tokens that fall in the sequence's window after
+    the step go there, K and V alike. Rows of a window plane viewed [-1, Hkv, D] are
+    (slot * WINDOW_BLOCKS + block index % WINDOW_BLOCKS) * block_size + offset."""
 
     full_blocks: torch.Tensor  # [C] block ids filled this step
-    from_open_dst: torch.Tensor  # rows of the [C * block_size] source that come from open_keys ...
-    from_open_src: torch.Tensor  # ... and those open_keys rows
+    from_window_dst: torch.Tensor  # rows of the [C * block_size] source that come from the window ...
+    from_window_src: torch.Tensor  # ... and those window rows
     from_step_dst: torch.Tensor  # rows of the source that come from this step's keys ...
     from_step_src: torch.Tensor  # ... and those tokens' indices in the step
-    to_open_src: torch.Tensor  # tokens whose blocks stay open ...
-    to_open_dst: torch.Tensor  # ... and their open_keys rows
+    to_window_src: torch.Tensor  # tokens in their sequence's window after the step ...
+    to_window_dst: torch.Tensor  # ... and their window rows
 
     @classmethod
     def plan(
-        cls, spans: list[tuple[int, int, int, list[int], int]], block_size: int, device: torch.device
+        cls, spans: list[tuple[int, int, int, list[int], int, int]], block_size: int, device: torch.device
     ) -> KeyWrites:
         """spans: per request in the step, (index of its first token in the step, first position, end
-        position, block table, open_keys slot); the request writes positions [first, end)."""
+        position, block table, window slot, first position it wrote into that slot); the request
+        writes positions [first, end)."""
         bs = block_size
         full: list[int] = []
-        from_open_dst, from_open_src, from_step_dst, from_step_src, to_open_src, to_open_dst = ([] for _ in range(6))
-        for flat, start, end, table, slot in spans:
+        from_window_dst, from_window_src, from_step_dst, from_step_src, to_window_src, to_window_dst = (
+            [] for _ in range(6)
+        )
+        for flat, start, end, table, slot, first_written in spans:
+            window_from = window_first_block(end, first_written, bs)
             for b in range(start // bs, -(-end // bs)):
+                entry_row = (slot * WINDOW_BLOCKS + b % WINDOW_BLOCKS) * bs
                 if (b + 1) * bs <= end:  # filled this step
                     base = len(full) * bs
                     full.append(table[b])
                     for offset in range(bs):
                         pos = b * bs + offset
                         if pos < start:
-                            from_open_dst.append(base + offset)
-                            from_open_src.append(slot * bs + offset)
+                            from_window_dst.append(base + offset)
+                            from_window_src.append(entry_row + offset)
                         else:
                             from_step_dst.append(base + offset)
                             from_step_src.append(flat + pos - start)
-                else:  # still open after the step
-                    for pos in range(max(start, b * bs), end):
-                        to_open_src.append(flat + pos - start)
-                        to_open_dst.append(slot * bs + pos % bs)
-        rows = (full, from_open_dst, from_open_src, from_step_dst, from_step_src, to_open_src, to_open_dst)
+                if b >= window_from:
+                    for pos in range(max(start, b * bs), min(end, (b + 1) * bs)):
+                        to_window_src.append(flat + pos - start)
+                        to_window_dst.append(entry_row + pos % bs)
+        rows = (full, from_window_dst, from_window_src, from_step_dst, from_step_src, to_window_src, to_window_dst)
         return cls(*(torch.tensor(r, dtype=torch.long, device=device) for r in rows))
 
 
 @dataclass
 class CascadeGroup:
     rows: torch.Tensor  # [n] decode rows (indices < Nd) whose block tables all start with block_ids; n >= 2
-    block_ids: torch.Tensor  # [P] the shared leading blocks, P >= 1, all full and before every row's own block
+    # [P] the shared leading blocks, P >= 1, all full and before every row's own block and window
+    block_ids: torch.Tensor
 
 
 @dataclass
@@ -134,7 +160,7 @@ class DecodeCascade:
     groups: list[CascadeGroup]
     suffix_block_tables: torch.Tensor  # [Nd, max_suffix_blocks], padded with block 0
     suffix_mask: torch.Tensor  # [Nd, 1, 1, max_suffix_blocks * block_size] bool, True = in context
-    suffix_open: OpenBlocks | None = None  # open blocks (always in the suffix) of a quantized cache
+    suffix_window: WindowBlocks | None = None  # windows (always in the suffix) of a quantized cache
 
     # Least share of the decode batch's gathered blocks that the cascade must save. Its attention
     # (a product and softmax per KV head, to get log-sum-exps) costs ~15% more per token than SDPA's
@@ -149,15 +175,16 @@ class DecodeCascade:
         lens: list[int],
         block_size: int,
         device: torch.device,
-        open_slots: list[int] | None = None,
+        windows: tuple[list[int], list[int]] | None = None,
     ) -> DecodeCascade | None:
         """From the decodes' block tables and context lengths (the new token included). Groups
         decodes by their first block; a group of >= 2 whose tables share >= 1 leading block becomes
         a CascadeGroup. None when no group qualifies or the groups save less than `min_saving` of
         the blocks. The shared run is cut before the block holding any member's new token (position
         len - 1): that block is the member's own (a shared block is full and read-only), and the cut
-        guarantees that every suffix is non-empty. open_slots: each decode's open_keys slot, for a
-        quantized cache."""
+        guarantees that every suffix is non-empty. windows: for a quantized cache, each decode's
+        window slot and first position written into it (WindowBlocks.of_rows); a prefix is also
+        cut before any member's window blocks, which must not be read as codes."""
         by_first: dict[int, list[int]] = {}
         for i, table in enumerate(tables):
             by_first.setdefault(table[0], []).append(i)
@@ -169,6 +196,8 @@ class DecodeCascade:
             members = [tables[i] for i in rows]
             low, high = min(members), max(members)  # a set's common prefix is that of its min and max
             limit = min((lens[i] - 1) // block_size for i in rows)
+            if windows is not None:
+                limit = min(limit, *(window_first_block(lens[i], windows[1][i], block_size) for i in rows))
             n = 0
             while n < limit and low[n] == high[n]:
                 n += 1
@@ -183,8 +212,8 @@ class DecodeCascade:
         suffix_tables = [t[p:] for t, p in zip(tables, prefix_len)]
         suffix_lens = [n - p * block_size for n, p in zip(lens, prefix_len)]
         cascade = cls(groups, *block_tables_and_mask(suffix_tables, suffix_lens, block_size, device))
-        if open_slots is not None:
-            cascade.suffix_open = OpenBlocks.of_last_blocks(suffix_lens, open_slots, block_size, device)
+        if windows is not None:
+            cascade.suffix_window = WindowBlocks.of_rows(lens, *windows, block_size, device, prefix_len)
         return cascade
 
 
@@ -207,18 +236,21 @@ class AttentionMetadata:
     decode_cascade: DecodeCascade | None = None  # when decodes share leading blocks
     prefills: list[PrefillSpan] = field(default_factory=list)
     key_writes: KeyWrites | None = None  # quantized caches only
-    decode_open: OpenBlocks | None = None  # quantized caches only: decodes' open last blocks
-    _decode_rows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    decode_window: WindowBlocks | None = None  # quantized caches only: decodes' blocks read from windows
+    _decode_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
-    def decode_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per decode, its context length and the open_keys slot of its last block (-1 when the block
-        is full), both [Nd] int64: what the fused int8 decode kernel reads. Computed once per step."""
+    def decode_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per decode, [Nd] int64 each: its context length, its window slot (-1: none), and the first
+        block it reads from the window (blocks from there on come from ring entry block % 2 of the
+        slot; past the table when none): what the fused int8 decode kernel reads. Once per step."""
         if self._decode_rows is None:
             lens = self.decode_mask[:, 0, 0].sum(-1)
             slots = torch.full_like(lens, -1)
-            if self.decode_open is not None:
-                slots[self.decode_open.rows] = self.decode_open.slots
-            self._decode_rows = (lens, slots)
+            first = torch.full_like(lens, self.decode_block_tables.shape[1])
+            if (w := self.decode_window) is not None:
+                slots[w.rows] = w.entries // WINDOW_BLOCKS
+                first.scatter_reduce_(0, w.rows, w.cols, "amin")
+            self._decode_rows = (lens, slots, first)
         return self._decode_rows
 
 
@@ -227,27 +259,30 @@ KVCache = torch.Tensor | QuantizedKVCache  # one layer's cache; a plain tensor i
 
 def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
     """This step's k, v [T, Hkv, D] go to their T slots (meta.slot_mapping); nothing else is touched.
-    A quantized cache quantizes values per token at once, and keys per channel a block at a time as
-    meta.key_writes says (kv/quant.py)."""
+    A quantized cache quantizes values per token at once, keys per channel a block at a time, and
+    keeps the recent window, as meta.key_writes says (kv/quant.py)."""
     num_kv_heads, head_dim = k.shape[1:]
     slots = meta.slot_mapping
     if not isinstance(kv_cache, QuantizedKVCache):
         kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
         kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
         return
-    q, scale = quantize_values(v.float() @ kv_cache.rotation, kv_cache.data.dtype, kv_cache.qmax)
+    rotated = v.float() @ kv_cache.rotation
+    q, scale = quantize_values(rotated, kv_cache.data.dtype, kv_cache.qmax)
     kv_cache.data[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, q)
     kv_cache.value_scales[0].view(-1, *scale.shape[1:]).index_copy_(0, slots, scale)
     writes = meta.key_writes
     if writes is None:
         raise ValueError("a quantized KV cache is written with meta.key_writes (KeyWrites.plan)")
-    open_rows = kv_cache.open_keys.view(-1, num_kv_heads, head_dim)
-    k = k.to(open_rows.dtype)
+    window = kv_cache.window.view(2, -1, num_kv_heads, head_dim)
+    # Keys are quantized from the window's precision whichever step wrote them, so a block's codes do
+    # not depend on how its tokens were split into steps.
+    k = to_window(k, window.dtype)
     num_full = writes.full_blocks.shape[0]
-    if num_full:  # before the open rows are written: a chunk's later block may reuse its slot
+    if num_full:  # before the window is written: a chunk's later block may reuse an entry
         block_size = kv_cache.data.shape[2]
         source = torch.empty(num_full * block_size, num_kv_heads, head_dim, dtype=k.dtype, device=k.device)
-        source.index_copy_(0, writes.from_open_dst, open_rows.index_select(0, writes.from_open_src))
+        source.index_copy_(0, writes.from_window_dst, window[0].index_select(0, writes.from_window_src))
         source.index_copy_(0, writes.from_step_dst, k.index_select(0, writes.from_step_src))
         codes, key_scale, center = quantize_key_blocks(
             source.view(num_full, block_size, num_kv_heads, head_dim), kv_cache.data.dtype, kv_cache.qmax
@@ -255,8 +290,18 @@ def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, meta: Attentio
         kv_cache.data[0].index_copy_(0, writes.full_blocks, codes)
         kv_cache.key_params[0].index_copy_(0, writes.full_blocks, key_scale)
         kv_cache.key_params[1].index_copy_(0, writes.full_blocks, center)
-    if writes.to_open_src.shape[0]:
-        open_rows.index_copy_(0, writes.to_open_dst, k.index_select(0, writes.to_open_src))
+    if writes.to_window_src.shape[0]:
+        window[0].index_copy_(0, writes.to_window_dst, k.index_select(0, writes.to_window_src))
+        values = to_window(rotated.index_select(0, writes.to_window_src), window.dtype)
+        window[1].index_copy_(0, writes.to_window_dst, values)
+
+
+def to_window(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the window's dtype, clamped to fp16's range when that is the window's (kv/quant.py
+    window_dtype): a key past it would be infinite and poison every score of its head."""
+    if dtype == torch.float16 and x.dtype != torch.float16:
+        x = x.clamp(-65504.0, 65504.0)
+    return x.to(dtype)
 
 
 class GatherBuffers(threading.local):
@@ -291,16 +336,16 @@ gather_buffers = GatherBuffers()
 
 
 def gather_kv(
-    kv_cache: KVCache, block_ids: torch.Tensor, dtype: torch.dtype, open_block: OpenBlocks | None = None
+    kv_cache: KVCache, block_ids: torch.Tensor, dtype: torch.dtype, window: WindowBlocks | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The K and V of whole blocks, in order: each [len(block_ids) * block_size, Hkv, D] in `dtype`
     (see `gather_blocks`)."""
-    keys, values = gather_blocks(kv_cache, block_ids[None], dtype, open_block)
+    keys, values = gather_blocks(kv_cache, block_ids[None], dtype, window)
     return keys[0], values[0]
 
 
 def gather_blocks(
-    kv_cache: KVCache, block_tables: torch.Tensor, dtype: torch.dtype, open_blocks: OpenBlocks | None = None
+    kv_cache: KVCache, block_tables: torch.Tensor, dtype: torch.dtype, window: WindowBlocks | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:  # K, V [N, n * block_size, Hkv, D], token-major as stored
     """Each row of block_tables [N, n] gathered, into `gather_buffers` (valid until the next gather on
     this thread). An int8 cache on the CPU goes through the compiled gather_dequant when it is built
@@ -311,11 +356,11 @@ def gather_blocks(
     A quantized cache is dequantized here, for the gathered blocks only (values stay rotated, see
     kv/quant.py: the caller un-rotates outputs instead): its int8/fp8 codes (a quarter of fp32's
     bytes) are gathered and converted into the model dtype in one pass, then keys take their
-    block's per-channel scale and center and values their per-token scale, in place. Open blocks'
-    keys are then copied over from open_keys. Measured on the CPU (per-token format, one multiply
-    per plane), converting in one pass and scaling in place cost about what an fp32 gather does,
+    block's per-channel scale and center and values their per-token scale, in place. Measured on
+    the CPU (per-token format, one multiply per plane), converting in one pass and scaling in place cost about what an fp32 gather does,
     where the same product written as one mixed-dtype multiply was 2x slower, and allocating its
-    result fresh (page faults, see GatherBuffers) 20x; keys now take one multiply-add."""
+    result fresh (page faults, see GatherBuffers) 20x; keys now take one multiply-add. Last, the
+    blocks of `window` are copied over from the sequences' windows."""
     rows = block_tables.shape[0]
     block_ids = block_tables.flatten()
     if (ops := fused_int8_ops(kv_cache)) is not None:  # one pass: codes in, dequantized values out
@@ -336,10 +381,10 @@ def gather_blocks(
         values.mul_(value_scales[0].unsqueeze(-1))  # one product, rounded once
     else:
         kv = index_select_reused("kv", kv_cache, block_ids)  # [2, N * n, bs, Hkv, D]
-    if isinstance(kv_cache, QuantizedKVCache) and open_blocks is not None:  # an open slot's rows past the
-        # sequence's end hold an earlier request's keys (finite model outputs), which the caller's mask excludes
-        keys = kv[0].view(rows, -1, *kv.shape[2:])  # [N, n, bs, Hkv, D]
-        keys[open_blocks.rows, open_blocks.cols] = kv_cache.open_keys[open_blocks.slots].to(dtype)
+    if isinstance(kv_cache, QuantizedKVCache) and window is not None:  # an open block's window rows past
+        # the sequence's end hold an earlier sequence's K/V (finite, clamped), which the caller's mask excludes
+        blocks = kv.view(2, rows, -1, *kv.shape[2:])  # [2, N, n, bs, Hkv, D]
+        blocks[:, window.rows, window.cols] = kv_cache.window.flatten(1, 2)[:, window.entries].to(dtype)
     kv = kv.view(2, rows, -1, *kv.shape[3:])  # [2, N, n * bs, Hkv, D]
     return kv[0], kv[1]
 
@@ -419,7 +464,7 @@ def cascade_decode_attention(
     KV head. Suffixes are attended per row, masked; the two parts merge by their log-sum-exps."""
     nd, num_kv_heads, group, head_dim = queries.shape
     keys, values = gather_blocks(
-        kv_cache, cascade.suffix_block_tables, queries.dtype, cascade.suffix_open
+        kv_cache, cascade.suffix_block_tables, queries.dtype, cascade.suffix_window
     )  # [Nd, S * bs, Hkv, D]
     out, lse = attention_with_lse(
         queries, keys, values, scale, cascade.suffix_mask[:, 0]
@@ -457,23 +502,24 @@ def paged_attention(
         if meta.decode_cascade is not None:
             attn = cascade_decode_attention(queries, kv_cache, meta.decode_cascade, scale)
         elif (ops := fused_int8_ops(kv_cache)) is not None:  # reads the int8 blocks in place, no gather
-            lens, open_slots = meta.decode_rows()
+            lens, window_slots, window_from = meta.decode_rows()
             attn = torch.empty_like(queries)
             ops.decode_attention(
                 queries.contiguous(),
                 kv_cache.data,
                 kv_cache.key_params,
                 kv_cache.value_scales,
-                kv_cache.open_keys,
+                kv_cache.window,
                 meta.decode_block_tables,
                 lens,
-                open_slots,
+                window_slots,
+                window_from,
                 scale,
                 attn,
             )
         else:
             keys, values = gather_blocks(
-                kv_cache, meta.decode_block_tables, q.dtype, meta.decode_open
+                kv_cache, meta.decode_block_tables, q.dtype, meta.decode_window
             )  # [Nd, L, Hkv, D]
             keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [Nd, Hkv, L, D]
             attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask, scale=scale)
@@ -491,7 +537,7 @@ def paged_attention(
             continue
         ctx = span.context_len
         queries = q[rows].transpose(0, 1).unsqueeze(0)
-        keys, values = gather_kv(kv_cache, span.block_ids, q.dtype, span.open_block)
+        keys, values = gather_kv(kv_cache, span.block_ids, q.dtype, span.window)
         keys = keys[:ctx].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
         values = values[:ctx].transpose(0, 1).unsqueeze(0)
         attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=True)

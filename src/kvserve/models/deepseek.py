@@ -101,8 +101,8 @@ class DeepseekForCausalLM(nn.Module):
     def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
         return block_size * self.kv_bytes_per_token(dtype, kv_cache_dtype)
 
-    def open_key_bytes_per_slot(self, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
-        return 0  # the latent cache quantizes per token: no open blocks kept apart
+    def window_bytes_per_slot(self, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+        return 0  # the latent cache quantizes per token: no recent window
 
     def forward(
         self,

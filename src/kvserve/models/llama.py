@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from kvserve.kv.quant import QuantizedKVCache, kv_bytes_per_block, open_key_bytes_per_slot
+from kvserve.kv.quant import QuantizedKVCache, kv_bytes_per_block, window_bytes_per_slot
 from kvserve.models.attention import AttentionMetadata, KVCache, paged_attention, write_kv
 from kvserve.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
 from kvserve.models.model_config import ModelConfig
@@ -97,7 +97,7 @@ class LlamaForCausalLM(nn.Module):
         num_open_slots: int = 0,
     ) -> list[KVCache]:
         """Per layer: one [2, num_blocks, block_size, Hkv, D] tensor (K and V), or its quantized form with
-        `num_open_slots` open blocks of full-precision keys (kv/quant.py)."""
+        `num_open_slots` recent windows (kv/quant.py)."""
         heads, head_dim = self.config.num_kv_heads, self.config.head_dim
         device = self.embed_tokens.weight.device
         if kv_cache_dtype != "auto":
@@ -118,12 +118,12 @@ class LlamaForCausalLM(nn.Module):
         """Full-precision KV bytes of one token across all layers."""
         return self.kv_bytes_per_block(1, dtype)
 
-    def open_key_bytes_per_slot(self, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
-        """What one running sequence's open block of full-precision keys costs (quantized caches only)."""
+    def window_bytes_per_slot(self, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+        """What one running sequence's recent window costs (quantized caches only, kv/quant.py)."""
         if kv_cache_dtype == "auto":
             return 0
         c = self.config
-        return open_key_bytes_per_slot(c.num_layers, c.num_kv_heads, c.head_dim, block_size, dtype)
+        return window_bytes_per_slot(c.num_layers, c.num_kv_heads, c.head_dim, block_size, dtype)
 
     def forward(
         self,
