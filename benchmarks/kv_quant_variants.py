@@ -4,11 +4,12 @@ Each variant rounds K/V as they are written into a full-precision cache (quantiz
 at once), so no kernel is needed to compare formats; greedy continuations (default 96 prompts x 64
 tokens from tests/data/english_text.txt) are compared with the unrounded cache's. The shipped int8
 format (kv/quant.py) is the one marked "(shipped)": keys per channel over each full block, [min, max]
-mapped onto the codes, the open block unrounded; values per token and 32 channels, symmetric,
-Hadamard-rotated. Before it, kvserve shipped keys rounded like values with one scale per head
-("rot-sym64"). The "shipped keys; ..." variants change the shipped format's values, or
-when its blocks are rounded (a block's values rounded only when it fills, like its keys; the last
-two blocks kept exact). The prompts of a smaller --num-prompts are among those of a larger one, and
+mapped onto the codes; values per token and 32 channels, symmetric, Hadamard-rotated; each
+sequence's last two blocks (the open one and the full one before it) read in fp16 from its window.
+Before the window, the open block's keys alone were kept exact ("... rot-sym32 (window-less)"); before
+that, kvserve shipped keys rounded like values with one scale per head ("rot-sym64"). The "shipped
+keys; ..." variants change that format's values, or when its blocks are rounded (a block's values
+rounded only when it fills, like its keys; the last two or four blocks kept exact or in fp16). The prompts of a smaller --num-prompts are among those of a larger one, and
 --num-prompts 32 gives the 32 of kv_quant_quality.py's greedy check.
 
     python benchmarks/kv_quant_variants.py [--num-prompts 96] [--variants SUBSTRING ...]
@@ -97,10 +98,10 @@ VARIANTS: dict[str, Variant] = {
     "keys per channel per block, symmetric; values rot-sym64": Variant(identity, PER_TOKEN, channel_symmetric),
     "keys per channel per block, [min, max]; values exact": Variant(identity, identity, channel_range),
     "keys per channel per block, [min, max]; values rot-sym64": Variant(identity, PER_TOKEN, channel_range),
-    "keys per channel per block, [min, max]; values rot-sym32 (shipped)": Variant(
+    "keys per channel per block, [min, max]; values rot-sym32 (window-less)": Variant(
         identity, SHIPPED_VALUES, channel_range
     ),
-    # Changes to the shipped format (keys per channel per block, [min, max]), for the >= 90% target:
+    # Changes to the window-less format (keys per channel per block, [min, max]), for the >= 90% target:
     "shipped keys; values rot-sym32, open block exact too": Variant(identity, identity, channel_range, SHIPPED_VALUES),
     "shipped keys; values rot-sym16": Variant(identity, rotated(symmetric(16)), channel_range),
     "shipped keys; values rot-sym16, open block exact too": Variant(
@@ -112,7 +113,7 @@ VARIANTS: dict[str, Variant] = {
     "shipped keys; values rot-sym32; last two blocks exact (K and V)": Variant(
         identity, identity, channel_range, SHIPPED_VALUES, exact_full_blocks=1
     ),
-    "shipped keys; values rot-sym32; last two blocks in fp16 (K and V)": Variant(
+    "shipped keys; values rot-sym32; last two blocks in fp16 (K and V) (shipped)": Variant(
         lambda x: x.half().float(), lambda x: x.half().float(), channel_range, SHIPPED_VALUES, exact_full_blocks=1
     ),
     "shipped keys; values rot-sym32; last four blocks in fp16 (K and V)": Variant(

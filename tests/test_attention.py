@@ -14,6 +14,7 @@ from kvserve.models.attention import (
     AttentionMetadata,
     DecodeCascade,
     KeyWrites,
+    WindowBlocks,
     block_tables_and_mask,
     paged_attention,
     write_kv,
@@ -23,7 +24,7 @@ BS, HKV, G, D = 4, 2, 3, 16  # block size, KV heads, query heads per KV head, he
 NUM_BLOCKS = 48
 
 
-def random_cache(kind: str) -> attention.KVCache:
+def random_cache(kind: str, num_windows: int = 1) -> attention.KVCache:
     torch.manual_seed(0)
     k = torch.randn(NUM_BLOCKS * BS, HKV, D)
     v = torch.randn(NUM_BLOCKS * BS, HKV, D)
@@ -31,23 +32,31 @@ def random_cache(kind: str) -> attention.KVCache:
     if kind == "plain":
         cache = torch.zeros(2, NUM_BLOCKS, BS, HKV, D)
     else:
-        cache = QuantizedKVCache.allocate(kind, NUM_BLOCKS, BS, HKV, D, 1, torch.float32, torch.device("cpu"))
+        cache = QuantizedKVCache.allocate(kind, NUM_BLOCKS, BS, HKV, D, num_windows, torch.float32, torch.device("cpu"))
     tokens = NUM_BLOCKS * BS
     meta = AttentionMetadata(torch.arange(tokens), 0)
-    meta.key_writes = KeyWrites.plan([(0, 0, tokens, list(range(NUM_BLOCKS)), 0)], BS, torch.device("cpu"))
+    meta.key_writes = KeyWrites.plan([(0, 0, tokens, list(range(NUM_BLOCKS)), 0, 0)], BS, torch.device("cpu"))
     write_kv(cache, k, v, meta)  # every block full: all of K quantized per channel
     return cache
 
 
-def decode(cache: attention.KVCache, tables: list[list[int]], lens: list[int], cascade: bool) -> torch.Tensor:
+def decode(
+    cache: attention.KVCache,
+    tables: list[list[int]],
+    lens: list[int],
+    cascade: bool,
+    windows: tuple[list[int], list[int]] | None = None,  # per decode: window slot, first position written
+) -> torch.Tensor:
     nd = len(tables)
     torch.manual_seed(1)
     q = torch.randn(nd, HKV * G, D)
     kv = torch.zeros(nd, HKV, D)  # this step's K/V: only prefill spans read them
     block_tables, mask = block_tables_and_mask(tables, lens, BS, torch.device("cpu"))
     meta = AttentionMetadata(torch.zeros(nd, dtype=torch.long), nd, block_tables, mask)
+    if windows is not None:
+        meta.decode_window = WindowBlocks.of_rows(lens, *windows, BS, torch.device("cpu"))
     if cascade:
-        meta.decode_cascade = DecodeCascade.build(tables, lens, BS, torch.device("cpu"))
+        meta.decode_cascade = DecodeCascade.build(tables, lens, BS, torch.device("cpu"), windows)
         assert meta.decode_cascade is not None
     return paged_attention(q, kv, kv, cache, meta, D**-0.5)
 
@@ -118,6 +127,28 @@ def test_cascade_groups_and_loners(kind):
     ref = decode(cache, tables, lens, cascade=False)
     got = decode(cache, tables, lens, cascade=True)
     assert (got - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("first_written, shared", [(0, [0, 1]), (3 * BS, [0, 1, 2])])
+def test_cascade_with_windows_equals_plain_decode(first_written, shared):
+    # int8 decodes read their last two blocks from their windows, not their codes. Row 0's window
+    # reaches into the shared blocks (it wrote them itself, before the others hit them in the prefix
+    # cache), so the cascade's prefix stops before its window; unless row 0 hit them too
+    # (first_written past them), when they are codes for every row. Either way, as without cascade.
+    cache = random_cache("int8", num_windows=4)
+    torch.manual_seed(2)
+    cache.window.normal_()  # what four sequences wrote, unlike their blocks' codes
+    prefix = own_blocks(0, 3)
+    tables = [prefix + [20], prefix + [21, 22], prefix + [23], prefix + [24, 25, 26]]
+    lens = [3 * BS + 1, 4 * BS + 2, 4 * BS, 5 * BS + 3]
+    windows = ([0, 1, 2, 3], [first_written, 0, 0, 3 * BS])
+    cascade = DecodeCascade.build(tables, lens, BS, torch.device("cpu"), windows)
+    assert [g.block_ids.tolist() for g in cascade.groups] == [shared]
+    ref = decode(cache, tables, lens, cascade=False, windows=windows)
+    got = decode(cache, tables, lens, cascade=True, windows=windows)
+    assert (got - ref).abs().max().item() < 1e-5
+    # the windows are read: without them, the output differs
+    assert (decode(cache, tables, lens, cascade=False) - ref).abs().max().item() > 1e-2
 
 
 def test_cascade_stops_before_the_new_tokens_block():

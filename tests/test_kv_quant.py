@@ -245,3 +245,15 @@ def test_int8_with_preemption_prefix_cache_and_forks(int8_llm):
         assert [o.token_ids for o in three.outputs] == [one.outputs[0].token_ids] * 3
     assert len(prompts[3]) % 16 != 0
     int8_llm.engine.check_idle()
+
+
+def test_window_of_an_fp32_model_clamps_to_fp16_range():
+    # A key past fp16's range would be infinite in the window and poison its head's scores; it is
+    # clamped instead (the codes of its block, quantized from the window's values, stay finite too).
+    bs, heads, dim = 4, 1, 32
+    cache = QuantizedKVCache.allocate("int8", 2, bs, heads, dim, 1, torch.float32, CPU)
+    k = torch.ones(bs, heads, dim)
+    k[1, 0, 3] = 1e6
+    write(cache, k, torch.ones(bs, heads, dim), [(0, 0, bs, [1], 0, 0)], bs)
+    assert cache.window[0, 0, 0, 1, 0, 3].item() == 65504.0
+    assert torch.isfinite(cache.window).all() and torch.isfinite(cache.key_params).all()

@@ -70,6 +70,23 @@ void gather_dequant_impl(const at::Tensor& data, const at::Tensor& key_params, c
   });
 }
 
+// tile [tokens, dim] fp32 = `tokens` rows of a window, `row` elements apart. c10::Half converts in
+// software one value at a time (its vectorized path needs torch's own AVX2 build flags, which an
+// extension does not get); GCC's _Float16 converts with the CPU's F16C instructions, vectorized.
+template <typename W>
+void widen_rows(const W* __restrict__ src, int64_t tokens, int64_t dim, int64_t row, float* __restrict__ tile) {
+#if defined(__FLT16_MANT_DIG__)
+  if constexpr (std::is_same_v<W, c10::Half>) {
+    const _Float16* __restrict__ h = reinterpret_cast<const _Float16*>(src);  // the same IEEE bits
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t c = 0; c < dim; ++c) tile[t * dim + c] = static_cast<float>(h[t * row + c]);
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t c = 0; c < dim; ++c) tile[t * dim + c] = static_cast<float>(src[t * row + c]);
+}
+
 // Where block `id` of one head keeps its codes, parameters and value scales.
 struct BlockView {
   const int8_t* keys;         // [block_size] rows of dim codes, `row` apart
@@ -137,9 +154,7 @@ void decode_one(const T* __restrict__ query, int64_t group, int64_t dim_, int64_
     // Scores [group, tokens] into weights.
     const float* __restrict__ qk = qs;  // what the tile's keys are multiplied by
     if (windowed) {
-      const W* __restrict__ keys = window_keys;
-      for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t c = 0; c < dim; ++c) tile[t * dim + c] = static_cast<float>(keys[t * row + c]);
+      widen_rows(window_keys, tokens, dim, row, tile);
       std::fill(bias, bias + group, 0.f);
       qk = q;
     } else {
@@ -184,8 +199,7 @@ void decode_one(const T* __restrict__ query, int64_t group, int64_t dim_, int64_
 
     // acc += weights . values.
     if (windowed) {
-      for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t c = 0; c < dim; ++c) tile[t * dim + c] = static_cast<float>(window_values[t * row + c]);
+      widen_rows(window_values, tokens, dim, row, tile);
     } else {
       for (int64_t t = 0; t < tokens; ++t)
         for (int64_t k = 0; k < value_groups; ++k) {

@@ -24,9 +24,8 @@ so they are quantized differently (KIVI, Liu et al. 2024):
   all the same, so what prefix caching shares, preemption frees and the tiers move is unchanged.
 
 On the default model the share of greedy continuations identical to full precision (64 tokens,
-benchmarks/kv_quant_quality.py, 192 prompts): 88% with the quantized blocks alone, 92% with the
-cache rounded to bfloat16, ~66% with keys quantized per token like values; see benchmarks/README.md
-for the window's effect.
+benchmarks/kv_quant_quality.py, 192 prompts): 91% (87% without the windows), 92% with the cache
+rounded to bfloat16, ~66% with keys quantized per token like values.
 
 Dequantization happens in attention, for the blocks attended only; the whole cache is never held in
 full precision. On the CPU, compiled kernels (kvserve/kernels) read int8 codes where they lie: decode
