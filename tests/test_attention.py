@@ -68,11 +68,12 @@ def dequantized_copy(cache: QuantizedKVCache) -> torch.Tensor:
     return torch.stack([keys, values])
 
 
+@pytest.mark.parametrize("kind", ["int8", "fp8"])  # fp8 is served on CUDA only, but its arithmetic runs here
 @pytest.mark.parametrize("cascade", [False, True])
-def test_int8_decode_equals_attention_over_dequantized_kv(cascade):
+def test_quantized_decode_equals_attention_over_dequantized_kv(kind, cascade):
     # Decode attention dequantizes what it gathers and un-rotates its outputs; it must equal plain
     # attention over the dequantized K/V up to fp32 round-off.
-    cache = random_cache("int8")
+    cache = random_cache(kind)
     tables = [[0, 1, 2, 10], [0, 1, 2, 11, 12], [0, 1, 2, 13], [14, 15]]
     lens = [3 * BS + 1, 4 * BS + 3, 4 * BS, 2 * BS - 1]
     ref = decode(dequantized_copy(cache), tables, lens, cascade=False)
@@ -84,7 +85,7 @@ def own_blocks(start: int, count: int) -> list[int]:
     return list(range(start, start + count))
 
 
-@pytest.mark.parametrize("kind", ["plain", "int8"])
+@pytest.mark.parametrize("kind", ["plain", "int8", "fp8"])
 @pytest.mark.parametrize("prefix_blocks", [1, 2, 5])
 def test_cascade_equals_plain_decode(kind, prefix_blocks):
     cache = random_cache(kind)
@@ -106,7 +107,7 @@ def test_cascade_equals_plain_decode(kind, prefix_blocks):
     assert (got - ref).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["plain", "int8"])
+@pytest.mark.parametrize("kind", ["plain", "int8", "fp8"])
 def test_cascade_groups_and_loners(kind):
     cache = random_cache(kind)
     a, b = own_blocks(0, 3), own_blocks(3, 2)

@@ -148,18 +148,19 @@ def test_windows_hold_the_last_two_blocks_and_full_blocks_are_quantized_once():
         assert torch.equal(gathered_k[first * bs : start], restored.flatten(0, 1)[: start - first * bs])
 
 
-def test_attention_on_int8_cache_matches_full_precision():
+@pytest.mark.parametrize("kind, tolerance", [("int8", 0.03), ("fp8", 0.1)])  # fp8: CUDA-only in the engine
+def test_attention_on_quantized_cache_matches_full_precision(kind, tolerance):
     torch.manual_seed(1)
     heads, kv_heads, dim, bs, blocks = 4, 2, 64, 16, 6
     full = torch.zeros(2, blocks, bs, kv_heads, dim)
-    quant = QuantizedKVCache.allocate("int8", blocks, bs, kv_heads, dim, 1, torch.float32, CPU)
+    quant = QuantizedKVCache.allocate(kind, blocks, bs, kv_heads, dim, 1, torch.float32, CPU)
     ctx = 40
     k, v = torch.randn(ctx, kv_heads, dim), torch.randn(ctx, kv_heads, dim)
     k[:, :, :4] *= 20  # outlier channels, as RoPE'd keys have
     write(full, k, v, [(0, 0, ctx, [0, 1, 2], 0, 0)], bs)
     write(quant, k, v, [(0, 0, ctx, [0, 1, 2], 0, 0)], bs)
     _, gv = gather_kv(quant, torch.tensor([0, 1, 2]), torch.float32)  # codes only, no window
-    assert torch.allclose(gv[:ctx] @ quant.rotation.T, v, atol=0.05)  # values stored rotated
+    assert torch.allclose(gv[:ctx] @ quant.rotation.T, v, atol=2 * tolerance)  # values stored rotated
     q = torch.randn(1, heads, dim)
     meta = AttentionMetadata(
         slot_mapping=torch.tensor([ctx - 1]),
@@ -170,7 +171,7 @@ def test_attention_on_int8_cache_matches_full_precision():
     )
     ref = paged_attention(q, k[-1:], v[-1:], full, meta, dim**-0.5)
     got = paged_attention(q, k[-1:], v[-1:], quant, meta, dim**-0.5)
-    assert (got - ref).abs().max().item() < 0.03
+    assert (got - ref).abs().max().item() < tolerance
 
 
 def test_fp8_is_refused_on_cpu():
@@ -257,3 +258,24 @@ def test_window_of_an_fp32_model_clamps_to_fp16_range():
     write(cache, k, torch.ones(bs, heads, dim), [(0, 0, bs, [1], 0, 0)], bs)
     assert cache.window[0, 0, 0, 1, 0, 3].item() == 65504.0
     assert torch.isfinite(cache.window).all() and torch.isfinite(cache.key_params).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv_cache_dtype, max_ppl_change", [("int8", 0.01), ("fp8", 0.03)])
+def test_quantized_kv_on_cuda_keeps_perplexity(kv_cache_dtype, max_ppl_change):
+    # The CUDA path is attention.py's PyTorch one (the compiled kernels are CPU-only); fp8 is CUDA-only.
+    with open(TEXT) as f:
+        text = f.read()
+    params = SamplingParams(max_tokens=0, prompt_logprobs=0)
+
+    def ppl(**kwargs) -> float:
+        llm = LLM(device="cuda", kv_cache_memory="256MiB", max_num_batched_tokens=64, **kwargs)
+        ids = llm.tokenizer.encode(text, add_special_tokens=False)[:1024]
+        out = llm.generate([ids], params)[0]
+        llm.engine.check_idle()
+        lps = [entry[t] for entry, t in zip(out.prompt_logprobs[1:], ids[1:])]
+        return math.exp(-sum(lps) / len(lps))
+
+    ref, got = ppl(), ppl(kv_cache_dtype=kv_cache_dtype)
+    assert abs(got / ref - 1) < max_ppl_change, (ref, got)

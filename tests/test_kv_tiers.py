@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvserve import LLM, SamplingParams
 from kvserve.kv.block_io import BlockIO
 from kvserve.kv.prefix_hash import extend_block_hashes
-from kvserve.kv.quant import QuantizedKVCache
+from kvserve.kv.quant import QuantizedKVCache, as_bytes
 from kvserve.kv.tiers import _HEADER, DiskTier, HostTier
 
 BLOCK_BYTES = 3 * 2 * 16 * 2 * 16 * 4  # tiny llama: layers x (K, V) x block x KV heads x head dim x fp32
@@ -46,18 +46,19 @@ def files(folder) -> list[str]:
 # ---------------------------------------------------------------- rows
 
 
-def test_block_io_round_trips_plain_quantized_and_latent_caches():
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_block_io_round_trips_plain_quantized_and_latent_caches(kv_cache_dtype):
     torch.manual_seed(0)
     plain = torch.randn(2, 6, 4, 2, 8)  # [K/V, blocks, block size, heads, dim]
-    quant = QuantizedKVCache.allocate("int8", 6, 4, 2, 8, 1, torch.float32, torch.device("cpu"))
-    quant.data.copy_(torch.randint(-127, 128, quant.data.shape))
+    quant = QuantizedKVCache.allocate(kv_cache_dtype, 6, 4, 2, 8, 1, torch.float32, torch.device("cpu"))
+    quant.data.copy_(torch.randint(-127, 128, quant.data.shape))  # fp8 codes move as bytes (as_bytes)
     quant.key_params.uniform_()
     quant.value_scales.uniform_()
     latent = torch.randn(1, 6, 4, 12)  # MLA: [1, blocks, block size, width]
     io = BlockIO([plain, quant, latent])
     # plain K/V + int8 codes + K scale and center per channel + V scale per token + latent
     assert io.row_nbytes == 2 * 4 * 2 * 8 * 4 + 2 * 4 * 2 * 8 + 2 * 2 * 8 * 4 + 4 * 2 * 4 + 4 * 12 * 4 == 992
-    tensors = (plain, quant.data, quant.key_params, quant.value_scales, latent)
+    tensors = (plain, as_bytes(quant.data), quant.key_params, quant.value_scales, latent)
     before = [t.clone() for t in tensors]
     rows = io.gather([3, 1])
     assert rows.shape == (2, 992) and rows.dtype == torch.uint8

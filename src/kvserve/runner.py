@@ -18,7 +18,7 @@ import torch
 from kvserve import kernels
 from kvserve.config import EngineConfig
 from kvserve.kv.kv_cache_manager import KVCacheManager
-from kvserve.kv.quant import block_tensors
+from kvserve.kv.quant import as_bytes, block_tensors
 from kvserve.models.attention import (
     AttentionMetadata,
     DecodeCascade,
@@ -203,7 +203,7 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in pairs], device=self.device)
         dst = torch.tensor([d for _, d in pairs], device=self.device)
         for cache in self.kv_caches:
-            for tensor in block_tensors(cache):
+            for tensor in map(as_bytes, block_tensors(cache)):
                 tensor[:, dst] = tensor[:, src]
 
     @torch.inference_mode()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvserve.kv.quant import block_tensors
+from kvserve.kv.quant import as_bytes, block_tensors
 
 _ALIGN = 16
 
@@ -33,7 +33,7 @@ class BlockIO:
     def __init__(self, kv_caches: list) -> None:
         tensors: list[torch.Tensor] = []
         for cache in kv_caches:
-            tensors += block_tensors(cache)
+            tensors += [as_bytes(t) for t in block_tensors(cache)]  # rows are bytes: fp8 moves as uint8
         self.slices: list[_Slice] = []
         offset = 0
         for t in tensors:

@@ -209,6 +209,13 @@ def num_open_slots(max_num_seqs: int, budget_bytes: int, slot_bytes: int) -> int
     return max(1, min(max_num_seqs, budget_bytes // 2 // slot_bytes))
 
 
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """t, or for fp8 its bytes: a uint8 view of the same shape. What only moves codes (writes into
+    slots, gathers, block copies) moves bytes, because PyTorch's index ops (index_copy_, index_select,
+    indexing) have no fp8 kernels on the CPU."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
 def block_tensors(cache: torch.Tensor | QuantizedKVCache | QuantizedLatentCache) -> list[torch.Tensor]:
     """The tensors that hold a layer's full blocks, each with its blocks on dim 1 (what block copies and
     the offload tiers move): a plain cache is one."""

@@ -40,6 +40,7 @@ from kvserve import kernels
 from kvserve.kv.quant import (
     WINDOW_BLOCKS,
     QuantizedKVCache,
+    as_bytes,
     quantize_key_blocks,
     quantize_values,
     window_first_block,
@@ -269,7 +270,7 @@ def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, meta: Attentio
         return
     rotated = v.float() @ kv_cache.rotation
     q, scale = quantize_values(rotated, kv_cache.data.dtype, kv_cache.qmax)
-    kv_cache.data[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, q)
+    as_bytes(kv_cache.data[1]).view(-1, num_kv_heads, head_dim).index_copy_(0, slots, as_bytes(q))
     kv_cache.value_scales[0].view(-1, *scale.shape[1:]).index_copy_(0, slots, scale)
     writes = meta.key_writes
     if writes is None:
@@ -287,7 +288,7 @@ def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, meta: Attentio
         codes, key_scale, center = quantize_key_blocks(
             source.view(num_full, block_size, num_kv_heads, head_dim), kv_cache.data.dtype, kv_cache.qmax
         )
-        kv_cache.data[0].index_copy_(0, writes.full_blocks, codes)
+        as_bytes(kv_cache.data[0]).index_copy_(0, writes.full_blocks, as_bytes(codes))
         kv_cache.key_params[0].index_copy_(0, writes.full_blocks, key_scale)
         kv_cache.key_params[1].index_copy_(0, writes.full_blocks, center)
     if writes.to_window_src.shape[0]:
@@ -368,7 +369,8 @@ def gather_blocks(
         kv = gather_buffers.get("kv", (2, block_ids.shape[0], *data.shape[2:]), dtype, data.device)
         ops.gather_dequant(data, kv_cache.key_params, kv_cache.value_scales, block_ids, kv)
     elif isinstance(kv_cache, QuantizedKVCache):
-        data = index_select_reused("data", kv_cache.data, block_ids)  # [2, N * n, bs, Hkv, D] int8/fp8
+        data = index_select_reused("data", as_bytes(kv_cache.data), block_ids)  # [2, N * n, bs, Hkv, D] codes
+        data = data.view(kv_cache.data.dtype)  # int8, or fp8 gathered as bytes
         key_params = index_select_reused("key_params", kv_cache.key_params, block_ids)  # [2, N * n, Hkv, D]
         value_scales = index_select_reused("value_scales", kv_cache.value_scales, block_ids)  # [1, N * n, bs, Hkv, G]
         kv = gather_buffers.get("kv", data.shape, dtype, data.device).copy_(data)  # exact: |q| <= 127 (448)

@@ -25,7 +25,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kvserve.kv.quant import QUANTIZED_KV_DTYPES, SCALE_DTYPE, QuantizedLatentCache, dequantize, quantize
+from kvserve.kv.quant import (
+    QUANTIZED_KV_DTYPES,
+    SCALE_DTYPE,
+    QuantizedLatentCache,
+    as_bytes,
+    dequantize,
+    quantize,
+)
 from kvserve.models.attention import AttentionMetadata, KVCache
 from kvserve.models.layers import RMSNorm, rope_inv_freq
 from kvserve.models.model_config import ModelConfig
@@ -142,7 +149,7 @@ def write_latents(kv_cache: KVCache, latent: torch.Tensor, slot_mapping: torch.T
     width = latent.shape[1]
     if isinstance(kv_cache, QuantizedLatentCache):
         q, scale = quantize(latent.unsqueeze(1), kv_cache.data.dtype, kv_cache.qmax)  # [T, 1, width], [T, 1]
-        kv_cache.data[0].view(-1, width).index_copy_(0, slot_mapping, q[:, 0])
+        as_bytes(kv_cache.data[0]).view(-1, width).index_copy_(0, slot_mapping, as_bytes(q[:, 0]))
         kv_cache.scales[0].view(-1).index_copy_(0, slot_mapping, scale[:, 0])
     else:
         kv_cache[0].view(-1, width).index_copy_(0, slot_mapping, latent)
@@ -153,7 +160,7 @@ def gather_latents(kv_cache: KVCache, block_ids: torch.Tensor, dtype: torch.dtyp
     of whole blocks is a row memcpy (~3x faster on the CPU than advanced indexing); a quantized cache is
     dequantized here, for the gathered blocks only."""
     if isinstance(kv_cache, QuantizedLatentCache):
-        data = kv_cache.data[0].index_select(0, block_ids)  # [n, bs, width]
+        data = as_bytes(kv_cache.data[0]).index_select(0, block_ids).view(kv_cache.data.dtype)  # [n, bs, width]
         scales = kv_cache.scales[0].index_select(0, block_ids)  # [n, bs]
         return dequantize(data, scales, dtype).flatten(0, 1)
     return kv_cache[0].index_select(0, block_ids).flatten(0, 1)
