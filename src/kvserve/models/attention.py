@@ -385,8 +385,10 @@ def gather_blocks(
         kv = index_select_reused("kv", kv_cache, block_ids)  # [2, N * n, bs, Hkv, D]
     if isinstance(kv_cache, QuantizedKVCache) and window is not None:  # an open block's window rows past
         # the sequence's end hold an earlier sequence's K/V (finite, clamped), which the caller's mask excludes
-        blocks = kv.view(2, rows, -1, *kv.shape[2:])  # [2, N, n, bs, Hkv, D]
-        blocks[:, window.rows, window.cols] = kv_cache.window.flatten(1, 2)[:, window.entries].to(dtype)
+        at = window.rows * block_tables.shape[1] + window.cols  # gathered block indices
+        for plane in range(2):  # index_copy_ of whole blocks: a memcpy each, unlike indexed assignment
+            entries = kv_cache.window[plane].flatten(0, 1).index_select(0, window.entries)  # [n, bs, Hkv, D]
+            kv[plane].index_copy_(0, at, entries.to(dtype))
     kv = kv.view(2, rows, -1, *kv.shape[3:])  # [2, N, n * bs, Hkv, D]
     return kv[0], kv[1]
 
