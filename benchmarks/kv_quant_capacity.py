@@ -10,7 +10,8 @@ output tokens/s.
 
 --repeat N runs the workload N times per dtype, alternating the engines (built once), and
 reports the median tokens/s of each and the median of the per-round ratios. --plain-int8 adds a third
-engine, int8 without kvserve's compiled CPU kernels (KVSERVE_CPU_KERNELS=0 while it runs).
+engine, int8 without kvserve's compiled CPU kernels (KVSERVE_CPU_KERNELS=0 while it runs); --fp8 adds
+fp8 (CUDA only: `--device cuda --fp8`, what benchmarks/gpu_check.sh runs).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def build(kv_cache_dtype: str, args) -> LLM:
         kv_cache_dtype=kv_cache_dtype,
         max_num_seqs=args.num_requests,
         enable_prefix_caching=False,
+        device=args.device,
     )
 
 
@@ -75,11 +77,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per dtype, interleaved; medians")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--plain-int8", action="store_true", help="also int8 without the compiled kernels")
+    parser.add_argument("--fp8", action="store_true", help="also fp8 (CUDA only)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.quick:
         args.num_requests, args.prompt_len, args.output_len, args.kv_cache_memory = 16, 64, 32, "24MiB"
-    names = ["auto", "int8"] + (["int8-plain"] if args.plain_int8 else [])
+    names = ["auto", "int8"] + (["int8-plain"] if args.plain_int8 else []) + (["fp8"] if args.fp8 else [])
     llms = {name: build(name.removesuffix("-plain"), args) for name in names}
     rounds = [[run(llm, name, args) for name, llm in llms.items()] for _ in range(args.repeat)]
     results = [
@@ -102,9 +106,12 @@ def main() -> None:
         f"{int8['output_tokens_per_s'] / full['output_tokens_per_s']:.2f}x output tokens/s "
         f"(medians of {args.repeat} interleaved runs; per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})"
     )
-    if args.plain_int8:
-        plain = [runs[2]["output_tokens_per_s"] / runs[0]["output_tokens_per_s"] for runs in rounds]
-        print(f"int8 without the compiled kernels / auto: per-round {', '.join(f'{r:.2f}' for r in plain)}")
+    for index, name in enumerate(names[2:], start=2):
+        extra = [runs[index]["output_tokens_per_s"] / runs[0]["output_tokens_per_s"] for runs in rounds]
+        running = results[index]["max_running"] / full["max_running"]
+        print(
+            f"{name} / auto: {running:.2f}x concurrent requests, per-round tok/s {', '.join(f'{r:.2f}' for r in extra)}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": results, "rounds": rounds, "ratios": ratios}, f, indent=2)

@@ -80,10 +80,12 @@ def main() -> None:
     parser.add_argument("--num-tokens", type=int, default=64)
     parser.add_argument("--max-tokens-scored", type=int, default=0, help="score only this many tokens (0: all)")
     parser.add_argument("--rounding-floor", action="store_true", help="also fp16- and bf16-rounded KV")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (fp8 needs cuda)")
+    parser.add_argument("--dtype", default="auto", help="model dtype: auto (fp32 on the CPU, bf16 on CUDA), ...")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    common = dict(kv_cache_memory="512MiB", max_num_batched_tokens=64)
+    common = dict(kv_cache_memory="512MiB", max_num_batched_tokens=64, device=args.device, dtype=args.dtype)
     full = LLM(**common)
     quant = LLM(**common, kv_cache_dtype=args.kv_cache_dtype)
     with open(TEXT) as f:
