@@ -75,8 +75,8 @@ class Engine:
         bs, dtype, kv_dtype = config.block_size, config.torch_dtype, config.kv_cache_dtype
         bytes_per_block = model.kv_bytes_per_block(bs, dtype, kv_dtype)
         budget = config.kv_cache_memory or default_kv_cache_memory(config.torch_device)
-        # A quantized cache keeps each running sequence's last two blocks in a window of 16 bits or
-        # more (kv/quant.py), charged to the same budget; at most half of it, or fewer sequences run.
+        # A quantized cache keeps each running sequence's last two blocks in a 16-bit window too
+        # (kv/quant.py), charged to the same budget; at most half of it, or fewer sequences run.
         window_bytes = model.window_bytes_per_slot(bs, dtype, kv_dtype)
         open_slots = num_open_slots(config.max_num_seqs, budget, window_bytes) if window_bytes else 0
         if window_bytes and open_slots < config.max_num_seqs:

@@ -57,9 +57,9 @@ PRESETS: dict[str, dict] = {
 # fmt: on
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "fp8": 1}
-# kvserve's quantized KV (kv/quant.py): values one fp32 scale per token per KV head; keys an fp32 scale and
-# center per channel per block, and each running sequence's open block of keys in the model dtype (GQA/MHA);
-# the MLA latent one fp32 scale per token per layer.
+# kvserve's quantized KV (kv/quant.py): values fp32 scales per token per KV head; keys an fp32 scale and
+# center per channel per block, and each running sequence's window of its last two blocks' K and V in 16
+# bits or more (GQA/MHA); the MLA latent one fp32 scale per token per layer.
 SCALE_BYTES = 4
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_NUM_SEQS = 128
@@ -358,7 +358,7 @@ def add_kv_plan_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     p.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS,
-                   help="running sequences (int8/fp8 keep each one's open block of keys in full precision)")  # fmt: skip
+                   help="running sequences (int8/fp8 keep each one's last two blocks in a 16-bit window)")  # fmt: skip
     p.add_argument("--seq-len", type=int, action="append", default=None,
                    help="sequence length to fit (repeatable; default 512, 2048, 8192, max_model_len)")  # fmt: skip
     p.add_argument("--compare", action="store_true", help="all presets in one table")

@@ -103,7 +103,7 @@ struct BlockView {
 //   q.center: the scale folds into the query once per block, and the codes are only converted.
 // - Values are dequantized per block into a tile (code x the token's group scale), then accumulated
 //   with the block's softmax weights.
-// - Blocks from window_from on are read from the sequence's window (K and V in 16 bits or more,
+// - Blocks from window_from on are read from the sequence's window (K and V in fp16 or bf16,
 //   entry block % 2 of its slot) instead of their codes.
 // Weights are floored at exp(-80) (~2e-35 of the max's): a vectorized exp falls back to a slow scalar
 // path for lanes that underflow, which were a third of the time with spread-out scores.

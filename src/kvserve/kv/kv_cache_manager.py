@@ -4,10 +4,11 @@ A request's block table lists its blocks in token order: token at position p
 lives in slot (table[p // block_size].block_id * block_size + p % block_size).
 Invariant: len(table) == ceil(tokens with allocated slots / block_size).
 
-A quantized cache keeps the keys of each request's last, still-filling block in
-full precision until the block is full (kv/quant.py); the manager gives every
-request that holds blocks one such open slot, from a fixed set, and takes it
-back when the request's blocks are freed.
+A quantized cache keeps the K and V of each request's last two blocks in a
+16-bit window besides their codes (kv/quant.py); the manager gives every
+request that holds blocks one such window ("open slot"), from a fixed set,
+notes the first position the request wrote into it, and takes it back when
+the request's blocks are freed.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ so they are quantized differently (KIVI, Liu et al. 2024):
   (QuaRot); attention outputs are rotated back, sum_j p_j v_j = (sum_j p_j v'_j) R^T, so only
   [tokens, heads, D] x [D, D] per step, never the context.
 - The recent window: every running sequence also keeps the K and V (rotated) of its last two blocks
-  in 16 bits or more (`window`, see window_dtype), and attention reads those two blocks from there
+  in 16 bits (`window`, see window_dtype), and attention reads those two blocks from there
   instead of their codes: the open block being filled (whose keys have no block scale yet) and the
   full block before it. Recent tokens draw most of the attention, so this is where rounding costs
   the most (KIVI keeps such a residual too). The window is a ring of two block-sized entries per
