@@ -111,7 +111,7 @@ def test_fused_decode_attention_equals_gather_and_sdpa(ops, monkeypatch, dtype, 
     assert not torch.equal(got, torch.zeros_like(got))
 
 
-def test_fused_decode_attention_refuses_bad_tables(ops):
+def test_fused_decode_attention_refuses_bad_tables_lengths_and_slots(ops):
     cache, tables = filled_cache(8, 1, 64, torch.float32, [20])
     q = torch.randn(1, 1, 1, 64)
     lens, slots, window_from = torch.tensor([20]), torch.tensor([0]), torch.tensor([0])
@@ -139,6 +139,34 @@ def test_fused_decode_attention_refuses_bad_tables(ops):
             torch.tensor([tables[0]]),
             torch.tensor([33]),
             slots,
+            window_from,
+            0.125,
+            torch.empty_like(q),
+        )
+    with pytest.raises(RuntimeError, match="one row per query"):
+        ops.decode_attention(
+            q,
+            cache.data,
+            cache.key_params,
+            cache.value_scales,
+            cache.window,
+            torch.tensor([tables[0], tables[0]]),
+            lens,
+            slots,
+            window_from,
+            0.125,
+            torch.empty_like(q),
+        )
+    with pytest.raises(RuntimeError, match="window slot out of range"):
+        ops.decode_attention(
+            q,
+            cache.data,
+            cache.key_params,
+            cache.value_scales,
+            cache.window,
+            torch.tensor([tables[0]]),
+            lens,
+            torch.tensor([1]),  # the cache has one window slot
             window_from,
             0.125,
             torch.empty_like(q),

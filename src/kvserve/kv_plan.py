@@ -58,8 +58,8 @@ PRESETS: dict[str, dict] = {
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "fp8": 1}
 # kvserve's quantized KV (kv/quant.py): values fp32 scales per token per KV head; keys an fp32 scale and
-# center per channel per block, and each running sequence's window of its last two blocks' K and V in 16
-# bits or more (GQA/MHA); the MLA latent one fp32 scale per token per layer.
+# center per channel per block, and each running sequence's window of its last two blocks' K and V in
+# fp16/bf16 (GQA/MHA); the MLA latent one fp32 scale per token per layer.
 SCALE_BYTES = 4
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_NUM_SEQS = 128

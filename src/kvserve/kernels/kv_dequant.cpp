@@ -272,6 +272,9 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& data, con
               "window: contiguous [2, slots, ", kWindowBlocks, ", block_size, heads, dim], bf16 for a bf16 query, else fp16");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() && block_tables.dim() == 2,
               "block_tables: contiguous int64 [Nd, width]");
+  TORCH_CHECK(block_tables.size(0) == query.size(0), "block_tables: one row per query");
+  TORCH_CHECK(window.device().is_cpu() && query.device().is_cpu() && out.device().is_cpu(),
+              "query, window, out: CPU tensors");
   TORCH_CHECK(context_lens.scalar_type() == at::kLong && window_slots.scalar_type() == at::kLong &&
                   window_from.scalar_type() == at::kLong && context_lens.is_contiguous() &&
                   window_slots.is_contiguous() && window_from.is_contiguous() &&

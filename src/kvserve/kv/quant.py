@@ -17,7 +17,8 @@ so they are quantized differently (KIVI, Liu et al. 2024):
 - The recent window: every running sequence also keeps the K and V (rotated) of its last two blocks
   in 16 bits (`window`, see window_dtype), and attention reads those two blocks from there
   instead of their codes: the open block being filled (whose keys have no block scale yet) and the
-  full block before it. Recent tokens draw most of the attention, so this is where rounding costs
+  full block before it; when the context ends on a block boundary, only that last, full block.
+  Recent tokens draw most of the attention, so this is where rounding costs
   the most (KIVI keeps such a residual too). The window is a ring of two block-sized entries per
   slot, entry = block index % 2. It holds only what the sequence wrote itself since it took its
   slot (a prefix-cache hit has only codes): see window_first_block. The blocks' codes are written
@@ -52,7 +53,7 @@ QUANTIZED_KV_DTYPES: dict[str, tuple[torch.dtype, float]] = {
     "fp8": (torch.float8_e4m3fn, 448.0),
 }
 SCALE_DTYPE = torch.float32
-WINDOW_BLOCKS = 2  # a sequence's last blocks read from its window: the open one and the full one before it
+WINDOW_BLOCKS = 2  # window entries per sequence: its open block and the full one before it
 VALUE_GROUP = 32  # channels of a value per scale: two scales per 64-wide head read 86% vs 81% (192 prompts)
 # Names the layout of quantized blocks in the prefix-cache hash chain (engine.py), so that blocks that
 # the disk tier stored in an earlier layout are never read as this one.

@@ -384,7 +384,8 @@ def gather_blocks(
     else:
         kv = index_select_reused("kv", kv_cache, block_ids)  # [2, N * n, bs, Hkv, D]
     if isinstance(kv_cache, QuantizedKVCache) and window is not None:  # an open block's window rows past
-        # the sequence's end hold an earlier sequence's K/V (finite, clamped), which the caller's mask excludes
+        # the sequence's end hold older K/V (an earlier sequence's, or its own from two blocks back: finite
+        # model outputs), which the caller's mask excludes
         at = window.rows * block_tables.shape[1] + window.cols  # gathered block indices
         for plane in range(2):  # index_copy_ of whole blocks: a memcpy each, unlike indexed assignment
             entries = kv_cache.window[plane].flatten(0, 1).index_select(0, window.entries)  # [n, bs, Hkv, D]
