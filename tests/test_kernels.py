@@ -114,63 +114,31 @@ def test_fused_decode_attention_equals_gather_and_sdpa(ops, monkeypatch, dtype, 
 def test_fused_decode_attention_refuses_bad_tables_lengths_and_slots(ops):
     cache, tables = filled_cache(8, 1, 64, torch.float32, [20])
     q = torch.randn(1, 1, 1, 64)
-    lens, slots, window_from = torch.tensor([20]), torch.tensor([0]), torch.tensor([0])
+
+    def decode(block_tables: list[list[int]], context_len: int = 20, slot: int = 0) -> None:
+        ops.decode_attention(
+            q,
+            cache.data,
+            cache.key_params,
+            cache.value_scales,
+            cache.window,
+            torch.tensor(block_tables),
+            torch.tensor([context_len]),
+            torch.tensor([slot]),
+            torch.tensor([0]),  # window_from
+            0.125,
+            torch.empty_like(q),
+        )
+
+    decode([tables[0]])  # well-formed: accepted
     with pytest.raises(RuntimeError, match="out of range"):
-        ops.decode_attention(
-            q,
-            cache.data,
-            cache.key_params,
-            cache.value_scales,
-            cache.window,
-            torch.tensor([[99, 0]]),
-            lens,
-            slots,
-            window_from,
-            0.125,
-            torch.empty_like(q),
-        )
+        decode([[99, 0]])
     with pytest.raises(RuntimeError, match="context length"):
-        ops.decode_attention(
-            q,
-            cache.data,
-            cache.key_params,
-            cache.value_scales,
-            cache.window,
-            torch.tensor([tables[0]]),
-            torch.tensor([33]),
-            slots,
-            window_from,
-            0.125,
-            torch.empty_like(q),
-        )
+        decode([tables[0]], context_len=33)
     with pytest.raises(RuntimeError, match="one row per query"):
-        ops.decode_attention(
-            q,
-            cache.data,
-            cache.key_params,
-            cache.value_scales,
-            cache.window,
-            torch.tensor([tables[0], tables[0]]),
-            lens,
-            slots,
-            window_from,
-            0.125,
-            torch.empty_like(q),
-        )
+        decode([tables[0], tables[0]])
     with pytest.raises(RuntimeError, match="window slot out of range"):
-        ops.decode_attention(
-            q,
-            cache.data,
-            cache.key_params,
-            cache.value_scales,
-            cache.window,
-            torch.tensor([tables[0]]),
-            lens,
-            torch.tensor([1]),  # the cache has one window slot
-            window_from,
-            0.125,
-            torch.empty_like(q),
-        )
+        decode([tables[0]], slot=1)  # the cache has one window slot
 
 
 def test_without_the_kernels_attention_falls_back_to_pytorch(ops, monkeypatch, caplog):
