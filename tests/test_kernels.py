@@ -148,7 +148,7 @@ def test_without_the_kernels_attention_falls_back_to_pytorch(ops, monkeypatch, c
     monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setattr(kernels, "_ops", None)
 
-    def no_compiler():
+    def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(kernels, "_build", no_compiler)

@@ -56,6 +56,8 @@ HELP = {
     "dtype": "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16",
     "kv_cache_memory": "KV cache budget in bytes or with a unit (2GiB); default: a share of free memory",
     "kv_cache_dtype": "auto (the model dtype), int8, or fp8 (e4m3, CUDA only)",
+    "quantization": "linear weights: auto (a GGUF's quantized blocks run as they are on the CPU), none (expanded "
+    "to --dtype), or int8 (quantized at load, one scale per 32 weights)",
     "block_size": "tokens per KV block",
     "max_model_len": "longest request (prompt + output) in tokens; default: the model's context length",
     "max_num_seqs": "most requests running at once",
@@ -78,6 +80,7 @@ class EngineConfig:
     dtype: str = "auto"
     kv_cache_memory: int | str | None = None
     kv_cache_dtype: str = "auto"
+    quantization: str = "auto"
     block_size: int = 16
     max_model_len: int | None = None
     max_num_seqs: int = 128
@@ -101,6 +104,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.kv_cache_dtype not in ("auto", "int8", "fp8"):
             raise ValueError(f"kv_cache_dtype must be auto, int8 or fp8, got {self.kv_cache_dtype!r}")
+        if self.quantization not in ("auto", "none", "int8"):
+            raise ValueError(f"quantization must be auto, none or int8, got {self.quantization!r}")
         for name in ("kv_cache_memory", "kv_offload_memory", "kv_offload_disk"):
             if getattr(self, name) is not None:
                 setattr(self, name, parse_size(getattr(self, name)))

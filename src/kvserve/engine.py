@@ -103,7 +103,15 @@ class Engine:
             config.max_model_len = capacity  # the default shrinks to what one request can hold
         self.fingerprint = model_fingerprint(path, self.model_config)
         kv_format = config.kv_cache_dtype if kv_dtype == "auto" else f"{kv_dtype}:{QUANTIZED_FORMAT}"
-        root = root_hash(self.fingerprint, str(config.torch_dtype), kv_format, str(config.block_size))
+        # How the weights are held (quantized blocks, int8, dense) changes the K/V a little: part of the key.
+        weights_form = "quantized" if any(getattr(m, "qweight", None) is not None for m in model.modules()) else "dense"
+        root = root_hash(
+            self.fingerprint,
+            str(config.torch_dtype),
+            kv_format,
+            str(config.block_size),
+            f"{weights_form}:{config.quantization}",
+        )
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, root, open_slots)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(config, self.model_config, model, self.kv)

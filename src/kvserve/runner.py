@@ -27,8 +27,9 @@ from kvserve.models.attention import (
     WindowBlocks,
     block_tables_and_mask,
 )
+from kvserve.models.layers import use_cpu_kernels
 from kvserve.models.llama import LlamaForCausalLM
-from kvserve.models.loader import load_weights
+from kvserve.models.loader import load_model_config, load_weights
 from kvserve.models.model_config import ModelConfig
 from kvserve.request import Request
 from kvserve.sampler import compute_logprobs
@@ -46,25 +47,47 @@ class RunnerOutput:
 
 
 def load_model(path: str, config: EngineConfig) -> tuple[ModelConfig, torch.nn.Module]:
-    model_config, weights = load_weights(path)
-    if model_config.is_mla:
+    """The model with its weights, on config's device. Linear weights: a GGUF's quantized blocks stay
+    quantized on the CPU (quantization auto), or are expanded to the dtype (none, and on CUDA, which has no
+    quantized kernels), or every float weight is quantized to int8 (int8); models/quantized.py."""
+    on_cpu = config.torch_device.type == "cpu"
+    mla = load_model_config(path).is_mla
+    if mla and config.quantization == "int8":
+        raise ValueError(
+            "quantization int8 is implemented for Llama-family models, not for multi-head latent attention"
+        )
+    keep_quantized = config.quantization == "auto" and on_cpu and not mla
+    model_config, weights = load_weights(path, keep_quantized)
+    if mla:
         from kvserve.models.deepseek import DeepseekForCausalLM as model_class
     else:
         model_class = LlamaForCausalLM
     max_positions = model_config.max_position_embeddings
-    # Build on the meta device (no random init, no transient fp32 copy), then allocate for real.
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(config.torch_dtype)
     try:
-        with torch.device("meta"):
-            model = model_class(model_config, max_positions)
+        if mla:  # built on the meta device (no random init, no transient fp32 copy), then allocated for real
+            with torch.device("meta"):
+                model = model_class(model_config, max_positions)
+            model = model.to_empty(device=config.torch_device)
+            model.init_non_persistent(config.torch_device)
+        else:
+            # Llama's layers (models/layers.py) leave their weights uninitialized: built where they run, they
+            # touch no memory until loaded, and a quantized weight's dense one never does. (The meta device
+            # would cost ~75 MB of RSS in the machinery its first use imports.)
+            with torch.device(config.torch_device):
+                model = model_class(model_config, max_positions)
     finally:
         torch.set_default_dtype(default_dtype)
-    model = model.to_empty(device=config.torch_device)
-    model.init_non_persistent(config.torch_device)
     with torch.no_grad():
-        model.load_weights(weights)
+        if mla:
+            model.load_weights(weights)
+        else:
+            model.load_weights(weights, config.quantization)
     model.eval()
+    # The compiled forward kernels take fp32 on the CPU; anything else runs the PyTorch path.
+    ops = kernels.compute_ops() if on_cpu and config.torch_dtype == torch.float32 else None
+    use_cpu_kernels(model, ops)
     return model_config, model
 
 
@@ -86,6 +109,8 @@ class ModelRunner:
         self.windows = kv.num_open_slots > 0  # a quantized cache, with a recent window per sequence
         if config.kv_cache_dtype == "int8" and self.device.type == "cpu":
             kernels.cpu_ops()  # built (once per machine) or loaded now, not inside the first step
+        on_cpu_fp32 = self.device.type == "cpu" and config.torch_dtype == torch.float32
+        self.compute_ops = kernels.compute_ops() if on_cpu_fp32 else None  # attention's compiled decode path
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> RunnerOutput:
@@ -153,7 +178,10 @@ class ModelRunner:
                 sample_requests.append(request)
 
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=self.device), num_decode_tokens=len(decodes), prefills=spans
+            slot_mapping=torch.tensor(slots, device=self.device),
+            num_decode_tokens=len(decodes),
+            prefills=spans,
+            compute_ops=self.compute_ops,
         )
         if self.windows:
             meta.key_writes = KeyWrites.plan(key_spans, bs, self.device)

@@ -1,13 +1,22 @@
-"""kvserve's native CPU kernels (kv_dequant.cpp), compiled on first use.
+"""kvserve's native CPU kernels, compiled on first use.
 
-PyTorch has no int8 x float product, so attention over an int8 KV cache in plain PyTorch first
-dequantizes every gathered block in passes over memory; kv_dequant.cpp reads the codes where they lie
-instead (kv/quant.py has the format). It is built once per machine with torch.utils.cpp_extension (a
-C++ compiler and ninja; ~15 s) into kvserve's cache folder, keyed by the source, the torch version and
-the CPU (it is compiled for the machine's own vector instructions), and loaded as torch.ops.kvserve.
+Two builds, each once per machine with torch.utils.cpp_extension (a C++ compiler and ninja) into
+kvserve's cache folder, keyed by the sources, the flags, the torch version and the CPU:
 
-Without a compiler, or with KVSERVE_CPU_KERNELS=0, `cpu_ops()` is None and attention.py keeps its
-plain PyTorch path: the same results up to float rounding, only slower.
+- `cpu_ops()`: kv_dequant.cpp, the int8 KV cache's attention and gather (kv/quant.py has the
+  format), loaded as torch.ops.kvserve. PyTorch has no int8 x float product, so attention over an
+  int8 cache in plain PyTorch first dequantizes every gathered block in passes over memory.
+- `compute_ops()`: linear.cpp, paged_attention.cpp and fused.cpp, the forward pass's matrix products
+  on quantized and fp32 weights, decode attention over a plain fp32 cache, and the fused norm /
+  activation / rotary operations, as a Python module. It is
+  built for one instruction set, chosen at run time from the CPU's flags: `avx512` (AVX-512 F/BW/VL,
+  with VNNI where present: -march=native) or `avx2` (AVX2 + FMA + F16C, the baseline). Tests build
+  both on a machine that has AVX-512.
+
+Without a compiler, on a CPU without AVX2, or with KVSERVE_CPU_KERNELS=0, both return None and the
+callers keep their plain PyTorch paths: the same results up to float rounding, only slower. The
+variable is the one setting read from the environment, since it selects an implementation, not a
+behaviour.
 """
 
 from __future__ import annotations
@@ -19,69 +28,129 @@ import platform
 import shutil
 import threading
 import time
+from types import ModuleType
 from typing import Any
 
 import torch
 
 logger = logging.getLogger("kvserve")
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kv_dequant.cpp")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, "kv_dequant.cpp")
+COMPUTE_SOURCES = [os.path.join(HERE, name) for name in ("linear.cpp", "paged_attention.cpp", "fused.cpp")]
 # -ffast-math: lets the compiler vectorize the float sums and use the vector exp; the kernels keep
 # no infinities or NaNs of their own (scores start at the lowest finite float).
 # -fopenmp: at::parallel_for is an OpenMP loop compiled into the caller (ATen/ParallelOpenMP.h), so
 # without it the kernels run on one thread; the process's libgomp (torch's) is the one it binds to.
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+ISA_FLAGS = {
+    "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffast-math", "-fopenmp"],
+    "avx512": ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+}
+ISA_NEEDS = {"avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"}}
 
 _lock = threading.Lock()
 _ops: Any = None
 _tried = False
+_compute: dict[str, ModuleType | None] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("KVSERVE_CPU_KERNELS", "1") != "0"
 
 
 def cpu_ops() -> Any:
     """torch.ops.kvserve with `decode_attention` and `gather_dequant` (kv_dequant.cpp), building them on
     the first call; None when disabled or when they cannot be built (the reason is logged once)."""
     global _ops, _tried
-    if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
+    if not enabled():
         return None
     with _lock:
         if not _tried:
             _tried = True
             try:
-                _ops = _build()
+                _ops = _build("kvserve_kernels", [SOURCE], CFLAGS, python_module=False)
             except Exception as error:  # no compiler, no headers: the PyTorch path still works
                 logger.warning("kvserve's CPU kernels could not be built (%s); int8 KV uses plain PyTorch", error)
     return _ops
 
 
-def _build() -> Any:
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def best_isa() -> str | None:
+    """avx512 where the CPU has it, else avx2, else None (no compiled compute kernels)."""
+    flags = cpu_flags()
+    for isa in ("avx512", "avx2"):
+        if ISA_NEEDS[isa] <= flags:
+            return isa
+    return None
+
+
+def available_isas() -> list[str]:
+    flags = cpu_flags()
+    return [isa for isa in ("avx2", "avx512") if ISA_NEEDS[isa] <= flags]
+
+
+def compute_ops(isa: str | None = None) -> ModuleType | None:
+    """The compute kernels (linear.cpp, fused.cpp) built for `isa` (default: the best this CPU runs),
+    building them on the first call; None when disabled, when the CPU lacks AVX2, or when they
+    cannot be built (logged once)."""
+    if not enabled():
+        return None
+    isa = isa or best_isa()
+    if isa is None:
+        return None
+    with _lock:
+        if isa not in _compute:
+            _compute[isa] = None
+            if not ISA_NEEDS[isa] <= cpu_flags():
+                raise ValueError(f"this CPU lacks {sorted(ISA_NEEDS[isa] - cpu_flags())} for the {isa} kernels")
+            try:
+                _compute[isa] = _build(f"kvserve_compute_{isa}", COMPUTE_SOURCES, ISA_FLAGS[isa], python_module=True)
+            except Exception as error:
+                logger.warning("kvserve's %s compute kernels could not be built (%s); using PyTorch", isa, error)
+    return _compute[isa]
+
+
+def _build(name: str, sources: list[str], cflags: list[str], python_module: bool) -> Any:
     from torch.utils import cpp_extension
 
     if shutil.which("ninja") is None:  # the ninja wheel's binary, when its venv's bin is not on PATH
         import ninja
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    with open(SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(source + torch.__version__.encode() + " ".join(CFLAGS).encode() + _cpu_id()).hexdigest()[:16]
+    digest = hashlib.sha256(torch.__version__.encode() + " ".join(cflags).encode() + _cpu_id())
+    for source in sources:
+        with open(source, "rb") as f:
+            digest.update(f.read())
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    build_dir = os.path.join(cache, "kvserve", "kernels", key)
+    build_dir = os.path.join(cache, "kvserve", "kernels", digest.hexdigest()[:16])
     os.makedirs(build_dir, exist_ok=True)
-    built = os.path.exists(os.path.join(build_dir, "kvserve_kernels.so"))
+    built = os.path.exists(os.path.join(build_dir, f"{name}.so"))
     if not built:
-        logger.info("compiling kvserve's CPU kernels into %s (once per machine)", build_dir)
+        logger.info("compiling kvserve's CPU kernels %s into %s (once per machine)", name, build_dir)
     start = time.perf_counter()
-    cpp_extension.load(
-        name="kvserve_kernels",
-        sources=[SOURCE],
-        extra_cflags=CFLAGS,
+    module = cpp_extension.load(
+        name=name,
+        sources=sources,
+        extra_cflags=cflags,
         extra_ldflags=["-fopenmp"],
         build_directory=build_dir,
-        is_python_module=False,
+        is_python_module=python_module,
         verbose=False,
     )
     if not built:
-        logger.info("compiled kvserve's CPU kernels in %.1f s", time.perf_counter() - start)
-    return torch.ops.kvserve
+        logger.info("compiled %s in %.1f s", name, time.perf_counter() - start)
+    return module if python_module else torch.ops.kvserve
 
 
 def _cpu_id() -> bytes:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 from torch.nn import functional as F
@@ -238,6 +239,7 @@ class AttentionMetadata:
     prefills: list[PrefillSpan] = field(default_factory=list)
     key_writes: KeyWrites | None = None  # quantized caches only
     decode_window: WindowBlocks | None = None  # quantized caches only: decodes' blocks read from windows
+    compute_ops: ModuleType | None = None  # the compiled CPU kernels (kvserve/kernels), for an fp32 model on the CPU
     _decode_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def decode_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -521,6 +523,12 @@ def paged_attention(
                 window_from,
                 scale,
                 attn,
+            )
+        elif meta.compute_ops is not None and isinstance(kv_cache, torch.Tensor) and kv_cache.dtype == q.dtype:
+            # a plain fp32 cache read in place, block by block: no gather, no padding (paged_attention.cpp)
+            lens = meta.decode_rows()[0]
+            attn = meta.compute_ops.decode_attention_f32(
+                queries.contiguous(), kv_cache, meta.decode_block_tables, lens, scale
             )
         else:
             keys, values = gather_blocks(

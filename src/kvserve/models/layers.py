@@ -1,12 +1,103 @@
-"""Building blocks shared by the model files: RMSNorm, rotary embeddings, SwiGLU MLP."""
+"""Building blocks shared by the model files: linear layers and embeddings over dense or quantized
+weights, RMSNorm (with the residual add fused in), rotary embeddings, the SwiGLU MLP.
+
+Each module that has a compiled CPU kernel (kvserve/kernels: linear.cpp, fused.cpp) holds `ops`, the
+kernel module, set once at load by `use_cpu_kernels`; it is None on CUDA, for non-fp32 inputs, and
+with KVSERVE_CPU_KERNELS=0, and then the module runs its plain PyTorch path, the reference.
+"""
 
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from kvserve.models.quantized import QuantizedWeight
+
+# Rows of x up to which the compiled fp32 product beats BLAS: its matrix-vector path reads a weight
+# at a third of the memory's speed on the project's AVX2 CPUs (PEERS.md); past a few rows BLAS's
+# blocked product is faster.
+F32_KERNEL_MAX_ROWS = 4
+# Rows of x up to which a quantized product quantizes x to int16 blocks and takes integer dot products
+# (the matrix-vector regime, bound by reading the weight); past it the kernel dequantizes weight tiles
+# into cache and multiplies in fp32 with BLAS (compute-bound).
+INT_KERNEL_MAX_ROWS = 16
+_EMPTY = torch.empty(0)
+
+
+def kernel_for(module: nn.Module, x: torch.Tensor) -> ModuleType | None:
+    """The module's compiled kernels when they can take x (fp32 on the CPU), else None."""
+    ops = getattr(module, "ops", None)
+    return ops if ops is not None and x.dtype == torch.float32 and x.is_cpu else None
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), with W dense (`weight`, an nn.Parameter) or quantized (`qweight`, read by the
+    kernels where they lie; expanded per product on the plain path). Names match nn.Linear's."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight: nn.Parameter | None = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.qweight: QuantizedWeight | None = None
+        self.ops: ModuleType | None = None
+
+    def set_quantized(self, qweight: QuantizedWeight) -> None:
+        """Holds qweight instead of the dense weight, which is dropped (never allocated for real)."""
+        if qweight.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"quantized weight of shape {qweight.shape}, expected {(self.out_features, self.in_features)}"
+            )
+        self.qweight = qweight
+        self.weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = kernel_for(self, x)
+        if self.qweight is not None:
+            if ops is not None:
+                q = self.qweight
+                x2 = x.reshape(-1, self.in_features).contiguous()
+                mins = q.mins if q.mins is not None else _EMPTY
+                bias = self.bias if self.bias is not None else _EMPTY
+                out = ops.q_linear(x2, q.codes, q.scales, mins, bias, q.bits, INT_KERNEL_MAX_ROWS)
+                return out.view(*x.shape[:-1], self.out_features)
+            return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+        if ops is not None and x.dim() == 2 and x.shape[0] <= F32_KERNEL_MAX_ROWS:
+            return ops.f32_linear(x.contiguous(), self.weight, self.bias if self.bias is not None else _EMPTY)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        kind = f"{self.qweight.bits}-bit" if self.qweight is not None else "dense"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+
+
+class Embedding(nn.Module):
+    """Token embeddings, dense (`weight`) or quantized (`qweight`: only the looked-up rows are expanded)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.weight: nn.Parameter | None = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+        self.qweight: QuantizedWeight | None = None
+
+    def set_quantized(self, qweight: QuantizedWeight) -> None:
+        self.qweight = qweight
+        self.weight = None
+
+    def forward(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.qweight is not None:
+            return self.qweight.select_rows(ids).dequantize(dtype)
+        return F.embedding(ids, self.weight)
+
+
+def use_cpu_kernels(model: nn.Module, ops: ModuleType | None) -> None:
+    """Sets the compiled kernels (or None: the plain path) on every module that has some."""
+    for module in model.modules():
+        if isinstance(module, (Linear, RMSNorm, SwiGLU)):
+            module.ops = ops
 
 
 class RMSNorm(nn.Module):
@@ -14,6 +105,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.ops: ModuleType | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 as HF does, so bf16 runs match its reference.
@@ -22,6 +114,16 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
+    def add_forward(self, x: torch.Tensor | None, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x): the residual stream's add fused with the next norm.
+        x None: the stream starts here (norm(residual), residual). The kernel adds into `residual`
+        in place, so the caller hands over a residual that nothing else reads."""
+        if (ops := kernel_for(self, residual)) is not None and residual.is_contiguous():
+            return ops.add_rms_norm(x, residual, self.weight, self.eps), residual
+        if x is not None:
+            residual = residual + x
+        return self(residual), residual
+
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), with gate and up fused into one matrix product."""
@@ -29,11 +131,15 @@ class SwiGLU(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.ops: ModuleType | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # [T, I] each
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        if (ops := kernel_for(self, gate_up)) is not None and gate_up.dim() == 2:
+            return self.down_proj(ops.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)  # [T, I] each
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -20,8 +20,9 @@ from torch import nn
 
 from kvserve.kv.quant import QuantizedKVCache, kv_bytes_per_block, window_bytes_per_slot
 from kvserve.models.attention import AttentionMetadata, KVCache, paged_attention, write_kv
-from kvserve.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+from kvserve.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary, kernel_for
 from kvserve.models.model_config import ModelConfig
+from kvserve.models.quantized import QuantizedWeight, quantize_int8
 
 
 class LlamaAttention(nn.Module):
@@ -33,23 +34,37 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
 
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,
+        cos: torch.Tensor,  # [T, 1, D/2]
         sin: torch.Tensor,
-        kv_cache: torch.Tensor,
+        kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)  # [T, Hq, D]
-        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        write_kv(kv_cache, k, v, meta)
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
+        ops = kernel_for(self.qkv_proj, qkv)
+        if ops is not None and qkv.is_contiguous():
+            # One pass: q and k rotated in place, k and v into a plain cache (a quantized one is written below).
+            plain = isinstance(kv_cache, torch.Tensor) and kv_cache.dtype == torch.float32
+            cache, slots = (kv_cache, meta.slot_mapping) if plain else (None, None)
+            ops.rope_kv_write(qkv, self.num_heads, self.num_kv_heads, cos[:, 0], sin[:, 0], cache, slots)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
+            k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+            if not plain:
+                write_kv(kv_cache, k, v, meta)
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)  # [T, Hq, D]
+            k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
+            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+            write_kv(kv_cache, k, v, meta)
         return self.o_proj(paged_attention(q, k, v, kv_cache, meta, self.scale))
 
 
@@ -61,20 +76,24 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, h, residual, cos, sin, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the previous layer's MLP output, not yet added to the residual stream (None before the
+        first layer). Returns this layer's MLP output and the stream, each add fused into a norm."""
+        x, residual = self.input_layernorm.add_forward(h, residual)
+        h = self.self_attn(x, cos, sin, kv_cache, meta)
+        x, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -99,7 +118,7 @@ class LlamaForCausalLM(nn.Module):
         """Per layer: one [2, num_blocks, block_size, Hkv, D] tensor (K and V), or its quantized form with
         `num_open_slots` recent windows (kv/quant.py)."""
         heads, head_dim = self.config.num_kv_heads, self.config.head_dim
-        device = self.embed_tokens.weight.device
+        device = self.norm.weight.device
         if kv_cache_dtype != "auto":
             return [
                 QuantizedKVCache.allocate(
@@ -132,25 +151,34 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden], final-normed
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary.tables(positions, x.dtype)
+        residual = self.embed_tokens(input_ids, self.norm.weight.dtype)  # [T, hidden]: the residual stream
+        cos, sin = self.rotary.tables(positions, residual.dtype)
+        h = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+            h, residual = layer(h, residual, cos, sin, kv_cache, meta)
+        return self.norm.add_forward(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Takes HF-named tensors; fuses q/k/v and gate/up into this model's fused matrices."""
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]], quantization: str = "auto"
+    ) -> None:
+        """Takes HF-named tensors; fuses q/k/v and gate/up into this model's fused matrices.
+
+        A QuantizedWeight (a GGUF file's blocks) stays quantized (models/quantized.py), except with
+        quantization "none", which expands it; "int8" quantizes every float linear weight (and the
+        embedding) as it arrives, so the float model is never held whole."""
         params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
         fused = {
-            "q_proj": ("qkv_proj", 0),
-            "k_proj": ("qkv_proj", 1),
-            "v_proj": ("qkv_proj", 2),
-            "gate_proj": ("gate_up_proj", 0),
-            "up_proj": ("gate_up_proj", 1),
+            "q_proj": ("qkv_proj", 0, 3),
+            "k_proj": ("qkv_proj", 1, 3),
+            "v_proj": ("qkv_proj", 2, 3),
+            "gate_proj": ("gate_up_proj", 0, 2),
+            "up_proj": ("gate_up_proj", 1, 2),
         }
+        pending: dict[str, dict[int, torch.Tensor | QuantizedWeight]] = {}  # fused parts until all have come
         loaded: set[str] = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
@@ -158,14 +186,21 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
+            tensor = self._as_stored(name, tensor, quantization)
             parts = name.split(".")
             if len(parts) >= 2 and parts[-2] in fused:
-                target, index = fused[parts[-2]]
+                target, index, count = fused[parts[-2]]
                 target_name = ".".join(parts[:-2] + [target, parts[-1]])
-                param = params[target_name]
-                offset, size = self._fused_slice(target, index)
-                param.data[offset : offset + size].copy_(tensor)
-                loaded.add(f"{target_name}#{index}")
+                group = pending.setdefault(target_name, {})
+                group[index] = tensor
+                if len(group) == count:
+                    self._load_fused(target_name, [group[i] for i in range(count)], params, modules)
+                    loaded.update(f"{target_name}#{i}" for i in range(count))
+                    del pending[target_name]
+                continue
+            if isinstance(tensor, QuantizedWeight):
+                self._set_quantized(name.removesuffix(".weight"), tensor, modules)
+                loaded.add(name)
                 continue
             if name not in params:
                 raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
@@ -176,6 +211,39 @@ class LlamaForCausalLM(nn.Module):
             params[name].data.copy_(tensor)
             loaded.add(name)
         self._check_all_loaded(params, loaded)
+
+    def _as_stored(self, name: str, tensor: torch.Tensor | QuantizedWeight, quantization: str):
+        """The weight in the form this model keeps it under `quantization`."""
+        if isinstance(tensor, QuantizedWeight):
+            return tensor.dequantize(self.norm.weight.dtype) if quantization == "none" else tensor
+        is_matrix = name.endswith(".weight") and tensor.dim() == 2  # linear layers and the embedding
+        if quantization == "int8" and is_matrix and tensor.shape[1] % 32 == 0:
+            return quantize_int8(tensor)
+        return tensor
+
+    def _set_quantized(self, module_name: str, weight: QuantizedWeight, modules: dict[str, nn.Module]) -> None:
+        module = modules.get(module_name)
+        if not isinstance(module, (Linear, Embedding)):
+            raise ValueError(f"unexpected quantized weight {module_name}.weight for {self.config.architecture}")
+        weight = weight.to(self.norm.weight.device)
+        module.set_quantized(weight)
+        if module is self.embed_tokens and self.config.tie_word_embeddings:
+            self.lm_head.set_quantized(weight)  # the tied head reads the same blocks
+
+    def _load_fused(self, target_name: str, parts: list, params: dict, modules: dict[str, nn.Module]) -> None:
+        """All parts quantized: one quantized matrix; otherwise the dense parameter, slice by slice."""
+        if all(isinstance(p, QuantizedWeight) for p in parts):
+            self._set_quantized(target_name.removesuffix(".weight"), QuantizedWeight.concat(parts), modules)
+            return
+        param = params[target_name]
+        target = target_name.split(".")[-2]
+        for index, part in enumerate(parts):
+            if isinstance(part, QuantizedWeight):
+                part = part.dequantize(param.dtype)
+            offset, size = self._fused_slice(target, index)
+            if part.shape[0] != size:
+                raise ValueError(f"weight {target_name} part {index}: expected {size} rows, got {part.shape[0]}")
+            param.data[offset : offset + size].copy_(part)
 
     def _fused_slice(self, target: str, index: int) -> tuple[int, int]:
         attn = self.layers[0].self_attn
@@ -190,7 +258,7 @@ class LlamaForCausalLM(nn.Module):
         for name in params:
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
-            if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+            if name.endswith(("qkv_proj.weight", "qkv_proj.bias")):
                 parts = [f"{name}#{i}" for i in range(3)]
             elif name.endswith("gate_up_proj.weight"):
                 parts = [f"{name}#{i}" for i in range(2)]

@@ -19,6 +19,7 @@ import torch
 
 from kvserve.models.gguf_metadata import GGUFHeader, read_gguf_header, read_gguf_metadata
 from kvserve.models.model_config import ModelConfig
+from kvserve.models.quantized import GGUF_QUANTIZED, QuantizedWeight, from_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +63,13 @@ def load_model_config(path: str) -> ModelConfig:
     raise ValueError(f"{path!r} is neither a .gguf file nor a Hugging Face model folder")
 
 
-def load_weights(path: str) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
-    """Returns the config and an iterator of (HF name, float tensor) on the CPU."""
+def load_weights(
+    path: str, keep_quantized: bool = False
+) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor | QuantizedWeight]]]:
+    """Returns the config and an iterator of (HF name, tensor) on the CPU: float tensors, except a
+    GGUF's quantized matrices with keep_quantized, which come as QuantizedWeight (models/quantized.py)."""
     if is_gguf(path):
-        return _load_gguf(path)
+        return _load_gguf(path, keep_quantized)
     if os.path.isdir(path):
         return ModelConfig.from_folder(path), _iter_safetensors(path)
     raise ValueError(f"{path!r} is neither a .gguf file nor a Hugging Face model folder")
@@ -123,23 +127,31 @@ _GGUF_GLOBAL_NAMES = {
 _GGUF_SUPPORTED = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_K"}
 
 
-def _load_gguf(path: str) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+def _load_gguf(
+    path: str, keep_quantized: bool
+) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor | QuantizedWeight]]]:
     header = read_gguf_header(path)
     config = ModelConfig.from_gguf_metadata(header.meta)
     config.tie_word_embeddings = all(t.name != "output.weight" for t in header.tensors)
     # llama.cpp's converter permutes Q/K rows of llama-arch models so that its rope kernel
     # can rotate adjacent pairs; undo it to get HF's rotate-half layout back.
     permuted = header.meta["general.architecture"] == "llama"
-    return config, _iter_gguf(path, header, config, permuted)
+    return config, _iter_gguf(path, header, config, permuted, keep_quantized)
 
 
 def _iter_gguf(
-    path: str, header: GGUFHeader, config: ModelConfig, permuted: bool
-) -> Iterator[tuple[str, torch.Tensor]]:
+    path: str, header: GGUFHeader, config: ModelConfig, permuted: bool, keep_quantized: bool
+) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    # Read tensor by tensor, not through a memory map: a mapped file's pages count in the process's RSS
+    # (its peak) for as long as the map lives, which would add the whole file to the loading peak.
+    with open(path, "rb") as file:
+        yield from _read_gguf_tensors(file, header, config, permuted, keep_quantized)
+
+
+def _read_gguf_tensors(file, header: GGUFHeader, config: ModelConfig, permuted: bool, keep_quantized: bool):
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
-    data = np.memmap(path, dtype=np.uint8, mode="r")
     for info in header.tensors:
         hf_name = _gguf_to_hf_name(info.name)
         if hf_name is None:
@@ -152,10 +164,14 @@ def _iter_gguf(
         row_elems = info.dims[0]
         num_rows = int(np.prod(info.dims[1:], dtype=np.int64)) if len(info.dims) > 1 else 1
         row_bytes = row_elems // block_elems * block_bytes
-        raw = data[info.offset : info.offset + num_rows * row_bytes].reshape(num_rows, row_bytes)
-        array = dequantize(raw, kind)  # [rows, row_elems] = HF's [out, in]
-        shape = tuple(reversed(info.dims))
-        weight = torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))  # a writable copy
+        file.seek(info.offset)
+        raw = np.fromfile(file, dtype=np.uint8, count=num_rows * row_bytes).reshape(num_rows, row_bytes)
+        if keep_quantized and kind.name in GGUF_QUANTIZED and len(info.dims) == 2:
+            weight = from_gguf(raw, kind.name, num_rows, row_elems)  # [rows, row_elems] = HF's [out, in]
+        else:
+            array = dequantize(raw, kind)  # [rows, row_elems] = HF's [out, in]
+            shape = tuple(reversed(info.dims))
+            weight = torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))  # a writable copy
         if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             weight = _unpermute_rope_rows(weight, config.num_heads)
         elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -173,9 +189,11 @@ def _gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
-def _unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+def _unpermute_rope_rows(weight: torch.Tensor | QuantizedWeight, num_heads: int) -> torch.Tensor | QuantizedWeight:
     # converter: rows of each head reordered from [half0 | half1] to interleaved pairs;
     # w.reshape(heads, 2, d/2, ...).swapaxes(1, 2). The inverse swaps back.
     rows = weight.shape[0]
-    rest = weight.shape[1:]
-    return weight.reshape(num_heads, rows // num_heads // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest).contiguous()
+    order = torch.arange(rows).reshape(num_heads, rows // num_heads // 2, 2).transpose(1, 2).reshape(rows)
+    if isinstance(weight, QuantizedWeight):
+        return weight.select_rows(order)
+    return weight[order].contiguous()

