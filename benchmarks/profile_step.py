@@ -1,6 +1,7 @@
 """Where one decode step's time goes, at batch 1 and batch 32 (issue 15's profile).
 
-    python benchmarks/profile_step.py [--batch 1 32] [--context 128] [--steps 20] [engine flags as LLM keywords]
+    python benchmarks/profile_step.py [--batch 1 32] [--context 128] [--steps 20] [--quantization none]
+    KVSERVE_CPU_KERNELS=0 python benchmarks/profile_step.py --quantization none   # the plain PyTorch path
 
 Each batch size: that many requests of `--context` prompt tokens are prefilled, then `--steps`
 decode steps are timed (wall, per step) and profiled with torch.profiler; the table groups the
@@ -19,14 +20,34 @@ import torch
 
 from kvserve import LLM, SamplingParams
 from kvserve.engine import Engine
+from kvserve.models.layers import use_cpu_kernels
+
+
+class ProfiledOps:
+    """The compiled kernels (a Python module the profiler cannot see into), each call wrapped in a
+    record_function named kvserve::<kernel> so that it shows in the profile."""
+
+    def __init__(self, ops) -> None:
+        self.ops = ops
+
+    def __getattr__(self, name: str):
+        kernel = getattr(self.ops, name)
+
+        def call(*args):
+            with torch.profiler.record_function(f"kvserve::{name}"):
+                return kernel(*args)
+
+        return call
+
 
 # operator name fragments -> group; first match wins
 GROUPS = [
-    ("quantized matmul", ("kvserve::qmatmul", "kvserve::quantize")),
-    ("matmul (fp32)", ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm")),
-    ("attention", ("scaled_dot_product", "_flash_attention", "kvserve::decode_attention", "kvserve::paged")),
-    ("KV gather/write", ("index_select", "index_copy", "kvserve::gather", "kvserve::rope_write")),
-    ("norm / rope / act", ("rms", "rsqrt", "pow", "mean", "silu", "kvserve::silu", "aten::cat", "aten::neg")),
+    ("quantized matmul", ("kvserve::q_linear",)),
+    ("matmul (fp32)", ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm", "kvserve::f32_linear")),
+    ("attention", ("scaled_dot_product", "_flash_attention", "kvserve::decode_attention")),
+    ("KV gather/write", ("index_select", "index_copy", "kvserve::gather")),
+    ("norm / rope / act", ("rms", "rsqrt", "pow", "mean", "silu", "aten::cat", "aten::neg", "kvserve::add_rms_norm")),
+    ("norm / rope / act", ("kvserve::silu_mul", "kvserve::rope_kv_write")),
     ("elementwise", ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::copy_", "aten::to", "aten::_to")),
     ("sampling / logits", ("sort", "topk", "softmax", "argmax", "multinomial", "log_softmax", "max")),
 ]
@@ -40,6 +61,7 @@ def group_of(name: str) -> str:
 
 
 def profile(engine: Engine, batch: int, context: int, steps: int) -> dict:
+    """Wall time per decode step (unprofiled), then the profiler's split of the same kind of steps."""
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
     for i in range(batch):
         engine.add_request([(7 * i + j) % 40000 + 100 for j in range(context)], params)
@@ -53,9 +75,16 @@ def profile(engine: Engine, batch: int, context: int, steps: int) -> dict:
     for _ in range(steps // 2):
         engine.step()
     wall = (time.perf_counter() - start) / (steps // 2)
+    runner, ops = engine.runner, engine.runner.compute_ops
+    if ops is not None:  # the kernels made visible to the profiler, for the profiled steps only
+        runner.compute_ops = ProfiledOps(ops)
+        use_cpu_kernels(runner.model, runner.compute_ops)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(steps // 2):
             engine.step()
+    if ops is not None:
+        runner.compute_ops = ops
+        use_cpu_kernels(runner.model, ops)
     while engine.has_unfinished():
         engine.step()
     split: dict[str, float] = defaultdict(float)

@@ -216,14 +216,15 @@ def test_linear_module_plain_path_is_the_reference():
         layers.Linear(64, 23).set_quantized(q)
 
 
-@pytest.mark.parametrize("group", [1, 3])
-def test_decode_attention_f32_matches_the_gather_and_sdpa_path(ops, group):
+@pytest.mark.parametrize("group, block_size, dim", [(1, 4, 64), (3, 16, 64), (3, 16, 20), (2, 16, 128)])
+def test_decode_attention_f32_matches_the_gather_and_sdpa_path(ops, group, block_size, dim):
+    """Block sizes below and above the kernel's 8-token vector step, head dims with and without it."""
     from kvserve.models.attention import AttentionMetadata, block_tables_and_mask, paged_attention
 
     gen = torch.Generator().manual_seed(group)
-    heads, dim, block_size, num_blocks = 2, 64, 4, 40
-    cache = torch.randn(2, num_blocks, block_size, heads, dim, generator=gen)
-    lens = [1, 4, 5, 17, 30]  # one token, a full block, a block and one, longer contexts
+    heads, num_blocks = 2, 40
+    cache = torch.randn(2, num_blocks, block_size, heads, dim, generator=gen) * 3  # peaked softmaxes too
+    lens = [1, 4, 5, 17, 30, 9 * block_size - 3]  # one token, a full block, a block and one, longer contexts
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     tables, at = [], 0
     for n in lens:
@@ -235,6 +236,7 @@ def test_decode_attention_f32_matches_the_gather_and_sdpa_path(ops, group):
     block_tables, mask = block_tables_and_mask(tables, lens, block_size, torch.device("cpu"))
     meta = AttentionMetadata(torch.zeros(len(lens), dtype=torch.long), len(lens), block_tables, mask)
     expected = paged_attention(q, kv, kv, cache, meta, 0.125)  # gather + SDPA
+    assert at <= num_blocks
     meta = AttentionMetadata(torch.zeros(len(lens), dtype=torch.long), len(lens), block_tables, mask, compute_ops=ops)
     torch.testing.assert_close(paged_attention(q, kv, kv, cache, meta, 0.125), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="outside the block table"):

@@ -218,32 +218,35 @@ inline void run_tile(const PackedWeight& w, int64_t n0, const QuantizedActs& act
     for (int t = 0; t < C; ++t) out[(first + t) * n_rows + n0 + r] = tile[r][t] + (bias ? bias[n0 + r] : 0.0f);
 }
 
-// C rows of x from `first` against weight rows [begin, end): four weight rows at a time for one or two
-// rows of x (decode batches: more independent chains), two for three or four, one for the rest.
-template <int Bits, bool Group16, bool Mins, int C>
-void token_group(const PackedWeight& w, int64_t begin, int64_t end, const QuantizedActs& acts, int64_t first,
-                 int64_t k, int64_t n_rows, const float* bias, float* scratch, float* out) {
-  constexpr int R = C <= 2 ? 4 : 2;
-  int64_t n = begin;
-  for (; n + R <= end; n += R) run_tile<Bits, Group16, Mins, R, C>(w, n, acts, first, k, n_rows, bias, scratch, out);
-  for (; n < end; ++n) run_tile<Bits, Group16, Mins, 1, C>(w, n, acts, first, k, n_rows, bias, scratch, out);
+// Weight rows [n0, n0 + R) against every row of x, four rows of x at a time: the R rows' codes stay in
+// L1 while x passes (x's codes, M x K int16, stay in L1/L2), so the weight is read from memory once.
+template <int Bits, bool Group16, bool Mins, int R>
+void row_group(const PackedWeight& w, int64_t n0, const QuantizedActs& acts, int64_t m, int64_t k, int64_t n_rows,
+               const float* bias, float* scratch, float* out) {
+  int64_t t = 0;
+  for (; t + kTile <= m; t += kTile)
+    run_tile<Bits, Group16, Mins, R, kTile>(w, n0, acts, t, k, n_rows, bias, scratch, out);
+  const int64_t rest = m - t;
+  if (rest == 3) run_tile<Bits, Group16, Mins, R, 3>(w, n0, acts, t, k, n_rows, bias, scratch, out);
+  if (rest == 2) run_tile<Bits, Group16, Mins, R, 2>(w, n0, acts, t, k, n_rows, bias, scratch, out);
+  if (rest == 1) run_tile<Bits, Group16, Mins, R, 1>(w, n0, acts, t, k, n_rows, bias, scratch, out);
 }
 
 template <int Bits, bool Group16, bool Mins>
 void q_linear_impl(const PackedWeight& w, const QuantizedActs& acts, int64_t m, int64_t n_rows, int64_t k,
                    const float* bias, float* out) {
-  // Grain: at least 8 output rows per task; ATen splits the range into one chunk per thread.
+  // Grain: at least 8 output rows per task; ATen splits the range into one chunk per thread. Four weight
+  // rows per register tile for one or two rows of x (decode batches: more independent chains), else two.
   at::parallel_for(0, n_rows, 8, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scratch;
     scratch.resize(4 * w.scales_per_row);
-    for (int64_t first = 0; first < m; first += kTile) {
-      const int64_t c = std::min<int64_t>(kTile, m - first);
-      auto* s = scratch.data();
-      if (c == 4) token_group<Bits, Group16, Mins, 4>(w, begin, end, acts, first, k, n_rows, bias, s, out);
-      if (c == 3) token_group<Bits, Group16, Mins, 3>(w, begin, end, acts, first, k, n_rows, bias, s, out);
-      if (c == 2) token_group<Bits, Group16, Mins, 2>(w, begin, end, acts, first, k, n_rows, bias, s, out);
-      if (c == 1) token_group<Bits, Group16, Mins, 1>(w, begin, end, acts, first, k, n_rows, bias, s, out);
-    }
+    float* s = scratch.data();
+    int64_t n = begin;
+    if (m <= 2)
+      for (; n + 4 <= end; n += 4) row_group<Bits, Group16, Mins, 4>(w, n, acts, m, k, n_rows, bias, s, out);
+    else
+      for (; n + 2 <= end; n += 2) row_group<Bits, Group16, Mins, 2>(w, n, acts, m, k, n_rows, bias, s, out);
+    for (; n < end; ++n) row_group<Bits, Group16, Mins, 1>(w, n, acts, m, k, n_rows, bias, s, out);
   });
 }
 

@@ -6,6 +6,7 @@
 // with an online softmax (running max and denominator per query head, rescaled when the max grows),
 // the G query heads that share the KV head read together. No copy, no padding, no mask.
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -16,10 +17,73 @@
 
 namespace {
 
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial (relative error
+// ~1e-7), 2^n built in the exponent bits. Inputs are clamped to [-87.3, 88.3] (finite results).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365f)), _mm256_set1_ps(88.3763f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: exact product first
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+// [q . k_0, ..., q . k_7] for 8 keys `row` floats apart; dim a multiple of 8. The 8 partial-sum vectors
+// are reduced together (two rounds of pairwise adds and one 128-bit swap) instead of one by one.
+inline __m256 dots8(const float* __restrict__ q, const float* __restrict__ k, int64_t row, int64_t dim) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < dim; c += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + c);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * row + c), a[j]);
+  }
+  const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// a [dim] += sum over t < tokens of weights[t] x v[t * row ...]. Head dims that are a multiple of 64 keep
+// 64 outputs in registers across all the block's tokens; others go through memory.
+inline void accumulate_values(float* __restrict__ a, const float* __restrict__ weights, const float* __restrict__ v,
+                              int64_t tokens, int64_t row, int64_t dim) {
+  if (dim % 64 == 0) {
+    for (int64_t c0 = 0; c0 < dim; c0 += 64) {
+      __m256 sum[8];
+      for (int j = 0; j < 8; ++j) sum[j] = _mm256_loadu_ps(a + c0 + 8 * j);
+      for (int64_t t = 0; t < tokens; ++t) {
+        const __m256 w = _mm256_set1_ps(weights[t]);
+        const float* vt = v + t * row + c0;
+        for (int j = 0; j < 8; ++j) sum[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * j), sum[j]);
+      }
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(a + c0 + 8 * j, sum[j]);
+    }
+    return;
+  }
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t c = 0; c < dim; ++c) a[c] += weights[t] * v[t * row + c];
+}
+
 void attend_one(const float* __restrict__ query, const float* __restrict__ keys, const float* __restrict__ values,
                 const int64_t* table, int64_t len, int64_t num_blocks, int64_t block_size, int64_t heads, int64_t h,
                 int64_t group, int64_t dim, float scale, float* __restrict__ out) {
   const int64_t row = heads * dim, block = block_size * row;
+  const bool vector_dim = dim % 8 == 0;
   thread_local std::vector<float> buffer;
   buffer.resize(group * (2 * dim + 2 + block_size));
   float* __restrict__ q = buffer.data();        // [group, dim] query x softmax scale
@@ -38,12 +102,18 @@ void attend_one(const float* __restrict__ query, const float* __restrict__ keys,
     const int64_t tokens = std::min(block_size, len - b * block_size);
     const float* k = keys + id * block + h * dim;
     const float* v = values + id * block + h * dim;
-    for (int64_t t = 0; t < tokens; ++t)
-      for (int64_t g = 0; g < group; ++g) {
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * dim;
+      float* wg = w + g * block_size;
+      int64_t t = 0;
+      if (vector_dim)
+        for (; t + 8 <= tokens; t += 8) _mm256_storeu_ps(wg + t, dots8(qg, k + t * row, row, dim));
+      for (; t < tokens; ++t) {
         float dot = 0.f;
-        for (int64_t c = 0; c < dim; ++c) dot += q[g * dim + c] * k[t * row + c];
-        w[g * block_size + t] = dot;
+        for (int64_t c = 0; c < dim; ++c) dot += qg[c] * k[t * row + c];
+        wg[t] = dot;
       }
+    }
     for (int64_t g = 0; g < group; ++g) {
       float* __restrict__ wg = w + g * block_size;
       float block_top = top[g];
@@ -57,17 +127,18 @@ void attend_one(const float* __restrict__ query, const float* __restrict__ keys,
         top[g] = block_top;
       }
       float sum = 0.f;
-      for (int64_t t = 0; t < tokens; ++t) {
-        wg[t] = std::exp(std::max(wg[t] - block_top, -80.f));
+      int64_t t = 0;
+      for (; t + 8 <= tokens; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(wg + t), _mm256_set1_ps(block_top)));
+        _mm256_storeu_ps(wg + t, e);
+        sum += hsum8(e);
+      }
+      for (; t < tokens; ++t) {
+        wg[t] = std::exp(wg[t] - block_top);
         sum += wg[t];
       }
       total[g] += sum;
-      float* __restrict__ a = acc + g * dim;
-      for (int64_t t = 0; t < tokens; ++t) {
-        const float weight = wg[t];
-        const float* __restrict__ vt = v + t * row;
-        for (int64_t c = 0; c < dim; ++c) a[c] += weight * vt[c];
-      }
+      accumulate_values(acc + g * dim, wg, v, tokens, row, dim);
     }
   }
   for (int64_t g = 0; g < group; ++g)

@@ -537,6 +537,8 @@ def paged_attention(
             keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [Nd, Hkv, L, D]
             attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask, scale=scale)
         attn = attn.reshape(nd, num_heads, head_dim)
+        if nd == num_tokens and rotation is None:  # decodes only: the result as it is, no copy
+            return attn.reshape(num_tokens, num_heads * head_dim)
         out[:nd] = attn @ rotation.T if rotation is not None else attn
 
     for span in meta.prefills:

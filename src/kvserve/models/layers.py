@@ -21,10 +21,11 @@ from kvserve.models.quantized import QuantizedWeight
 # at a third of the memory's speed on the project's AVX2 CPUs (PEERS.md); past a few rows BLAS's
 # blocked product is faster.
 F32_KERNEL_MAX_ROWS = 4
-# Rows of x up to which a quantized product quantizes x to int16 blocks and takes integer dot products
-# (the matrix-vector regime, bound by reading the weight); past it the kernel dequantizes weight tiles
-# into cache and multiplies in fp32 with BLAS (compute-bound).
-INT_KERNEL_MAX_ROWS = 16
+# Rows of x up to which a quantized product quantizes x to int16 blocks and takes integer dot products;
+# past it the kernel dequantizes weight tiles into cache and multiplies in fp32 with BLAS. Dequantizing
+# every weight costs a fixed ~70 ms per forward of the default model; measured crossover on the AVX2
+# kind (benchmarks/README.md): 48 rows integer 187 ms vs tiles 289 ms, 64 rows 271 vs 212.
+INT_KERNEL_MAX_ROWS = 48
 _EMPTY = torch.empty(0)
 
 
@@ -56,16 +57,23 @@ class Linear(nn.Module):
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = kernel_for(self, x)
+        ops = self.ops
         if self.qweight is not None:
-            if ops is not None:
-                q = self.qweight
-                x2 = x.reshape(-1, self.in_features).contiguous()
-                mins = q.mins if q.mins is not None else _EMPTY
-                bias = self.bias if self.bias is not None else _EMPTY
-                out = ops.q_linear(x2, q.codes, q.scales, mins, bias, q.bits, INT_KERNEL_MAX_ROWS)
-                return out.view(*x.shape[:-1], self.out_features)
+            if ops is not None and x.dtype == torch.float32 and x.is_cpu:
+                q = self.qweight  # the step's hot path: ~120 calls a step, so no more Python than this
+                x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, self.in_features).contiguous()
+                out = ops.q_linear(
+                    x2,
+                    q.codes,
+                    q.scales,
+                    _EMPTY if q.mins is None else q.mins,
+                    _EMPTY if self.bias is None else self.bias,
+                    q.bits,
+                    INT_KERNEL_MAX_ROWS,
+                )
+                return out if x2 is x else out.view(*x.shape[:-1], self.out_features)
             return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+        ops = kernel_for(self, x)
         if ops is not None and x.dim() == 2 and x.shape[0] <= F32_KERNEL_MAX_ROWS:
             return ops.f32_linear(x.contiguous(), self.weight, self.bias if self.bias is not None else _EMPTY)
         return F.linear(x, self.weight, self.bias)
