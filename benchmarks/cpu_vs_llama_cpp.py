@@ -80,14 +80,15 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def serve_and_measure(name: str, command: list[str], tokenizer) -> dict:
+def serve_and_measure(name: str, command: list[str], tokenizer, workloads: list[str]) -> dict:
     base = f"http://127.0.0.1:{PORT}"
     log = open(os.path.join("/tmp", f"cpu_vs_llama_cpp_{name.replace(' ', '_')}.log"), "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_healthy(process, base)
         result: dict = {}
-        for workload, settings in WORKLOADS.items():
+        for workload in workloads:
+            settings = WORKLOADS[workload]
             args = bench_namespace(base=base, tokenizer=None, **settings)
             prompts = make_prompts(args.num_requests, args.prompt_len, args.shared_prefix_len, args.seed, tokenizer)
             requests, start, end = asyncio.run(run_benchmark(args, prompts))
@@ -112,17 +113,18 @@ def serve_and_measure(name: str, command: list[str], tokenizer) -> dict:
 
 
 def offline(model: str) -> dict:
-    """kvserve's prefill tok/s (one 512-token prompt) and batch-1 decode tok/s (128 tokens), in a subprocess."""
+    """kvserve's prefill tok/s (one 512-token prompt) and batch-1 greedy decode tok/s (128 tokens), in a
+    subprocess."""
     code = f"""
 import json, time
 from kvserve import LLM, SamplingParams
 llm = LLM({model!r}, kv_cache_memory="256MiB")
 ids = [100 + (37 * i) % 40000 for i in range(512)]
-llm.generate([ids[:64]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm up
-t = time.perf_counter(); llm.generate([ids], SamplingParams(max_tokens=1), use_tqdm=False)
+llm.generate([ids[:64]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm up
+t = time.perf_counter(); llm.generate([ids], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
 prefill = 512 / (time.perf_counter() - t)
 engine = llm.engine
-engine.add_request(ids[256:384], SamplingParams(max_tokens=129, ignore_eos=True))
+engine.add_request(ids[256:384], SamplingParams(temperature=0, max_tokens=129, ignore_eos=True))
 engine.step()  # the prefill and the first token
 t = time.perf_counter(); steps = 0
 while engine.has_unfinished():
@@ -137,6 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", nargs="+", choices=["q41", "f32"], default=["q41", "f32"])
     parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     paths = peer_paths()
@@ -165,11 +168,11 @@ def main() -> None:
         ours, theirs = report["runs"].get(f"kvserve {label}"), report["runs"].get(f"llama-server {label}")
         if not ours or not theirs:
             continue
-        for workload in WORKLOADS:
+        for workload in args.workloads:
             ratio = ours[workload]["output_tokens_per_s"] / theirs[workload]["output_tokens_per_s"]
             ratios[f"{label} {workload}"] = ratio
             print(f"  {label} {workload:14s} {ratio:5.2f}x")
-    if "kvserve Q4_1" in report["runs"] and "llama-server F32" in report["runs"]:
+    if "kvserve Q4_1" in report["runs"] and "llama-server F32" in report["runs"] and "32 at once" in args.workloads:
         ratio = report["runs"]["kvserve Q4_1"]["32 at once"]["output_tokens_per_s"]
         ratio /= report["runs"]["llama-server F32"]["32 at once"]["output_tokens_per_s"]
         ratios["kvserve Q4_1 / llama-server F32, 32 at once"] = ratio

@@ -118,3 +118,16 @@ def test_int8_quantization_of_a_safetensors_model(tmp_path):
 def test_quantization_option_is_validated():
     with pytest.raises(ValueError, match="quantization must be auto, none or int8"):
         LLM(quantization="q4")
+
+
+def test_without_the_kernels_auto_expands_at_load(monkeypatch):
+    """KVSERVE_CPU_KERNELS=0 (or no compiler): quantized blocks would be expanded at every product, so
+    `auto` expands them once at load instead; the model is then the fp32 reference path."""
+    monkeypatch.setenv("KVSERVE_CPU_KERNELS", "0")
+    llm = LLM(kv_cache_memory="16MiB")
+    model = llm.engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert all(m.qweight is None and m.weight is not None and m.ops is None for m in linears)
+    assert llm.engine.runner.compute_ops is None
+    out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=4))[0]
+    assert out.outputs[0].text.startswith(" Paris")

@@ -48,15 +48,18 @@ class RunnerOutput:
 
 def load_model(path: str, config: EngineConfig) -> tuple[ModelConfig, torch.nn.Module]:
     """The model with its weights, on config's device. Linear weights: a GGUF's quantized blocks stay
-    quantized on the CPU (quantization auto), or are expanded to the dtype (none, and on CUDA, which has no
-    quantized kernels), or every float weight is quantized to int8 (int8); models/quantized.py."""
+    quantized where the compiled kernels run them (quantization auto, fp32 on the CPU), else they are
+    expanded to the dtype once at load (none; and auto on CUDA, in bf16, or without the kernels, where
+    expanding per product would be slow); int8 quantizes every float weight (models/quantized.py)."""
     on_cpu = config.torch_device.type == "cpu"
     mla = load_model_config(path).is_mla
     if mla and config.quantization == "int8":
         raise ValueError(
             "quantization int8 is implemented for Llama-family models, not for multi-head latent attention"
         )
-    keep_quantized = config.quantization == "auto" and on_cpu and not mla
+    # The compiled forward kernels take fp32 on the CPU; anything else runs the PyTorch path.
+    ops = kernels.compute_ops() if on_cpu and config.torch_dtype == torch.float32 else None
+    keep_quantized = config.quantization == "auto" and ops is not None and not mla
     model_config, weights = load_weights(path, keep_quantized)
     if mla:
         from kvserve.models.deepseek import DeepseekForCausalLM as model_class
@@ -85,8 +88,6 @@ def load_model(path: str, config: EngineConfig) -> tuple[ModelConfig, torch.nn.M
         else:
             model.load_weights(weights, config.quantization)
     model.eval()
-    # The compiled forward kernels take fp32 on the CPU; anything else runs the PyTorch path.
-    ops = kernels.compute_ops() if on_cpu and config.torch_dtype == torch.float32 else None
     use_cpu_kernels(model, ops)
     return model_config, model
 

@@ -148,11 +148,15 @@ void rope_kv_write(at::Tensor& qkv, int64_t num_heads, int64_t num_kv_heads, con
   });
 }
 
+// Every kernel releases the GIL while it runs (it touches no Python object): the server's HTTP thread
+// streams tokens meanwhile instead of waiting for the engine thread's next Python line.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q_linear", &q_linear, "x @ W^T for a quantized W (linear.cpp)");
-  m.def("f32_linear", &f32_linear, "x @ W^T for an fp32 W and few rows of x (linear.cpp)");
-  m.def("add_rms_norm", &add_rms_norm, "residual += x; rms_norm(residual) * weight");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up");
-  m.def("rope_kv_write", &rope_kv_write, "rotary embedding in place, keys and values into the cache");
-  m.def("decode_attention_f32", &decode_attention_f32, "decode attention from a plain fp32 paged cache (paged_attention.cpp)");
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("q_linear", &q_linear, "x @ W^T for a quantized W (linear.cpp)", release());
+  m.def("f32_linear", &f32_linear, "x @ W^T for an fp32 W and few rows of x (linear.cpp)", release());
+  m.def("add_rms_norm", &add_rms_norm, "residual += x; rms_norm(residual) * weight", release());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up", release());
+  m.def("rope_kv_write", &rope_kv_write, "rotary embedding in place, keys and values into the cache", release());
+  m.def("decode_attention_f32", &decode_attention_f32, "decode attention from a plain fp32 paged cache (paged_attention.cpp)",
+        release());
 }
