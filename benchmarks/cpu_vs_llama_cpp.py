@@ -157,10 +157,10 @@ def main() -> None:
         path, kv_memory = files[key]
         label = "Q4_1" if key == "q41" else "F32"
         report["runs"][f"kvserve {label}"] = serve_and_measure(
-            f"kvserve {label}", kvserve + ["--model", path, "--kv-cache-memory", kv_memory], tokenizer
+            f"kvserve {label}", kvserve + ["--model", path, "--kv-cache-memory", kv_memory], tokenizer, args.workloads
         )
         report["runs"][f"llama-server {label}"] = serve_and_measure(
-            f"llama-server {label}", llama + ["-m", path], tokenizer
+            f"llama-server {label}", llama + ["-m", path], tokenizer, args.workloads
         )
     print(f"\nratios kvserve / llama-server ({report['cpu']}):")
     ratios = {}
