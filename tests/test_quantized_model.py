@@ -46,7 +46,10 @@ def score(llm: LLM, ids: list[int]) -> tuple[torch.Tensor, list[int], float]:
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM(quantization="none", kv_cache_memory="128MiB")
+    with pytest.MonkeyPatch.context() as patch:  # the plain PyTorch fp32 path: no compiled kernel anywhere
+        patch.setenv("KVSERVE_CPU_KERNELS", "0")
+        llm = LLM(quantization="none", kv_cache_memory="128MiB")
+    assert llm.engine.runner.compute_ops is None
     with open(TEXT) as f:
         ids = llm.tokenizer.encode(f.read())[:NUM_TOKENS]
     assert len(ids) == NUM_TOKENS
