@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 
@@ -46,19 +47,25 @@ class RunnerOutput:
     prompt_logprobs: dict[int, list[dict[int, float] | None]] = field(default_factory=dict)
 
 
+def compute_kernels(config: EngineConfig) -> ModuleType | None:
+    """The compiled forward kernels (kvserve/kernels) when they apply: they take fp32 on the CPU;
+    anything else runs the PyTorch path."""
+    if config.torch_device.type == "cpu" and config.torch_dtype == torch.float32:
+        return kernels.compute_ops()
+    return None
+
+
 def load_model(path: str, config: EngineConfig) -> tuple[ModelConfig, torch.nn.Module]:
     """The model with its weights, on config's device. Linear weights: a GGUF's quantized blocks stay
     quantized where the compiled kernels run them (quantization auto, fp32 on the CPU), else they are
     expanded to the dtype once at load (none; and auto on CUDA, in bf16, or without the kernels, where
     expanding per product would be slow); int8 quantizes every float weight (models/quantized.py)."""
-    on_cpu = config.torch_device.type == "cpu"
     mla = load_model_config(path).is_mla
     if mla and config.quantization == "int8":
         raise ValueError(
             "quantization int8 is implemented for Llama-family models, not for multi-head latent attention"
         )
-    # The compiled forward kernels take fp32 on the CPU; anything else runs the PyTorch path.
-    ops = kernels.compute_ops() if on_cpu and config.torch_dtype == torch.float32 else None
+    ops = compute_kernels(config)
     keep_quantized = config.quantization == "auto" and ops is not None and not mla
     model_config, weights = load_weights(path, keep_quantized)
     if mla:
@@ -110,8 +117,7 @@ class ModelRunner:
         self.windows = kv.num_open_slots > 0  # a quantized cache, with a recent window per sequence
         if config.kv_cache_dtype == "int8" and self.device.type == "cpu":
             kernels.cpu_ops()  # built (once per machine) or loaded now, not inside the first step
-        on_cpu_fp32 = self.device.type == "cpu" and config.torch_dtype == torch.float32
-        self.compute_ops = kernels.compute_ops() if on_cpu_fp32 else None  # attention's compiled decode path
+        self.compute_ops = compute_kernels(config)  # attention's compiled decode path
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> RunnerOutput:

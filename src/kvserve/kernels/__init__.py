@@ -101,7 +101,7 @@ def available_isas() -> list[str]:
 
 
 def compute_ops(isa: str | None = None) -> ModuleType | None:
-    """The compute kernels (linear.cpp, fused.cpp) built for `isa` (default: the best this CPU runs),
+    """The compute kernels (linear.cpp, paged_attention.cpp, fused.cpp) built for `isa` (default: the best this CPU runs),
     building them on the first call; None when disabled, when the CPU lacks AVX2, or when they
     cannot be built (logged once)."""
     if not enabled():
@@ -111,9 +111,9 @@ def compute_ops(isa: str | None = None) -> ModuleType | None:
         return None
     with _lock:
         if isa not in _compute:
-            _compute[isa] = None
-            if not ISA_NEEDS[isa] <= cpu_flags():
+            if not ISA_NEEDS[isa] <= cpu_flags():  # asked again, it raises again
                 raise ValueError(f"this CPU lacks {sorted(ISA_NEEDS[isa] - cpu_flags())} for the {isa} kernels")
+            _compute[isa] = None
             try:
                 _compute[isa] = _build(f"kvserve_compute_{isa}", COMPUTE_SOURCES, ISA_FLAGS[isa], python_module=True)
             except Exception as error:

@@ -48,22 +48,18 @@ class LlamaAttention(nn.Module):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
         ops = kernel_for(self.qkv_proj, qkv)
-        if ops is not None and qkv.is_contiguous():
-            # One pass: q and k rotated in place, k and v into a plain cache (a quantized one is written below).
-            plain = isinstance(kv_cache, torch.Tensor) and kv_cache.dtype == torch.float32
+        fused = ops is not None and qkv.is_contiguous()
+        plain = isinstance(kv_cache, torch.Tensor) and kv_cache.dtype == torch.float32
+        if fused:  # one pass: q and k rotated in place, k and v into a plain cache (a quantized one below)
             cache, slots = (kv_cache, meta.slot_mapping) if plain else (None, None)
             ops.rope_kv_write(qkv, self.num_heads, self.num_kv_heads, cos[:, 0], sin[:, 0], cache, slots)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
-            k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-            if not plain:
-                write_kv(kv_cache, k, v, meta)
-        else:
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)  # [T, Hq, D]
-            k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
-            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if not fused:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if not (fused and plain):
             write_kv(kv_cache, k, v, meta)
         return self.o_proj(paged_attention(q, k, v, kv_cache, meta, self.scale))
 
