@@ -134,3 +134,56 @@ def test_without_the_kernels_auto_expands_at_load(monkeypatch):
     assert llm.engine.runner.compute_ops is None
     out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=4))[0]
     assert out.outputs[0].text.startswith(" Paris")
+
+
+def decode_logits(llm: LLM, prompts: list[list[int]], steps: int) -> tuple[list[torch.Tensor], int]:
+    """Every step's logits of a greedy batch, and how many steps the compiled decode stack ran."""
+    model = llm.engine.runner.model
+    captured: list[torch.Tensor] = []
+    compute_logits, decode_stack = model.compute_logits, model.decode_stack
+    stack_steps = 0
+
+    def capture(hidden):
+        captured.append(compute_logits(hidden))
+        return captured[-1]
+
+    def counted(*args):
+        nonlocal stack_steps
+        stack = decode_stack(*args)
+        stack_steps += stack is not None
+        return stack
+
+    model.compute_logits, model.decode_stack = capture, counted
+    try:
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
+    finally:
+        del model.compute_logits, model.decode_stack
+    return captured, stack_steps
+
+
+@pytest.mark.parametrize("kind", ["default Q4_1", "qwen2 dense", "qwen2 int8"])
+def test_decode_stack_is_bitwise_the_python_layers(kind, tmp_path):
+    """Decode steps run every layer in one compiled call (kernels/decoder.cpp): the same kernels in the
+    same order as the Python layers, so every step's logits must be equal to the bit. Three prompts
+    of different lengths (ragged block tables), through quantized (Q4_1 + Q8_0 head), dense fp32 and
+    int8 weights, with q/k/v biases (qwen2). No prefix cache: the second run must prefill as the first
+(a product's path, and so its rounding, depends on how many rows it takes)."""
+    if kernels.compute_ops() is None:
+        pytest.skip("no compute kernels on this machine (no AVX2 or no compiler)")
+    if kind == "default Q4_1":
+        llm, vocab = LLM(kv_cache_memory="32MiB", enable_prefix_caching=False), 49152
+    else:
+        from helpers import save_tiny_model
+
+        save_tiny_model(str(tmp_path), "qwen2", seed=3)
+        quantization = "none" if kind == "qwen2 dense" else "int8"
+        llm = LLM(str(tmp_path), quantization=quantization, kv_cache_memory="16MiB", enable_prefix_caching=False)
+        vocab = 320
+    prompts = [[(7 * i + j) % (vocab - 10) + 5 for i in range(n)] for j, n in enumerate((5, 23, 40))]
+    stacked, stack_steps = decode_logits(llm, prompts, steps=20)
+    assert stack_steps == 19  # every step after the prefill
+    llm.engine.runner.model.use_decode_stack = False
+    layered, none = decode_logits(llm, prompts, steps=20)
+    assert none == 0 and len(stacked) == len(layered) == 20
+    for a, b in zip(stacked, layered):
+        assert torch.equal(a, b)

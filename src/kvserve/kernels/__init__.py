@@ -6,9 +6,10 @@ kvserve's cache folder, keyed by the sources, the flags, the torch version and t
 - `cpu_ops()`: kv_dequant.cpp, the int8 KV cache's attention and gather (kv/quant.py has the
   format), loaded as torch.ops.kvserve. PyTorch has no int8 x float product, so attention over an
   int8 cache in plain PyTorch first dequantizes every gathered block in passes over memory.
-- `compute_ops()`: linear.cpp, paged_attention.cpp and fused.cpp, the forward pass's matrix products
-  on quantized and fp32 weights, decode attention over a plain fp32 cache, and the fused norm /
-  activation / rotary operations, as a Python module. It is
+- `compute_ops()`: linear.cpp, paged_attention.cpp, fused.cpp and decoder.cpp, the forward pass's
+  matrix products on quantized and fp32 weights, decode attention over a plain fp32 cache, the fused
+  norm / activation / rotary operations, and a stack of Llama layers run in one call for decode
+  steps, as a Python module. It is
   built for one instruction set, chosen at run time from the CPU's flags: `avx512` (AVX-512 F/BW/VL,
   with VNNI where present: -march=native) or `avx2` (AVX2 + FMA + F16C, the baseline). Tests build
   both on a machine that has AVX-512.
@@ -37,7 +38,7 @@ logger = logging.getLogger("kvserve")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "kv_dequant.cpp")
-COMPUTE_SOURCES = [os.path.join(HERE, name) for name in ("linear.cpp", "paged_attention.cpp", "fused.cpp")]
+COMPUTE_SOURCES = [os.path.join(HERE, name) for name in ("linear.cpp", "paged_attention.cpp", "fused.cpp", "decoder.cpp")]
 # -ffast-math: lets the compiler vectorize the float sums and use the vector exp; the kernels keep
 # no infinities or NaNs of their own (scores start at the lowest finite float).
 # -fopenmp: at::parallel_for is an OpenMP loop compiled into the caller (ATen/ParallelOpenMP.h), so
@@ -101,7 +102,7 @@ def available_isas() -> list[str]:
 
 
 def compute_ops(isa: str | None = None) -> ModuleType | None:
-    """The compute kernels (linear.cpp, paged_attention.cpp, fused.cpp) built for `isa` (default: the best this CPU runs),
+    """The compute kernels (linear.cpp, paged_attention.cpp, fused.cpp, decoder.cpp) built for `isa` (default: the best this CPU runs),
     building them on the first call; None when disabled, when the CPU lacks AVX2, or when they
     cannot be built (logged once)."""
     if not enabled():

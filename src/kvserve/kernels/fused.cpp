@@ -1,6 +1,6 @@
 // kvserve's fused CPU operations for the decoder layer (fp32), and the module that binds them with
-// linear.cpp's products and paged_attention.cpp's decode attention (kernels/__init__.py builds the
-// three into one module per ISA).
+// linear.cpp's products, paged_attention.cpp's decode attention and decoder.cpp's layer stack
+// (kernels/__init__.py builds the four into one module per ISA).
 //
 // Each replaces several PyTorch operators, each a pass over memory and an interpreter round trip:
 // - add_rms_norm: residual += x; out = rms_norm(residual) * weight (vLLM's fused_add_rms_norm).
@@ -21,6 +21,7 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
 at::Tensor decode_attention_f32(const at::Tensor& queries, const at::Tensor& cache, const at::Tensor& block_tables,
                                 const at::Tensor& lens, double scale);
+void bind_decoder(pybind11::module& m);
 
 namespace {
 
@@ -159,4 +160,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_kv_write", &rope_kv_write, "rotary embedding in place, keys and values into the cache", release());
   m.def("decode_attention_f32", &decode_attention_f32, "decode attention from a plain fp32 paged cache (paged_attention.cpp)",
         release());
+  bind_decoder(m);  // decoder.cpp: DecoderStack, the layers in one call
 }

@@ -147,17 +147,15 @@ void attend_one(const float* __restrict__ query, const float* __restrict__ keys,
 
 }  // namespace
 
-// queries [Nd, Hkv, G, D] fp32; cache [2, blocks, block_size, Hkv, D] fp32; block_tables [Nd, W] int64
-// (a decode's blocks in order, padded past its length); lens [Nd] int64, 1 <= len <= W * block_size.
-// -> out [Nd, Hkv, G, D].
-at::Tensor decode_attention_f32(const at::Tensor& queries, const at::Tensor& cache, const at::Tensor& block_tables,
-                                const at::Tensor& lens, double scale) {
-  TORCH_CHECK(queries.device().is_cpu() && queries.scalar_type() == at::kFloat && queries.is_contiguous() &&
-                  queries.dim() == 4,
-              "queries must be a contiguous float32 [Nd, Hkv, G, D]");
-  TORCH_CHECK(cache.scalar_type() == at::kFloat && cache.is_contiguous() && cache.dim() == 5 && cache.size(0) == 2,
+// Decode attention for nd queries, query i at q + i * q_stride ([Hkv, G, D] contiguous within it),
+// out [nd, Hkv, G, D] contiguous: the shared body of decode_attention_f32 and decoder.cpp's layer
+// (which reads the queries where they lie in the fused QKV output, no copy).
+void decode_attention_rows(const float* q, int64_t q_stride, int64_t nd, int64_t heads, int64_t group, int64_t dim,
+                           const at::Tensor& cache, const at::Tensor& block_tables, const at::Tensor& lens, double scale,
+                           float* out) {
+  TORCH_CHECK(cache.device().is_cpu() && cache.scalar_type() == at::kFloat && cache.is_contiguous() &&
+                  cache.dim() == 5 && cache.size(0) == 2,
               "cache must be a contiguous float32 [2, blocks, block_size, Hkv, D]");
-  const int64_t nd = queries.size(0), heads = queries.size(1), group = queries.size(2), dim = queries.size(3);
   TORCH_CHECK(cache.size(3) == heads && cache.size(4) == dim, "cache heads / head dim do not match the queries");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() && block_tables.dim() == 2 &&
                   block_tables.size(0) == nd,
@@ -167,19 +165,29 @@ at::Tensor decode_attention_f32(const at::Tensor& queries, const at::Tensor& cac
   const int64_t* len = lens.data_ptr<int64_t>();
   for (int64_t i = 0; i < nd; ++i)
     TORCH_CHECK(len[i] >= 1 && len[i] <= width * block_size, "context length ", len[i], " outside the block table");
-  at::Tensor out = at::empty_like(queries);
-  const float* q = queries.data_ptr<float>();
   const float* keys = cache.data_ptr<float>();
   const float* values = keys + num_blocks * block_size * heads * dim;
   const int64_t* tables = block_tables.data_ptr<int64_t>();
-  float* o = out.data_ptr<float>();
   at::parallel_for(0, nd * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / heads, h = task % heads;
-      const int64_t at = (i * heads + h) * group * dim;
-      attend_one(q + at, keys, values, tables + i * width, len[i], num_blocks, block_size, heads, h, group, dim,
-                 static_cast<float>(scale), o + at);
+      attend_one(q + i * q_stride + h * group * dim, keys, values, tables + i * width, len[i], num_blocks, block_size,
+                 heads, h, group, dim, static_cast<float>(scale), out + (i * heads + h) * group * dim);
     }
   });
+}
+
+// queries [Nd, Hkv, G, D] fp32; cache [2, blocks, block_size, Hkv, D] fp32; block_tables [Nd, W] int64
+// (a decode's blocks in order, padded past its length); lens [Nd] int64, 1 <= len <= W * block_size.
+// -> out [Nd, Hkv, G, D].
+at::Tensor decode_attention_f32(const at::Tensor& queries, const at::Tensor& cache, const at::Tensor& block_tables,
+                                const at::Tensor& lens, double scale) {
+  TORCH_CHECK(queries.device().is_cpu() && queries.scalar_type() == at::kFloat && queries.is_contiguous() &&
+                  queries.dim() == 4,
+              "queries must be a contiguous float32 [Nd, Hkv, G, D]");
+  const int64_t nd = queries.size(0), heads = queries.size(1), group = queries.size(2), dim = queries.size(3);
+  at::Tensor out = at::empty_like(queries);
+  decode_attention_rows(queries.data_ptr<float>(), heads * group * dim, nd, heads, group, dim, cache, block_tables,
+                        lens, scale, out.data_ptr<float>());
   return out;
 }

@@ -78,6 +78,14 @@ class Linear(nn.Module):
             return ops.f32_linear(x.contiguous(), self.weight, self.bias if self.bias is not None else _EMPTY)
         return F.linear(x, self.weight, self.bias)
 
+    def projection(self, ops: ModuleType):
+        """This weight as a compiled Projection (kernels/decoder.cpp), which dispatches as forward does."""
+        bias = _EMPTY if self.bias is None else self.bias
+        if (q := self.qweight) is not None:
+            mins = _EMPTY if q.mins is None else q.mins
+            return ops.quantized_projection(q.codes, q.scales, mins, bias, q.bits, INT_KERNEL_MAX_ROWS)
+        return ops.dense_projection(self.weight, bias, F32_KERNEL_MAX_ROWS)
+
     def extra_repr(self) -> str:
         kind = f"{self.qweight.bits}-bit" if self.qweight is not None else "dense"
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"

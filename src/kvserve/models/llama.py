@@ -14,6 +14,7 @@ flat batch of T tokens (no padding) and the KV cache through AttentionMetadata.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -82,6 +83,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    # Decode-only steps over plain fp32 caches run every layer in one compiled call (kernels/decoder.cpp),
+    # bitwise equal to the layers below; False runs the layers from Python (to profile them one by one).
+    use_decode_stack = True
+
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.config = config
@@ -92,6 +97,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self._decode_stack: tuple[ModuleType, object] | None = None  # (the kernels it was built with, the stack)
 
     def init_non_persistent(self, device: torch.device) -> None:
         """After `to_empty`: rebuild computed buffers and re-tie the LM head."""
@@ -149,10 +155,49 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden], final-normed
         residual = self.embed_tokens(input_ids, self.norm.weight.dtype)  # [T, hidden]: the residual stream
         cos, sin = self.rotary.tables(positions, residual.dtype)
+        if (stack := self.decode_stack(residual, kv_caches, meta)) is not None:
+            lens = meta.decode_rows()[0]
+            h, residual = stack.decode(
+                residual, cos[:, 0], sin[:, 0], kv_caches, meta.slot_mapping, meta.decode_block_tables, lens
+            )
+            return self.norm.add_forward(h, residual)[0]
         h = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, cos, sin, kv_cache, meta)
         return self.norm.add_forward(h, residual)[0]
+
+    def decode_stack(self, residual: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata):
+        """The compiled stack of every layer (kernels/decoder.cpp) when this step can take it: decodes
+        only, no cascade, fp32 on the CPU with the kernels, plain fp32 caches; else None."""
+        ops = kernel_for(self.norm, residual)
+        if not self.use_decode_stack or ops is None or meta.compute_ops is None:
+            return None
+        if meta.prefills or meta.decode_cascade is not None or not meta.num_decode_tokens:
+            return None
+        first = kv_caches[0]
+        if not isinstance(first, torch.Tensor) or first.dtype != torch.float32:
+            return None
+        if self._decode_stack is None or self._decode_stack[0] is not ops:  # built once per set of kernels
+            layers = []
+            for layer in self.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                layers.append(
+                    ops.LlamaLayer(
+                        layer.input_layernorm.weight,
+                        layer.post_attention_layernorm.weight,
+                        layer.input_layernorm.eps,
+                        attn.qkv_proj.projection(ops),
+                        attn.o_proj.projection(ops),
+                        mlp.gate_up_proj.projection(ops),
+                        mlp.down_proj.projection(ops),
+                        attn.num_heads,
+                        attn.num_kv_heads,
+                        attn.head_dim,
+                        attn.scale,
+                    )
+                )
+            self._decode_stack = (ops, ops.DecoderStack(layers))
+        return self._decode_stack[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
