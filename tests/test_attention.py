@@ -165,8 +165,13 @@ def test_cascade_stops_before_the_new_tokens_block():
     assert DecodeCascade.build([[0, 1, 2, 3], [0, 4, 5, 6]], [4 * BS, 4 * BS], BS, torch.device("cpu")) is None
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "float16", "float16 plain PyTorch"])
 def test_engine_shared_prefix_decodes_equal_each_alone(tmp_path, monkeypatch, kv_cache_dtype):
+    """Cascade decodes over a shared cached prefix, plain, int8 and float16 caches (the float16 one read
+    by the compiled kernels, and by the plain PyTorch path, which converts what it gathers)."""
+    if kv_cache_dtype.endswith("plain PyTorch"):
+        monkeypatch.setenv("KVSERVE_CPU_KERNELS", "0")
+        kv_cache_dtype = kv_cache_dtype.split()[0]
     save_tiny_model(str(tmp_path), "llama")
     calls = []
     cascade_attention = attention.cascade_decode_attention

@@ -203,6 +203,39 @@ def test_rope_kv_write(ops):
         ops.rope_kv_write(qkv, heads, kv_heads, cos[:, 0], sin[:, 0], cache, torch.tensor([0, 1, 2, 3, 4, 32]))
 
 
+def test_rope_kv_write_into_a_float16_cache_rounds_as_torch(ops):
+    """kv_cache_dtype float16: the same rotation, the keys and values rounded to nearest even on the
+    way in, bit for bit what torch's .to(float16) gives."""
+    gen = torch.Generator().manual_seed(1)
+    tokens, heads, kv_heads, dim = 5, 6, 2, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen) * 40  # past fp16's 2^-10 steps
+    rotary = layers.RotaryEmbedding(dim, 64, 10000.0)
+    cos, sin = rotary.tables(torch.tensor([1, 2, 7, 30, 31]), torch.float32)
+    slots = torch.tensor([3, 9, 0, 14, 15])
+    wide, narrow = torch.zeros(2, 4, 4, kv_heads, dim), torch.zeros(2, 4, 4, kv_heads, dim, dtype=torch.float16)
+    qkv_wide = qkv.clone()
+    ops.rope_kv_write(qkv_wide, heads, kv_heads, cos[:, 0], sin[:, 0], wide, slots)
+    ops.rope_kv_write(qkv, heads, kv_heads, cos[:, 0], sin[:, 0], narrow, slots)
+    assert torch.equal(qkv, qkv_wide)  # queries, keys and values rotated alike in the QKV output
+    assert torch.equal(narrow, wide.to(torch.float16))
+
+
+@pytest.mark.parametrize("group, block_size, dim", [(3, 16, 64), (2, 4, 20)])
+def test_decode_attention_reads_a_float16_cache_exactly(ops, group, block_size, dim):
+    """A float16 cache is widened exactly as it is read: the result is the kernel's over the same values
+    held in fp32, up to the order of float sums (-ffast-math lets each instantiation order them)."""
+    gen = torch.Generator().manual_seed(2)
+    heads, num_blocks = 2, 12
+    narrow = (torch.randn(2, num_blocks, block_size, heads, dim, generator=gen) * 3).to(torch.float16)
+    lens = torch.tensor([1, block_size + 1, 3 * block_size])
+    tables = torch.randperm(num_blocks, generator=gen)[:9].view(3, 3)
+    q = torch.randn(3, heads, group, dim, generator=gen)
+    out = ops.decode_attention_f32(q, narrow, tables, lens, 0.125)
+    torch.testing.assert_close(
+        out, ops.decode_attention_f32(q, narrow.float(), tables, lens, 0.125), rtol=1e-6, atol=1e-6
+    )
+
+
 def test_linear_module_plain_path_is_the_reference():
     """Without the kernels (CUDA, KVSERVE_CPU_KERNELS=0) a quantized Linear expands its weight per
     product: the same result as a dense Linear holding the dequantized weight."""

@@ -262,6 +262,8 @@ def test_latent_cache_bytes_and_block_count(tiny):
     assert len(caches) == layers
     assert all(c.shape == (1, num_blocks, BLOCK, width) for c in caches)
     assert sum(c.numel() * c.element_size() for c in caches) == num_blocks * BLOCK * layers * width * 4 <= budget
+    with pytest.raises(ValueError, match="kv_cache_dtype float16 is implemented for Llama-family models"):
+        LLM(model=folder, kv_cache_memory=budget, kv_cache_dtype="float16", num_threads=1)
 
 
 def test_int8_latent_cache(tiny):

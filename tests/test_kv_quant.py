@@ -177,6 +177,8 @@ def test_attention_on_quantized_cache_matches_full_precision(kind, tolerance):
 def test_fp8_is_refused_on_cpu():
     with pytest.raises(ValueError, match="fp8 needs a CUDA GPU"):
         LLM(kv_cache_dtype="fp8", device="cpu")
+    with pytest.raises(ValueError, match="kv_cache_dtype must be auto, float16, int8 or fp8, got 'fp16'"):
+        LLM(kv_cache_dtype="fp16")
 
 
 @pytest.fixture(scope="module")

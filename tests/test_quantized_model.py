@@ -84,6 +84,23 @@ def test_quantized_default_model_matches_fp32(reference, quantized, path, monkey
     assert abs(ppl / ref_ppl - 1) <= 0.005
 
 
+def test_float16_kv_cache_keeps_the_model(reference, quantized, capsys):
+    """kv_cache_dtype float16 (half the KV bytes; llama.cpp's default cache type) against the fp32
+    reference: K and V are rounded to 11 significant bits once, as they are written. Chunks after the
+    first (512 tokens a step) attend to the cache, so the text's second half reads float16 K/V."""
+    ids, (ref_logits, ref_top1, ref_ppl) = reference
+    llm = LLM(kv_cache_memory="32MiB", kv_cache_dtype="float16", enable_prefix_caching=False)
+    assert llm.engine.runner.kv_caches[0].dtype == torch.float16
+    block_bytes = 30 * 16 * 2 * 3 * 64 * 2  # layers x tokens x (K, V) x KV heads x head dim x 2 bytes
+    assert llm.engine.kv.pool.num_blocks == (32 << 20) // block_bytes
+    logits, top1, ppl = score(llm, ids)
+    agreement = sum(a == b for a, b in zip(top1, ref_top1)) / len(top1)
+    with capsys.disabled():
+        print(f"\n[float16 KV] top-1 agreement {agreement:.4f}, perplexity {ppl:.4f} vs {ref_ppl:.4f}")
+    assert agreement >= 0.99
+    assert abs(ppl / ref_ppl - 1) <= 0.005
+
+
 def test_int8_quantization_of_a_safetensors_model(tmp_path):
     """`quantization="int8"` quantizes every linear weight and the embedding at load (Q8_0's scheme).
     The kernels must compute what the plain PyTorch path computes on the same int8 weights (tight);
@@ -161,17 +178,19 @@ def decode_logits(llm: LLM, prompts: list[list[int]], steps: int) -> tuple[list[
     return captured, stack_steps
 
 
-@pytest.mark.parametrize("kind", ["default Q4_1", "qwen2 dense", "qwen2 int8"])
+@pytest.mark.parametrize("kind", ["default Q4_1", "default Q4_1, float16 KV", "qwen2 dense", "qwen2 int8"])
 def test_decode_stack_is_bitwise_the_python_layers(kind, tmp_path):
     """Decode steps run every layer in one compiled call (kernels/decoder.cpp): the same kernels in the
-    same order as the Python layers, so every step's logits must be equal to the bit. Three prompts
-    of different lengths (ragged block tables), through quantized (Q4_1 + Q8_0 head), dense fp32 and
-    int8 weights, with q/k/v biases (qwen2). No prefix cache: the second run must prefill as the first
-(a product's path, and so its rounding, depends on how many rows it takes)."""
+        same order as the Python layers, so every step's logits must be equal to the bit. Three prompts
+        of different lengths (ragged block tables), through quantized (Q4_1 + Q8_0 head), dense fp32 and
+        int8 weights, with q/k/v biases (qwen2), and into a float16 cache. No prefix cache: the second run must prefill as the first
+    (a product's path, and so its rounding, depends on how many rows it takes)."""
     if kernels.compute_ops() is None:
         pytest.skip("no compute kernels on this machine (no AVX2 or no compiler)")
-    if kind == "default Q4_1":
-        llm, vocab = LLM(kv_cache_memory="32MiB", enable_prefix_caching=False), 49152
+    if kind.startswith("default"):
+        kv_dtype = "float16" if "float16" in kind else "auto"
+        llm = LLM(kv_cache_memory="32MiB", enable_prefix_caching=False, kv_cache_dtype=kv_dtype)
+        vocab = 49152
     else:
         from helpers import save_tiny_model
 

@@ -55,7 +55,7 @@ HELP = {
     "device": "cpu, cuda or auto (cuda when available)",
     "dtype": "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16",
     "kv_cache_memory": "KV cache budget in bytes or with a unit (2GiB); default: a share of free memory",
-    "kv_cache_dtype": "auto (the model dtype), int8, or fp8 (e4m3, CUDA only)",
+    "kv_cache_dtype": "auto (the model dtype), float16, int8, or fp8 (e4m3, CUDA only)",
     "quantization": "linear weights: auto (a GGUF's quantized blocks run as they are on the CPU), none (expanded "
     "to --dtype), or int8 (quantized at load, one scale per 32 weights)",
     "block_size": "tokens per KV block",
@@ -102,8 +102,8 @@ class EngineConfig:
             raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.kv_cache_dtype not in ("auto", "int8", "fp8"):
-            raise ValueError(f"kv_cache_dtype must be auto, int8 or fp8, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "float16", "int8", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto, float16, int8 or fp8, got {self.kv_cache_dtype!r}")
         if self.quantization not in ("auto", "none", "int8"):
             raise ValueError(f"quantization must be auto, none or int8, got {self.quantization!r}")
         for name in ("kv_cache_memory", "kv_offload_memory", "kv_offload_disk"):

@@ -9,6 +9,7 @@ One Engine.step():
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from kvserve.kv.block_io import BlockIO
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.offload import TieredKVStore
 from kvserve.kv.prefix_hash import root_hash
-from kvserve.kv.quant import QUANTIZED_FORMAT, num_open_slots
+from kvserve.kv.quant import QUANTIZED_FORMAT, num_open_slots, plain_kv_dtype
 from kvserve.models.loader import load_model_config, resolve_model_path
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, SequenceDelta
 from kvserve.request import Request, RequestStatus
@@ -102,7 +103,8 @@ class Engine:
                 )
             config.max_model_len = capacity  # the default shrinks to what one request can hold
         self.fingerprint = model_fingerprint(path, self.model_config)
-        kv_format = config.kv_cache_dtype if kv_dtype == "auto" else f"{kv_dtype}:{QUANTIZED_FORMAT}"
+        plain = plain_kv_dtype(kv_dtype, dtype) is not None
+        kv_format = config.kv_cache_dtype if plain else f"{kv_dtype}:{QUANTIZED_FORMAT}"
         # How the weights are held (quantized blocks, int8, dense) changes the K/V a little: part of the key.
         weights_form = "quantized" if any(getattr(m, "qweight", None) is not None for m in model.modules()) else "dense"
         root = root_hash(
@@ -135,6 +137,7 @@ class Engine:
         self.groups: dict[str, RequestGroup] = {}
         self.stats = EngineStats()
         self._next_id = 0
+        return_freed_memory()
         logger.info(
             "model %s (%s) on %s/%s loaded in %.1fs; KV cache (%s): %d blocks x %d tokens = %d tokens, "
             "%.0f B/token, %.1f MiB (+ %.1f MiB of recent windows)",
@@ -414,6 +417,18 @@ class Engine:
         self.kv.pool.check_idle()
         assert not self.kv.block_tables, f"block tables left: {list(self.kv.block_tables)[:5]}"
         assert not self.kv.open_slots and len(self.kv.free_open_slots) == self.kv.num_open_slots
+
+
+def return_freed_memory() -> None:
+    """Hands the heap's free pages back to the OS (glibc's malloc_trim). Loading frees tens of MB that
+    would otherwise stay resident for the server's whole life: the tokenizer's JSON parse alone leaves
+    ~30 MB (measured on the default model), the weight reader its per-tensor buffers. No-op without
+    glibc."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def model_fingerprint(path: str, model_config) -> str:

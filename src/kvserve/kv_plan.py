@@ -352,7 +352,7 @@ def add_kv_plan_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="a Hugging Face model folder or .gguf (default: SmolLM2-135M)")
     p.add_argument("--preset", default=None, help=f"a published architecture: {', '.join(PRESETS)}")
     p.add_argument("--kv-cache-memory", default="8GiB", help="KV cache budget (default 8GiB)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16", "int8", "fp8"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype; auto: bfloat16 for presets and on CUDA, float32 for a local model on CPU")  # fmt: skip
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")

@@ -65,6 +65,11 @@ def load_model(path: str, config: EngineConfig) -> tuple[ModelConfig, torch.nn.M
         raise ValueError(
             "quantization int8 is implemented for Llama-family models, not for multi-head latent attention"
         )
+    if mla and config.kv_cache_dtype == "float16":
+        raise ValueError(
+            "kv_cache_dtype float16 is implemented for Llama-family models, not for multi-head latent attention"
+            " (use auto, or int8)"
+        )
     ops = compute_kernels(config)
     keep_quantized = config.quantization == "auto" and ops is not None and not mla
     model_config, weights = load_weights(path, keep_quantized)

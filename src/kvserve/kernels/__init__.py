@@ -38,7 +38,9 @@ logger = logging.getLogger("kvserve")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "kv_dequant.cpp")
-COMPUTE_SOURCES = [os.path.join(HERE, name) for name in ("linear.cpp", "paged_attention.cpp", "fused.cpp", "decoder.cpp")]
+COMPUTE_SOURCES = [
+    os.path.join(HERE, name) for name in ("linear.cpp", "paged_attention.cpp", "fused.cpp", "decoder.cpp")
+]
 # -ffast-math: lets the compiler vectorize the float sums and use the vector exp; the kernels keep
 # no infinities or NaNs of their own (scores start at the lowest finite float).
 # -fopenmp: at::parallel_for is an OpenMP loop compiled into the caller (ATen/ParallelOpenMP.h), so

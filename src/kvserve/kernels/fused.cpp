@@ -96,8 +96,9 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 }
 
 // qkv [T, (Hq + 2 Hkv) D]: queries, keys, values side by side per token. cos, sin [T, D/2].
-// Rotates queries and keys in place; when cache is defined ([2, blocks, block_size, Hkv, D] float32),
-// writes keys and values to flat slots `slots` [T] (block * block_size + offset).
+// Rotates queries and keys in place; when cache is defined ([2, blocks, block_size, Hkv, D] float32, or
+// float16: rounded to nearest even, as torch's .to(float16)), writes keys and values to flat slots
+// `slots` [T] (block * block_size + offset).
 void rope_kv_write(at::Tensor& qkv, int64_t num_heads, int64_t num_kv_heads, const at::Tensor& cos,
                    const at::Tensor& sin, const c10::optional<at::Tensor>& cache, const c10::optional<at::Tensor>& slots) {
   check_rows(qkv, "qkv");
@@ -110,9 +111,10 @@ void rope_kv_write(at::Tensor& qkv, int64_t num_heads, int64_t num_kv_heads, con
   const bool write = cache.has_value() && cache->defined();
   int64_t num_slots = 0;
   if (write) {
-    TORCH_CHECK(cache->device().is_cpu() && cache->scalar_type() == at::kFloat && cache->is_contiguous() &&
+    const auto type = cache->scalar_type();
+    TORCH_CHECK(cache->device().is_cpu() && (type == at::kFloat || type == at::kHalf) && cache->is_contiguous() &&
                     cache->dim() == 5 && cache->size(0) == 2 && cache->size(3) == num_kv_heads && cache->size(4) == dim,
-                "cache must be a contiguous float32 [2, blocks, block_size, Hkv, D]");
+                "cache must be a contiguous float32 or float16 [2, blocks, block_size, Hkv, D]");
     TORCH_CHECK(slots.has_value() && slots->scalar_type() == at::kLong && slots->is_contiguous() &&
                     slots->numel() == tokens,
                 "slots must be [T] int64");
@@ -122,8 +124,11 @@ void rope_kv_write(at::Tensor& qkv, int64_t num_heads, int64_t num_kv_heads, con
   const int64_t stride = qkv.stride(0), row = num_kv_heads * dim;
   const float* c = cos.data_ptr<float>();
   const float* s = sin.data_ptr<float>();
-  float* keys = write ? cache->data_ptr<float>() : nullptr;
-  float* values = write ? keys + num_slots * row : nullptr;
+  const bool to_half = write && cache->scalar_type() == at::kHalf;
+  float* keys = write && !to_half ? cache->data_ptr<float>() : nullptr;
+  float* values = keys ? keys + num_slots * row : nullptr;
+  at::Half* half_keys = to_half ? cache->data_ptr<at::Half>() : nullptr;
+  at::Half* half_values = to_half ? half_keys + num_slots * row : nullptr;
   const int64_t* slot = write ? slots->data_ptr<int64_t>() : nullptr;
   at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -142,8 +147,17 @@ void rope_kv_write(at::Tensor& qkv, int64_t num_heads, int64_t num_kv_heads, con
       if (write) {
         const int64_t at_slot = slot[t];
         TORCH_CHECK(at_slot >= 0 && at_slot < num_slots, "slot ", at_slot, " out of range");
-        std::memcpy(keys + at_slot * row, x + num_heads * dim, row * sizeof(float));
-        std::memcpy(values + at_slot * row, x + (num_heads + num_kv_heads) * dim, row * sizeof(float));
+        const float* k = x + num_heads * dim;
+        const float* v = k + row;
+        if (to_half) {
+          at::Half* __restrict__ hk = half_keys + at_slot * row;
+          at::Half* __restrict__ hv = half_values + at_slot * row;
+          for (int64_t i = 0; i < row; ++i) hk[i] = static_cast<at::Half>(k[i]);
+          for (int64_t i = 0; i < row; ++i) hv[i] = static_cast<at::Half>(v[i]);
+        } else {
+          std::memcpy(keys + at_slot * row, k, row * sizeof(float));
+          std::memcpy(values + at_slot * row, v, row * sizeof(float));
+        }
       }
     }
   });
@@ -158,7 +172,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "residual += x; rms_norm(residual) * weight", release());
   m.def("silu_mul", &silu_mul, "silu(gate) * up", release());
   m.def("rope_kv_write", &rope_kv_write, "rotary embedding in place, keys and values into the cache", release());
-  m.def("decode_attention_f32", &decode_attention_f32, "decode attention from a plain fp32 paged cache (paged_attention.cpp)",
+  m.def("decode_attention_f32", &decode_attention_f32, "decode attention from a plain fp32 or fp16 paged cache (paged_attention.cpp)",
         release());
   bind_decoder(m);  // decoder.cpp: DecoderStack, the layers in one call
 }

@@ -1,4 +1,6 @@
-// Decode attention straight from a plain fp32 paged KV cache (attention.py's decode path on the CPU).
+// Decode attention straight from a plain paged KV cache, float32 or float16 (kv_cache_dtype float16:
+// half the bytes per token, converted to fp32 as they are read), for an fp32 model: attention.py's
+// decode path on the CPU.
 //
 // The PyTorch path gathers every decode's blocks into one padded [Nd, L, Hkv, D] copy per layer and
 // runs SDPA with a mask over it: two passes over the K/V plus the padding. Here each (sequence, KV
@@ -16,6 +18,12 @@
 #include <vector>
 
 namespace {
+
+// Eight cache elements as fp32: a float32 cache as it is, a float16 one through F16C (exact).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline float to_float(float x) { return x; }
+inline float to_float(at::Half x) { return static_cast<float>(x); }
 
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -45,12 +53,13 @@ inline __m256 exp8(__m256 x) {
 
 // [q . k_0, ..., q . k_7] for 8 keys `row` floats apart; dim a multiple of 8. The 8 partial-sum vectors
 // are reduced together (two rounds of pairwise adds and one 128-bit swap) instead of one by one.
-inline __m256 dots8(const float* __restrict__ q, const float* __restrict__ k, int64_t row, int64_t dim) {
+template <typename T>
+inline __m256 dots8(const float* __restrict__ q, const T* __restrict__ k, int64_t row, int64_t dim) {
   __m256 a[8];
   for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
   for (int64_t c = 0; c < dim; c += 8) {
     const __m256 qv = _mm256_loadu_ps(q + c);
-    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * row + c), a[j]);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, load8(k + j * row + c), a[j]);
   }
   const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
   const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
@@ -60,7 +69,8 @@ inline __m256 dots8(const float* __restrict__ q, const float* __restrict__ k, in
 
 // a [dim] += sum over t < tokens of weights[t] x v[t * row ...]. Head dims that are a multiple of 64 keep
 // 64 outputs in registers across all the block's tokens; others go through memory.
-inline void accumulate_values(float* __restrict__ a, const float* __restrict__ weights, const float* __restrict__ v,
+template <typename T>
+inline void accumulate_values(float* __restrict__ a, const float* __restrict__ weights, const T* __restrict__ v,
                               int64_t tokens, int64_t row, int64_t dim) {
   if (dim % 64 == 0) {
     for (int64_t c0 = 0; c0 < dim; c0 += 64) {
@@ -68,18 +78,19 @@ inline void accumulate_values(float* __restrict__ a, const float* __restrict__ w
       for (int j = 0; j < 8; ++j) sum[j] = _mm256_loadu_ps(a + c0 + 8 * j);
       for (int64_t t = 0; t < tokens; ++t) {
         const __m256 w = _mm256_set1_ps(weights[t]);
-        const float* vt = v + t * row + c0;
-        for (int j = 0; j < 8; ++j) sum[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * j), sum[j]);
+        const T* vt = v + t * row + c0;
+        for (int j = 0; j < 8; ++j) sum[j] = _mm256_fmadd_ps(w, load8(vt + 8 * j), sum[j]);
       }
       for (int j = 0; j < 8; ++j) _mm256_storeu_ps(a + c0 + 8 * j, sum[j]);
     }
     return;
   }
   for (int64_t t = 0; t < tokens; ++t)
-    for (int64_t c = 0; c < dim; ++c) a[c] += weights[t] * v[t * row + c];
+    for (int64_t c = 0; c < dim; ++c) a[c] += weights[t] * to_float(v[t * row + c]);
 }
 
-void attend_one(const float* __restrict__ query, const float* __restrict__ keys, const float* __restrict__ values,
+template <typename T>
+void attend_one(const float* __restrict__ query, const T* __restrict__ keys, const T* __restrict__ values,
                 const int64_t* table, int64_t len, int64_t num_blocks, int64_t block_size, int64_t heads, int64_t h,
                 int64_t group, int64_t dim, float scale, float* __restrict__ out) {
   const int64_t row = heads * dim, block = block_size * row;
@@ -100,8 +111,8 @@ void attend_one(const float* __restrict__ query, const float* __restrict__ keys,
     const int64_t id = table[b];
     TORCH_CHECK(id >= 0 && id < num_blocks, "block id ", id, " out of range");
     const int64_t tokens = std::min(block_size, len - b * block_size);
-    const float* k = keys + id * block + h * dim;
-    const float* v = values + id * block + h * dim;
+    const T* k = keys + id * block + h * dim;
+    const T* v = values + id * block + h * dim;
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = q + g * dim;
       float* wg = w + g * block_size;
@@ -110,7 +121,7 @@ void attend_one(const float* __restrict__ query, const float* __restrict__ keys,
         for (; t + 8 <= tokens; t += 8) _mm256_storeu_ps(wg + t, dots8(qg, k + t * row, row, dim));
       for (; t < tokens; ++t) {
         float dot = 0.f;
-        for (int64_t c = 0; c < dim; ++c) dot += qg[c] * k[t * row + c];
+        for (int64_t c = 0; c < dim; ++c) dot += qg[c] * to_float(k[t * row + c]);
         wg[t] = dot;
       }
     }
@@ -147,37 +158,53 @@ void attend_one(const float* __restrict__ query, const float* __restrict__ keys,
 
 }  // namespace
 
+namespace {
+
+template <typename T>
+void decode_attention_typed(const float* q, int64_t q_stride, int64_t nd, int64_t heads, int64_t group, int64_t dim,
+                            const at::Tensor& cache, const int64_t* tables, int64_t width, const int64_t* len,
+                            double scale, float* out) {
+  const int64_t num_blocks = cache.size(1), block_size = cache.size(2);
+  const T* keys = cache.data_ptr<T>();
+  const T* values = keys + num_blocks * block_size * heads * dim;
+  at::parallel_for(0, nd * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / heads, h = task % heads;
+      attend_one<T>(q + i * q_stride + h * group * dim, keys, values, tables + i * width, len[i], num_blocks,
+                    block_size, heads, h, group, dim, static_cast<float>(scale), out + (i * heads + h) * group * dim);
+    }
+  });
+}
+
+}  // namespace
+
 // Decode attention for nd queries, query i at q + i * q_stride ([Hkv, G, D] contiguous within it),
 // out [nd, Hkv, G, D] contiguous: the shared body of decode_attention_f32 and decoder.cpp's layer
 // (which reads the queries where they lie in the fused QKV output, no copy).
 void decode_attention_rows(const float* q, int64_t q_stride, int64_t nd, int64_t heads, int64_t group, int64_t dim,
                            const at::Tensor& cache, const at::Tensor& block_tables, const at::Tensor& lens, double scale,
                            float* out) {
-  TORCH_CHECK(cache.device().is_cpu() && cache.scalar_type() == at::kFloat && cache.is_contiguous() &&
+  const bool half = cache.scalar_type() == at::kHalf;
+  TORCH_CHECK(cache.device().is_cpu() && (half || cache.scalar_type() == at::kFloat) && cache.is_contiguous() &&
                   cache.dim() == 5 && cache.size(0) == 2,
-              "cache must be a contiguous float32 [2, blocks, block_size, Hkv, D]");
+              "cache must be a contiguous float32 or float16 [2, blocks, block_size, Hkv, D]");
   TORCH_CHECK(cache.size(3) == heads && cache.size(4) == dim, "cache heads / head dim do not match the queries");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() && block_tables.dim() == 2 &&
                   block_tables.size(0) == nd,
               "block_tables must be [Nd, W] int64");
   TORCH_CHECK(lens.scalar_type() == at::kLong && lens.is_contiguous() && lens.numel() == nd, "lens must be [Nd] int64");
-  const int64_t num_blocks = cache.size(1), block_size = cache.size(2), width = block_tables.size(1);
+  const int64_t block_size = cache.size(2), width = block_tables.size(1);
   const int64_t* len = lens.data_ptr<int64_t>();
   for (int64_t i = 0; i < nd; ++i)
     TORCH_CHECK(len[i] >= 1 && len[i] <= width * block_size, "context length ", len[i], " outside the block table");
-  const float* keys = cache.data_ptr<float>();
-  const float* values = keys + num_blocks * block_size * heads * dim;
   const int64_t* tables = block_tables.data_ptr<int64_t>();
-  at::parallel_for(0, nd * heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / heads, h = task % heads;
-      attend_one(q + i * q_stride + h * group * dim, keys, values, tables + i * width, len[i], num_blocks, block_size,
-                 heads, h, group, dim, static_cast<float>(scale), out + (i * heads + h) * group * dim);
-    }
-  });
+  if (half)
+    decode_attention_typed<at::Half>(q, q_stride, nd, heads, group, dim, cache, tables, width, len, scale, out);
+  else
+    decode_attention_typed<float>(q, q_stride, nd, heads, group, dim, cache, tables, width, len, scale, out);
 }
 
-// queries [Nd, Hkv, G, D] fp32; cache [2, blocks, block_size, Hkv, D] fp32; block_tables [Nd, W] int64
+// queries [Nd, Hkv, G, D] fp32; cache [2, blocks, block_size, Hkv, D] fp32 or fp16; block_tables [Nd, W] int64
 // (a decode's blocks in order, padded past its length); lens [Nd] int64, 1 <= len <= W * block_size.
 // -> out [Nd, Hkv, G, D].
 at::Tensor decode_attention_f32(const at::Tensor& queries, const at::Tensor& cache, const at::Tensor& block_tables,

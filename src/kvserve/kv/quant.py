@@ -52,6 +52,9 @@ QUANTIZED_KV_DTYPES: dict[str, tuple[torch.dtype, float]] = {
     "int8": (torch.int8, 127.0),
     "fp8": (torch.float8_e4m3fn, 448.0),
 }
+# kv_cache_dtype -> the dtype of a plain (unquantized) cache held in other than the model dtype: float16
+# halves an fp32 model's KV bytes (llama.cpp's default cache type), read back to fp32 exactly.
+PLAIN_KV_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16}
 SCALE_DTYPE = torch.float32
 WINDOW_BLOCKS = 2  # window entries per sequence: its open block and the full one before it
 VALUE_GROUP = 32  # channels of a value per scale: two scales per 64-wide head read 86% vs 81% (192 prompts)
@@ -190,12 +193,17 @@ def quantize_key_blocks(
     return _codes((keys - center.unsqueeze(1)) / scale.unsqueeze(1), storage, qmax), scale, center
 
 
+def plain_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype of a plain cache under kv_cache_dtype (auto: the model's), or None for a quantized one."""
+    return model_dtype if kv_cache_dtype == "auto" else PLAIN_KV_DTYPES.get(kv_cache_dtype)
+
+
 def kv_bytes_per_block(
     num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, model_dtype: torch.dtype, kv_cache_dtype: str
 ) -> int:
     """Bytes one block of K and V takes across all layers, scales included."""
-    if kv_cache_dtype == "auto":
-        return num_layers * block_size * 2 * num_kv_heads * head_dim * torch.empty((), dtype=model_dtype).element_size()
+    if (plain := plain_kv_dtype(kv_cache_dtype, model_dtype)) is not None:
+        return num_layers * block_size * 2 * num_kv_heads * head_dim * torch.empty((), dtype=plain).element_size()
     element = torch.empty((), dtype=QUANTIZED_KV_DTYPES[kv_cache_dtype][0]).element_size()
     scale = torch.empty((), dtype=SCALE_DTYPE).element_size()
     codes = block_size * 2 * head_dim * element  # K and V

@@ -266,9 +266,9 @@ def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor, meta: Attentio
     keeps the recent window, as meta.key_writes says (kv/quant.py)."""
     num_kv_heads, head_dim = k.shape[1:]
     slots = meta.slot_mapping
-    if not isinstance(kv_cache, QuantizedKVCache):
-        kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
-        kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+    if not isinstance(kv_cache, QuantizedKVCache):  # a float16 cache of an fp32 model: rounded here
+        kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(kv_cache.dtype))
+        kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(kv_cache.dtype))
         return
     rotated = v.float() @ kv_cache.rotation
     q, scale = quantize_values(rotated, kv_cache.data.dtype, kv_cache.qmax)
@@ -385,6 +385,8 @@ def gather_blocks(
         values.mul_(value_scales[0].unsqueeze(-1))  # one product, rounded once
     else:
         kv = index_select_reused("kv", kv_cache, block_ids)  # [2, N * n, bs, Hkv, D]
+        if kv.dtype != dtype:  # a float16 cache of an fp32 model: widened exactly
+            kv = gather_buffers.get("kv_wide", kv.shape, dtype, kv.device).copy_(kv)
     if isinstance(kv_cache, QuantizedKVCache) and window is not None:  # an open block's window rows past
         # the sequence's end hold older K/V (an earlier sequence's, or its own from two blocks back: finite
         # model outputs), which the caller's mask excludes
@@ -524,8 +526,13 @@ def paged_attention(
                 scale,
                 attn,
             )
-        elif meta.compute_ops is not None and isinstance(kv_cache, torch.Tensor) and kv_cache.dtype == q.dtype:
-            # a plain fp32 cache read in place, block by block: no gather, no padding (paged_attention.cpp)
+        elif (
+            meta.compute_ops is not None
+            and isinstance(kv_cache, torch.Tensor)
+            and q.dtype == torch.float32
+            and kv_cache.dtype in (torch.float32, torch.float16)
+        ):
+            # a plain fp32 or fp16 cache read in place, block by block: no gather, no padding (paged_attention.cpp)
             lens = meta.decode_rows()[0]
             attn = meta.compute_ops.decode_attention_f32(
                 queries.contiguous(), kv_cache, meta.decode_block_tables, lens, scale

@@ -19,11 +19,14 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from kvserve.kv.quant import QuantizedKVCache, kv_bytes_per_block, window_bytes_per_slot
+from kvserve.kv.quant import QuantizedKVCache, kv_bytes_per_block, plain_kv_dtype, window_bytes_per_slot
 from kvserve.models.attention import AttentionMetadata, KVCache, paged_attention, write_kv
 from kvserve.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary, kernel_for
 from kvserve.models.model_config import ModelConfig
 from kvserve.models.quantized import QuantizedWeight, quantize_int8
+
+# Plain caches the compiled kernels write and read (fp32 models): fp32, and float16 converted on the way.
+KERNEL_KV_DTYPES = (torch.float32, torch.float16)
 
 
 class LlamaAttention(nn.Module):
@@ -50,7 +53,7 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
         ops = kernel_for(self.qkv_proj, qkv)
         fused = ops is not None and qkv.is_contiguous()
-        plain = isinstance(kv_cache, torch.Tensor) and kv_cache.dtype == torch.float32
+        plain = isinstance(kv_cache, torch.Tensor) and kv_cache.dtype in KERNEL_KV_DTYPES
         if fused:  # one pass: q and k rotated in place, k and v into a plain cache (a quantized one below)
             cache, slots = (kv_cache, meta.slot_mapping) if plain else (None, None)
             ops.rope_kv_write(qkv, self.num_heads, self.num_kv_heads, cos[:, 0], sin[:, 0], cache, slots)
@@ -121,7 +124,8 @@ class LlamaForCausalLM(nn.Module):
         `num_open_slots` recent windows (kv/quant.py)."""
         heads, head_dim = self.config.num_kv_heads, self.config.head_dim
         device = self.norm.weight.device
-        if kv_cache_dtype != "auto":
+        plain = plain_kv_dtype(kv_cache_dtype, dtype)
+        if plain is None:
             return [
                 QuantizedKVCache.allocate(
                     kv_cache_dtype, num_blocks, block_size, heads, head_dim, num_open_slots, dtype, device
@@ -129,7 +133,7 @@ class LlamaForCausalLM(nn.Module):
                 for _ in self.layers
             ]
         shape = (2, num_blocks, block_size, heads, head_dim)
-        return [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        return [torch.zeros(shape, dtype=plain, device=device) for _ in self.layers]
 
     def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
         c = self.config
@@ -141,7 +145,7 @@ class LlamaForCausalLM(nn.Module):
 
     def window_bytes_per_slot(self, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
         """What one running sequence's recent window costs (quantized caches only, kv/quant.py)."""
-        if kv_cache_dtype == "auto":
+        if plain_kv_dtype(kv_cache_dtype, dtype) is not None:
             return 0
         c = self.config
         return window_bytes_per_slot(c.num_layers, c.num_kv_heads, c.head_dim, block_size, dtype)
@@ -168,14 +172,14 @@ class LlamaForCausalLM(nn.Module):
 
     def decode_stack(self, residual: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata):
         """The compiled stack of every layer (kernels/decoder.cpp) when this step can take it: decodes
-        only, no cascade, fp32 on the CPU with the kernels, plain fp32 caches; else None."""
+        only, no cascade, fp32 on the CPU with the kernels, plain fp32 or fp16 caches; else None."""
         ops = kernel_for(self.norm, residual)
         if not self.use_decode_stack or ops is None or meta.compute_ops is None:
             return None
         if meta.prefills or meta.decode_cascade is not None or not meta.num_decode_tokens:
             return None
         first = kv_caches[0]
-        if not isinstance(first, torch.Tensor) or first.dtype != torch.float32:
+        if not isinstance(first, torch.Tensor) or first.dtype not in KERNEL_KV_DTYPES:
             return None
         if self._decode_stack is None or self._decode_stack[0] is not ops:  # built once per set of kernels
             layers = []
