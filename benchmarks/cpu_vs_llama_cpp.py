@@ -12,9 +12,10 @@ greedy, ignore_eos) sends them the same workloads:
 - 32 at once: 64 requests of 128 prompt tokens, 128 out, 32 in flight;
 - shared prefix: 64 requests of 400 shared + 20 own prompt tokens, 32 out, 32 in flight.
 
-llama-server runs as PEERS.md records (`-t 2 --parallel 32 -c 16384`); kvserve with
-`--kv-cache-memory 256MiB` on the Q4_1 file (the memory target's setting; its peak RSS is read from
-/proc) and 1 GiB on F32. Before the servers, kvserve's offline prefill (one 512-token prompt) and
+llama-server runs as PEERS.md records (`-t 2 --parallel 32 -c 16384`), with its default float16 KV
+cache; kvserve with the same cache type (`--kv-cache-dtype float16`, `--kv-cache-dtype auto` for fp32)
+and `--kv-cache-memory 256MiB` on the Q4_1 file (the memory target's setting; its peak RSS is read
+from /proc: 11,648 tokens in float16), 512 MiB on F32. Before the servers, kvserve's offline prefill (one 512-token prompt) and
 batch-1 decode speed are measured on the Q4_1 file. Ratios are kvserve / llama-server from this one run.
 """
 
@@ -140,19 +141,22 @@ def main() -> None:
     parser.add_argument("--files", nargs="+", choices=["q41", "f32"], default=["q41", "f32"])
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--kv-cache-dtype", default="float16", help="kvserve's KV cache type (llama-server's is f16)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     paths = peer_paths()
     report: dict = {"cpu": cpu_kind(), "machine": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M"), "runs": {}}
+    report["kvserve_kv_cache_dtype"] = args.kv_cache_dtype
     print(f"CPU: {report['cpu']}", flush=True)
     tokenizer = load_tokenizer("default")  # exact prompt lengths in the model's tokens, for both servers
     if not args.skip_offline:
         report["offline"] = offline(paths["Q41_GGUF"])
         print(f"  kvserve offline (Q4_1): {report['offline']}", flush=True)
     kvserve = [sys.executable, "-m", "kvserve.cli", "serve", "--host", "127.0.0.1", "--port", str(PORT)]
+    kvserve += ["--kv-cache-dtype", args.kv_cache_dtype]
     llama = [paths["LLAMA_SERVER"], "--host", "127.0.0.1", "--port", str(PORT), "-t", "2", "--parallel", "32"]
     llama += ["-c", "16384"]
-    files = {"q41": (paths["Q41_GGUF"], "256MiB"), "f32": (paths["F32_GGUF"], "1GiB")}
+    files = {"q41": (paths["Q41_GGUF"], "256MiB"), "f32": (paths["F32_GGUF"], "512MiB")}
     for key in args.files:
         path, kv_memory = files[key]
         label = "Q4_1" if key == "q41" else "F32"

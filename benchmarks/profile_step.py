@@ -1,10 +1,13 @@
 """Where one decode step's time goes, at batch 1 and batch 32 (issue 15's profile).
 
     python benchmarks/profile_step.py [--batch 1 32] [--context 128] [--steps 20] [--quantization none]
+                                      [--kv-cache-dtype float16]
     KVSERVE_CPU_KERNELS=0 python benchmarks/profile_step.py --quantization none   # the plain PyTorch path
 
-Each batch size: that many requests of `--context` prompt tokens are prefilled, then `--steps`
-decode steps are timed (wall, per step) and profiled with torch.profiler; the table groups the
+Each batch size: that many requests of `--context` prompt tokens are prefilled, then decode steps
+are timed (wall, per step: half with every layer in one compiled call, kernels/decoder.cpp, half
+with the layers called from Python) and `--steps` / 2 more, layer by layer, are profiled with
+torch.profiler (the compiled stack is one opaque call to it); the table groups the
 profiler's self CPU time by what the operators do, as shares of the profiled total (the profiler adds
 ~10 us per operator, so at batch 1 its total exceeds the unprofiled wall time).
 """
@@ -71,10 +74,14 @@ def profile(engine: Engine, batch: int, context: int, steps: int) -> dict:
         engine.step()
     for _ in range(3):
         engine.step()
-    start = time.perf_counter()
-    for _ in range(steps // 2):
-        engine.step()
-    wall = (time.perf_counter() - start) / (steps // 2)
+    model = engine.runner.model
+    walls = {}
+    for stack in (True, False):  # decode steps as one compiled call (decoder.cpp), then layer by layer
+        model.use_decode_stack = stack
+        start = time.perf_counter()
+        for _ in range(steps // 2):
+            engine.step()
+        walls[stack] = (time.perf_counter() - start) / (steps // 2)
     runner, ops = engine.runner, engine.runner.compute_ops
     if ops is not None:  # the kernels made visible to the profiler, for the profiled steps only
         runner.compute_ops = ProfiledOps(ops)
@@ -85,13 +92,20 @@ def profile(engine: Engine, batch: int, context: int, steps: int) -> dict:
     if ops is not None:
         runner.compute_ops = ops
         use_cpu_kernels(runner.model, ops)
+    del model.use_decode_stack  # back to the class default
     while engine.has_unfinished():
         engine.step()
     split: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
         split[group_of(event.key)] += event.self_cpu_time_total / 1e3 / (steps // 2)
     accounted = sum(split.values())
-    return {"batch": batch, "step_ms": wall * 1e3, "ms_by_group": dict(split), "profiled_ms": accounted}
+    return {
+        "batch": batch,
+        "step_ms": walls[True] * 1e3,
+        "step_ms_layer_by_layer": walls[False] * 1e3,
+        "ms_by_group": dict(split),
+        "profiled_ms": accounted,
+    }
 
 
 def main() -> None:
@@ -102,14 +116,18 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantization", default=None)
+    parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     extra = {} if args.quantization is None else {"quantization": args.quantization}
-    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory="512MiB", **extra)
+    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory="512MiB", kv_cache_dtype=args.kv_cache_dtype, **extra)
     results = [profile(llm.engine, b, args.context, args.steps) for b in args.batch]
     for r in results:
         total = r["profiled_ms"]
-        print(f"\nbatch {r['batch']}: {r['step_ms']:.1f} ms per decode step (wall, unprofiled);")
+        print(
+            f"\nbatch {r['batch']}: {r['step_ms']:.1f} ms per decode step (wall, unprofiled; "
+            f"{r['step_ms_layer_by_layer']:.1f} ms with the layers called from Python);"
+        )
         print(f"  profiled: {total:.1f} ms of operators per step (the profiler's own cost inflates short ones)")
         for group, ms in sorted(r["ms_by_group"].items(), key=lambda kv: -kv[1]):
             print(f"  {group:22s} {ms:8.2f} ms  {100 * ms / total:5.1f}% of profiled")
