@@ -65,7 +65,7 @@ def group_of(name: str) -> str:
 
 def profile(engine: Engine, batch: int, context: int, steps: int) -> dict:
     """Wall time per decode step (unprofiled), then the profiler's split of the same kind of steps."""
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=2 * steps + 8, ignore_eos=True)  # 3 + 3 x steps / 2 steps
     for i in range(batch):
         engine.add_request([(7 * i + j) % 40000 + 100 for j in range(context)], params)
     while any(
