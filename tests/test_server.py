@@ -303,10 +303,37 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_to
         ("/v1/chat/completions", {**CHAT, "messages": [{"content": "no role"}]}, "messages"),
         ("/v1/chat/completions", {**CHAT, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ("/v1/chat/completions", {**CHAT, "stream": "maybe"}, "stream"),
+        ("/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
     ],
 )
 def test_bad_request(server, path, body, param):
     _error(post(server, path, body), 400, param)
+
+
+@pytest.mark.parametrize(
+    "path, field, value",
+    [
+        ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+        ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("/v1/chat/completions", "tool_choice", "required"),
+        ("/v1/chat/completions", "logit_bias", {"28": 100}),
+        ("/v1/chat/completions", "continue_final_message", True),
+        ("/v1/completions", "structured_outputs", {"choice": ["yes", "no"]}),
+        ("/v1/completions", "guided_choice", ["yes", "no"]),
+        ("/v1/completions", "logit_bias", {"28": 100}),
+    ],
+)
+def test_unimplemented_fields_are_refused_by_name(server, path, field, value):
+    """A field the server does not implement is a 400 that names it, never accepted and ignored."""
+    body = {**(CHAT if "chat" in path else COMPLETION), field: value}
+    error = _error(post(server, path, body), 400, field)
+    assert error["code"] == "unsupported_parameter"
+    assert error["message"] == f"{field}: this server does not support the field {field!r}"
+
+
+def test_user_field_is_accepted(server):
+    """OpenAI's `user` only identifies the caller's end user: accepted, no effect."""
+    assert post(server, "/v1/chat/completions", {**CHAT, "user": "someone"}).status_code == 200
 
 
 def test_auth_model_and_size_errors(server):

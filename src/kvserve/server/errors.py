@@ -65,6 +65,11 @@ def from_validation_error(
         fields.append(part)
         current = _model_in(field.annotation)
     param = ".".join(fields) or (str(loc[0]) if loc else None)
+    if first.get("type") == "extra_forbidden":  # a field this server does not implement: refused, never ignored
+        name = ".".join(str(part) for part in loc) or param
+        return APIError(
+            400, f"{name}: this server does not support the field {name!r}", param=name, code="unsupported_parameter"
+        )
     where = f"{param}: " if param else ""
     return APIError(400, f"{where}{first.get('msg', 'invalid value')}", param=param, code="invalid_value")
 

@@ -1,7 +1,10 @@
 """OpenAI API request and response models (completions, chat completions, models, errors).
 
-Requests accept unknown fields (clients send `user`, `tools`, ... that we ignore) but type-check every
-field we read; a ValidationError becomes a 400 whose `param` is the offending field. Ranges that
+Requests refuse every field they do not declare (`tools`, `response_format`, `logit_bias`, ...): a
+field accepted and ignored would let a client believe it got what it asked for, so the 400 names it
+(errors.from_validation_error). `user` is declared and has no effect, as in OpenAI's API, where it only
+identifies the end user. Every declared field is type-checked; a ValidationError becomes a 400 whose
+`param` is the offending field. Ranges that
 SamplingParams also checks are repeated here only where OpenAI fixes them (n, logprobs, max_tokens,
 temperature), so the error names the API field. vLLM's extra sampling fields use vLLM's names.
 """
@@ -19,15 +22,18 @@ from kvserve.sampling_params import SamplingParams
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
 class SamplingRequest(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
+    user: str | None = None  # an end-user id for the client's own records; changes nothing
     max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = None
