@@ -170,6 +170,25 @@ def test_min_tokens_masks_eos_and_stop_token_ids():
     assert sample(logits, rows).token_ids == [2, 2, 4]  # masked until 2 tokens exist, even with ignore_eos
 
 
+def test_logit_bias_adds_to_its_rows_tokens_only():
+    """OpenAI's logit_bias: added to the raw logits before sampling; +100 forces a token, -100 bans one;
+    other rows and the logprobs (of the raw distribution) are untouched."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0]])
+    rows = [
+        row(SamplingParams(temperature=0.0, logit_bias={3: 100})),  # forced
+        row(SamplingParams(temperature=0.0, logit_bias={1: -100, 0: 1.5}, logprobs=1)),  # 1 banned: 0 (2.5) wins
+        row(SamplingParams(temperature=0.0)),
+    ]
+    result = sample(logits, rows)
+    assert result.token_ids == [3, 0, 1]
+    raw = torch.log_softmax(logits[1], -1)
+    assert result.logprobs[1] == {1: raw[1].item(), 0: raw[0].item()}  # top-1 and the sampled token, raw
+    with pytest.raises(ValueError, match="logit_bias values must be numbers in \\[-100, 100\\]"):
+        SamplingParams(logit_bias={3: 101})
+    with pytest.raises(ValueError, match="logit_bias keys must be token ids"):
+        SamplingParams(logit_bias={-1: 1})
+
+
 def test_repetition_penalty_arithmetic():
     import kvserve.sampler as sampler_module
 

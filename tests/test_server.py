@@ -316,11 +316,9 @@ def test_bad_request(server, path, body, param):
         ("/v1/chat/completions", "response_format", {"type": "json_object"}),
         ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
         ("/v1/chat/completions", "tool_choice", "required"),
-        ("/v1/chat/completions", "logit_bias", {"28": 100}),
         ("/v1/chat/completions", "continue_final_message", True),
         ("/v1/completions", "structured_outputs", {"choice": ["yes", "no"]}),
         ("/v1/completions", "guided_choice", ["yes", "no"]),
-        ("/v1/completions", "logit_bias", {"28": 100}),
     ],
 )
 def test_unimplemented_fields_are_refused_by_name(server, path, field, value):
@@ -329,6 +327,25 @@ def test_unimplemented_fields_are_refused_by_name(server, path, field, value):
     error = _error(post(server, path, body), 400, field)
     assert error["code"] == "unsupported_parameter"
     assert error["message"] == f"{field}: this server does not support the field {field!r}"
+
+
+def test_logit_bias(server):
+    """+100 on one token makes greedy decoding repeat it (a completion and a chat alike); keys that are
+    not token ids, or out of the vocabulary, or biases outside [-100, 100] are 400s naming logit_bias."""
+
+    def text(path: str, base: dict, max_tokens: int) -> str:
+        body = {**base, "max_tokens": max_tokens, "temperature": 0, "logit_bias": {"28": 100}, "ignore_eos": True}
+        r = post(server, path, body)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == max_tokens
+        choice = r.json()["choices"][0]
+        return choice["message"]["content"] if "message" in choice else choice["text"]
+
+    for path, base in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
+        piece = text(path, base, 1)
+        assert piece and text(path, base, 4) == piece * 4
+    for bias in ({"x": 1}, {"28": 101}, {"99999999": 1}):
+        _error(post(server, "/v1/completions", {**COMPLETION, "logit_bias": bias}), 400, "logit_bias")
 
 
 def test_user_field_is_accepted(server):

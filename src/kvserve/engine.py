@@ -176,6 +176,9 @@ class Engine:
         prompt_ids = self.encode_prompt(prompt)
         if isinstance(prompt, str):
             prompt_text = prompt
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab}); got {max(params.logit_bias)}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
         max_len = self.config.max_model_len

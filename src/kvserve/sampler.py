@@ -2,6 +2,7 @@
 
 Semantics follow vLLM. Per row, in this order:
   1. min_tokens: while fewer than min_tokens tokens were generated, EOS and stop_token_ids are set to -inf.
+  1b. logit_bias: each given token's bias is added to its logit (OpenAI's logit_bias; +-100 forces or bans).
   2. repetition penalty over prompt + output tokens (positive logits divided, negative multiplied).
   3. presence / frequency penalties over output tokens only.
   4. greedy rows (temperature < 1e-5, or top_k == 1) take the argmax; the others are divided by their
@@ -86,10 +87,11 @@ class Sampler:
         greedy = [_is_greedy(p, vocab) for p in params]
         min_token_rows = [i for i, row in enumerate(rows) if len(row.output_token_ids) < row.params.min_tokens]
         penalty_rows = [i for i, p in enumerate(params) if p.has_penalties]
+        bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
 
         # Fast path, the common case for plain greedy decoding: nothing to modify, nothing to report.
-        if all(greedy) and not min_token_rows and not penalty_rows and not logprob_rows:
+        if all(greedy) and not min_token_rows and not penalty_rows and not bias_rows and not logprob_rows:
             return SampleResult(logits.argmax(dim=-1).tolist(), [None] * batch, [None] * batch)
 
         # A float32 copy: the steps below work in place, and the caller's logits must stay raw (they are
@@ -97,6 +99,8 @@ class Sampler:
         work = logits.to(torch.float32, copy=True)
         if min_token_rows:
             _mask_stop_tokens(work, rows, min_token_rows)
+        if bias_rows:
+            _apply_logit_bias(work, params, bias_rows)
         if penalty_rows:
             _apply_penalties(work, rows, penalty_rows)
 
@@ -113,6 +117,19 @@ class Sampler:
         if not logprob_rows:
             return SampleResult(tokens.tolist(), [None] * batch, [None] * batch)
         return _with_logprobs(logits, tokens, rows, logprob_rows)
+
+
+def _apply_logit_bias(work: torch.Tensor, params: list[SamplingParams], row_ids: list[int]) -> None:
+    """work[i, token] += bias for every (token, bias) of each row's logit_bias, in one scatter."""
+    rows, cols, values = [], [], []
+    for i in row_ids:
+        for token, bias in params[i].logit_bias.items():
+            rows.append(i)
+            cols.append(token)
+            values.append(float(bias))
+    device = work.device
+    index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+    work.index_put_(index, torch.tensor(values, device=device, dtype=work.dtype), accumulate=True)
 
 
 def _mask_stop_tokens(work: torch.Tensor, rows: list[SamplingRow], row_ids: list[int]) -> None:

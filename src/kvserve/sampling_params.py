@@ -31,6 +31,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-N logprobs per prompt token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling, in [-100, 100]
     # Filled by the engine, not by users: EOS ids of the model (from its config).
     _eos_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -39,6 +40,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -89,6 +91,14 @@ class SamplingParams:
         need(
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids must be non-negative integers",
+        )
+        need(
+            all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.logit_bias),
+            "logit_bias keys must be token ids (integers >= 0)",
+        )
+        need(
+            all(_is_number(b) and -100 <= b <= 100 for b in self.logit_bias.values()),
+            "logit_bias values must be numbers in [-100, 100]",
         )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)

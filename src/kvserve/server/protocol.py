@@ -1,6 +1,6 @@
 """OpenAI API request and response models (completions, chat completions, models, errors).
 
-Requests refuse every field they do not declare (`tools`, `response_format`, `logit_bias`, ...): a
+Requests refuse every field they do not declare (`tools`, `response_format`, ...): a
 field accepted and ignored would let a client believe it got what it asked for, so the 400 names it
 (errors.from_validation_error). `user` is declared and has no effect, as in OpenAI's API, where it only
 identifies the end user. Every declared field is type-checked; a ValidationError becomes a 400 whose
@@ -53,6 +53,7 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a JSON key) -> bias in [-100, 100]
 
     @property
     def include_usage(self) -> bool:
@@ -63,6 +64,13 @@ class SamplingRequest(BaseModel):
 
         def given(value, default):
             return default if value is None else value
+
+        bias = None
+        if self.logit_bias:
+            try:
+                bias = {int(token): value for token, value in self.logit_bias.items()}
+            except ValueError:
+                raise ValueError("logit_bias keys must be token ids (integers >= 0)") from None
 
         return SamplingParams(
             n=self.n,
@@ -83,6 +91,7 @@ class SamplingRequest(BaseModel):
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=bias,
         )
 
 
