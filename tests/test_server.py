@@ -348,6 +348,37 @@ def test_logit_bias(server):
         _error(post(server, "/v1/completions", {**COMPLETION, "logit_bias": bias}), 400, "logit_bias")
 
 
+def test_tokenize_and_detokenize(server):
+    """/tokenize counts what a completion or a chat would see as its prompt (their usage.prompt_tokens),
+    /detokenize gives the text back; vLLM's shapes."""
+    text = "The capital of France is"
+    r = post(server, "/tokenize", {"model": MODEL, "prompt": text, "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"count", "max_model_len", "tokens", "token_strs"}
+    assert body["max_model_len"] == MAX_MODEL_LEN and body["count"] == len(body["tokens"]) == len(body["token_strs"])
+    assert "".join(body["token_strs"]) == text
+    usage = post(server, "/v1/completions", {**COMPLETION, "prompt": text, "max_tokens": 1}).json()["usage"]
+    assert usage["prompt_tokens"] == body["count"]
+    assert post(server, "/detokenize", {"tokens": body["tokens"]}).json() == {"prompt": text}
+    assert post(server, "/detokenize", {"tokens": []}).json() == {"prompt": ""}
+
+    chat = post(server, "/tokenize", {"messages": CHAT["messages"]}).json()
+    assert chat["token_strs"] is None
+    usage = post(server, "/v1/chat/completions", CHAT).json()["usage"]
+    assert usage["prompt_tokens"] == chat["count"]
+    rendered = post(server, "/detokenize", {"tokens": chat["tokens"]}).json()["prompt"]
+    assert rendered.startswith("<|im_start|>") and rendered.endswith("<|im_start|>assistant\n")
+
+    _error(post(server, "/tokenize", {"prompt": text, "messages": CHAT["messages"]}), 400, "prompt")
+    _error(post(server, "/tokenize", {}), 400, "prompt")
+    _error(post(server, "/tokenize", {"prompt": text, "tools": []}), 400, "tools")
+    _error(post(server, "/tokenize", {"prompt": text, "model": "other"}), 404, "model")
+    _error(post(server, "/detokenize", {"tokens": [1, 10**9]}), 400, "tokens")
+    _error(post(server, "/detokenize", {"tokens": ["a"]}), 400, "tokens")
+    assert post(server, "/tokenize", {"prompt": text}, key=None).status_code == 401
+
+
 def test_user_field_is_accepted(server):
     """OpenAI's `user` only identifies the caller's end user: accepted, no effect."""
     assert post(server, "/v1/chat/completions", {**CHAT, "user": "someone"}).status_code == 200

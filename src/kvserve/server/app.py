@@ -31,6 +31,7 @@ from kvserve.server.errors import APIError, install_handlers
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.protocol import ModelCard, ModelList
 from kvserve.server.serving import ServerState
+from kvserve.server.tokenize import detokenize, tokenize
 
 logger = logging.getLogger("kvserve.server")
 
@@ -113,6 +114,14 @@ def create_app(state: ServerState, metrics: ServerMetrics, api_key: str | None, 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(state, request)
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize_route(request: Request) -> Response:
+        return await tokenize(state, request)
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize_route(request: Request) -> Response:
+        return await detokenize(state, request)
 
     return app
 
