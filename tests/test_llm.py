@@ -124,6 +124,18 @@ def test_chat_and_text_prompts(llm):
     assert out[0].outputs[0].text.strip()
     outs = llm.generate(["One", "Two"], SamplingParams(temperature=0, max_tokens=3))
     assert [o.prompt for o in outs] == ["One", "Two"]
+    # continue_final_message: the prefilled assistant answer is continued, not closed
+    messages = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is"},
+    ]
+    params = SamplingParams(temperature=0, max_tokens=3)
+    out = llm.chat(messages, params, add_generation_prompt=False, continue_final_message=True)[0]
+    rendered = llm.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
+    assert rendered.endswith("<|im_start|>assistant\nThe capital of France is")
+    assert out.outputs[0].text.startswith(" Paris")
+    with pytest.raises(ValueError, match="cannot both be true"):
+        llm.chat(messages, params, continue_final_message=True)
 
 
 @pytest.mark.parametrize(

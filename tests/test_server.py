@@ -316,7 +316,6 @@ def test_bad_request(server, path, body, param):
         ("/v1/chat/completions", "response_format", {"type": "json_object"}),
         ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
         ("/v1/chat/completions", "tool_choice", "required"),
-        ("/v1/chat/completions", "continue_final_message", True),
         ("/v1/completions", "structured_outputs", {"choice": ["yes", "no"]}),
         ("/v1/completions", "guided_choice", ["yes", "no"]),
     ],
@@ -377,6 +376,26 @@ def test_tokenize_and_detokenize(server):
     _error(post(server, "/detokenize", {"tokens": [1, 10**9]}), 400, "tokens")
     _error(post(server, "/detokenize", {"tokens": ["a"]}), 400, "tokens")
     assert post(server, "/tokenize", {"prompt": text}, key=None).status_code == 401
+
+
+def test_continue_final_message(server):
+    """vLLM's continue_final_message: the assistant's last message stays open and generation continues
+    it (no end-of-turn, no new assistant header); with add_generation_prompt as well it is a 400."""
+    messages = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is"},
+    ]
+    options = {"continue_final_message": True, "add_generation_prompt": False}
+    rendered = post(server, "/tokenize", {"messages": messages, **options}).json()
+    text = post(server, "/detokenize", {"tokens": rendered["tokens"]}).json()["prompt"]
+    assert text.endswith("<|im_start|>assistant\nThe capital of France is")
+    r = post(
+        server, "/v1/chat/completions", {**CHAT, "messages": messages, **options, "max_tokens": 3, "temperature": 0}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == rendered["count"]
+    assert r.json()["choices"][0]["message"]["content"].startswith(" Paris")
+    _error(post(server, "/v1/chat/completions", {**CHAT, "messages": messages, "continue_final_message": True}), 400)
 
 
 def test_user_field_is_accepted(server):

@@ -54,12 +54,24 @@ class LLM:
         messages: list[dict] | Sequence[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"}) or a list of them, through the chat template."""
-        if self.engine.tokenizer is None:
+        """One conversation (a list of {"role", "content"}) or a list of them, through the chat template.
+        continue_final_message (with add_generation_prompt=False) continues the last message instead of
+        starting a new assistant turn; chat_template_kwargs go to the template. vLLM's names."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
             raise ValueError("this model has no tokenizer, hence no chat template")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.engine.tokenizer.apply_chat_template(c) for c in conversations]
+        prompts = [
+            tokenizer.apply_chat_template(
+                c, add_generation_prompt, continue_final_message, **(chat_template_kwargs or {})
+            )
+            for c in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _params_per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:

@@ -270,10 +270,20 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
+    def render_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        **template_kwargs: Any,
+    ) -> str:
         """The chat template applied to `messages` (OpenAI-style dicts with "role" and "content"), as text.
-        template_kwargs are passed to the template (e.g. tools=...). ValueError for a model without a chat
-        template, malformed or empty messages, or messages the template itself rejects."""
+        continue_final_message leaves the last message open (no end-of-turn after it), so that generation
+        continues it (a prefilled assistant answer); it excludes add_generation_prompt. template_kwargs
+        are passed to the template (e.g. tools=...). ValueError for a model without a chat template,
+        malformed or empty messages, or messages the template itself rejects."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         if not self.has_chat_template:
             raise ValueError("this model's tokenizer has no chat template: send a plain prompt instead")
         normalized = _normalize_messages(messages)
@@ -281,7 +291,11 @@ class Tokenizer:
 
         try:
             text = self.hf.apply_chat_template(
-                normalized, add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs
+                normalized,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tokenize=False,
+                **template_kwargs,
             )
         except TemplateError as exc:  # templates reject e.g. a bad role order with raise_exception(...)
             raise ValueError(f"the chat template rejected these messages: {exc}") from exc
@@ -290,11 +304,16 @@ class Tokenizer:
         return text
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        **template_kwargs: Any,
     ) -> list[int]:
         """Token ids of the rendered chat. Special tokens are not added again: the template already wrote them
         (this is what transformers' apply_chat_template(tokenize=True) does too)."""
-        return self.encode(self.render_chat(messages, add_generation_prompt, **template_kwargs), False)
+        text = self.render_chat(messages, add_generation_prompt, continue_final_message, **template_kwargs)
+        return self.encode(text, False)
 
 
 def _normalize_messages(messages: Any) -> list[dict]:

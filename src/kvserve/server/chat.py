@@ -67,7 +67,10 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
     try:
         prompt_ids = tokenizer.apply_chat_template(
-            req.messages, add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {})
+            req.messages,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            **(req.chat_template_kwargs or {}),
         )
     except (ValueError, TypeError) as exc:
         raise APIError(400, str(exc), param="messages", code="invalid_value") from None

@@ -122,6 +122,7 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's: the last (assistant) message is continued, not closed
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -261,6 +262,7 @@ class TokenizeRequest(BaseModel):
     messages: list[dict[str, Any]] | None = Field(None, min_length=1)
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (the template writes them)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 

@@ -27,7 +27,8 @@ async def tokenize(state: ServerState, request: Request) -> JSONResponse:
             add_special = True if req.add_special_tokens is None else req.add_special_tokens
             tokens = tokenizer.encode(req.prompt, add_special)
         else:
-            text = tokenizer.render_chat(req.messages, req.add_generation_prompt, **(req.chat_template_kwargs or {}))
+            kwargs = req.chat_template_kwargs or {}
+            text = tokenizer.render_chat(req.messages, req.add_generation_prompt, req.continue_final_message, **kwargs)
             tokens = tokenizer.encode(text, bool(req.add_special_tokens))
     except (ValueError, TypeError) as exc:
         raise APIError(400, str(exc), param="messages", code="invalid_value") from None
