@@ -86,7 +86,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    # Decode-only steps over plain fp32 caches run every layer in one compiled call (kernels/decoder.cpp),
+    # Decode-only steps over plain fp32/fp16 caches run every layer in one compiled call (kernels/decoder.cpp),
     # bitwise equal to the layers below; False runs the layers from Python (to profile them one by one).
     use_decode_stack = True
 
@@ -189,7 +189,7 @@ class LlamaForCausalLM(nn.Module):
                     ops.LlamaLayer(
                         layer.input_layernorm.weight,
                         layer.post_attention_layernorm.weight,
-                        layer.input_layernorm.eps,
+                        layer.input_layernorm.eps,  # both norms of a layer share the config's eps
                         attn.qkv_proj.projection(ops),
                         attn.o_proj.projection(ops),
                         mlp.gate_up_proj.projection(ops),
