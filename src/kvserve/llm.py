@@ -11,6 +11,7 @@ from kvserve.config import EngineConfig
 from kvserve.engine import Engine
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
+from kvserve.tokenizer import chat_template_kwargs as checked_template_kwargs
 
 Prompt = str | list[int]
 
@@ -68,7 +69,7 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [
             tokenizer.apply_chat_template(
-                c, add_generation_prompt, continue_final_message, **(chat_template_kwargs or {})
+                c, add_generation_prompt, continue_final_message, **checked_template_kwargs(chat_template_kwargs)
             )
             for c in conversations
         ]

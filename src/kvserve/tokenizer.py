@@ -316,6 +316,19 @@ class Tokenizer:
         return self.encode(text, False)
 
 
+# Arguments of render_chat that are request fields of their own, so never chat_template_kwargs.
+_RESERVED_TEMPLATE_KWARGS = ("add_generation_prompt", "continue_final_message", "tokenize", "conversation")
+
+
+def chat_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """A request's chat_template_kwargs, checked: ValueError if it sets one of render_chat's own arguments."""
+    kwargs = dict(kwargs or {})
+    clash = [name for name in _RESERVED_TEMPLATE_KWARGS if name in kwargs]
+    if clash:
+        raise ValueError(f"chat_template_kwargs may not set {clash}: give them as fields of their own")
+    return kwargs
+
+
 def _normalize_messages(messages: Any) -> list[dict]:
     """Checks OpenAI-style chat messages and flattens list-of-parts content into the plain string text-only chat
     templates expect (they concatenate message['content'] directly)."""

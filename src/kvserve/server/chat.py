@@ -43,6 +43,7 @@ from kvserve.server.serving import (
     submit,
     usage,
 )
+from kvserve.tokenizer import chat_template_kwargs
 
 
 def _chat_logprobs(
@@ -66,11 +67,15 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     if not tokenizer.has_chat_template:
         raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
     try:
+        template_kwargs = chat_template_kwargs(req.chat_template_kwargs)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="chat_template_kwargs", code="invalid_value") from None
+    try:
         prompt_ids = tokenizer.apply_chat_template(
             req.messages,
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
-            **(req.chat_template_kwargs or {}),
+            **template_kwargs,
         )
     except (ValueError, TypeError) as exc:
         raise APIError(400, str(exc), param="messages", code="invalid_value") from None

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from kvserve.server.errors import APIError
 from kvserve.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from kvserve.server.serving import ServerState, parse_body
+from kvserve.tokenizer import chat_template_kwargs
 
 
 async def tokenize(state: ServerState, request: Request) -> JSONResponse:
@@ -27,7 +28,10 @@ async def tokenize(state: ServerState, request: Request) -> JSONResponse:
             add_special = True if req.add_special_tokens is None else req.add_special_tokens
             tokens = tokenizer.encode(req.prompt, add_special)
         else:
-            kwargs = req.chat_template_kwargs or {}
+            try:
+                kwargs = chat_template_kwargs(req.chat_template_kwargs)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="chat_template_kwargs", code="invalid_value") from None
             text = tokenizer.render_chat(req.messages, req.add_generation_prompt, req.continue_final_message, **kwargs)
             tokens = tokenizer.encode(text, bool(req.add_special_tokens))
     except (ValueError, TypeError) as exc:
