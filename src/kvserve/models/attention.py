@@ -47,6 +47,10 @@ from kvserve.kv.quant import (
     window_first_block,
 )
 
+# Plain caches the compiled kernels (kvserve/kernels) write and read for an fp32 model: fp32, and float16
+# (kv_cache_dtype float16) converted on the way in and out.
+KERNEL_KV_DTYPES = (torch.float32, torch.float16)
+
 
 @dataclass
 class PrefillSpan:
@@ -530,7 +534,7 @@ def paged_attention(
             meta.compute_ops is not None
             and isinstance(kv_cache, torch.Tensor)
             and q.dtype == torch.float32
-            and kv_cache.dtype in (torch.float32, torch.float16)
+            and kv_cache.dtype in KERNEL_KV_DTYPES
         ):
             # a plain fp32 or fp16 cache read in place, block by block: no gather, no padding (paged_attention.cpp)
             lens = meta.decode_rows()[0]

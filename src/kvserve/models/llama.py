@@ -20,13 +20,10 @@ import torch
 from torch import nn
 
 from kvserve.kv.quant import QuantizedKVCache, kv_bytes_per_block, plain_kv_dtype, window_bytes_per_slot
-from kvserve.models.attention import AttentionMetadata, KVCache, paged_attention, write_kv
+from kvserve.models.attention import KERNEL_KV_DTYPES, AttentionMetadata, KVCache, paged_attention, write_kv
 from kvserve.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary, kernel_for
 from kvserve.models.model_config import ModelConfig
 from kvserve.models.quantized import QuantizedWeight, quantize_int8
-
-# Plain caches the compiled kernels write and read (fp32 models): fp32, and float16 converted on the way.
-KERNEL_KV_DTYPES = (torch.float32, torch.float16)
 
 
 class LlamaAttention(nn.Module):
