@@ -33,6 +33,7 @@ from kvserve.server.serving import (
     ClientGone,
     ServerState,
     SSEResponse,
+    chat_prompt_ids,
     collect,
     new_id,
     parse_body,
@@ -43,7 +44,6 @@ from kvserve.server.serving import (
     submit,
     usage,
 )
-from kvserve.tokenizer import chat_template_kwargs
 
 
 def _chat_logprobs(
@@ -66,19 +66,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     tokenizer = state.need_tokenizer("chat")
     if not tokenizer.has_chat_template:
         raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
-    try:
-        template_kwargs = chat_template_kwargs(req.chat_template_kwargs)
-    except ValueError as exc:
-        raise APIError(400, str(exc), param="chat_template_kwargs", code="invalid_value") from None
-    try:
-        prompt_ids = tokenizer.apply_chat_template(
-            req.messages,
-            add_generation_prompt=req.add_generation_prompt,
-            continue_final_message=req.continue_final_message,
-            **template_kwargs,
-        )
-    except (ValueError, TypeError) as exc:
-        raise APIError(400, str(exc), param="messages", code="invalid_value") from None
+    prompt_ids = chat_prompt_ids(tokenizer, req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     top_n = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req.sampling_params, max_tokens, top_n)

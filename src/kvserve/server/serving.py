@@ -27,7 +27,7 @@ from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.errors import APIError, from_validation_error, from_value_error
 from kvserve.server.protocol import PromptTokensDetails, Usage
-from kvserve.tokenizer import Tokenizer
+from kvserve.tokenizer import Tokenizer, chat_template_kwargs
 
 logger = logging.getLogger("kvserve.server")
 
@@ -70,6 +70,21 @@ async def parse_body(request: Request, model: type[M]) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise from_validation_error(exc, model) from None
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, req, add_special_tokens: bool = False) -> list[int]:
+    """req.messages through the chat template with req's template fields (add_generation_prompt,
+    continue_final_message, chat_template_kwargs), as token ids: the one rendering /v1/chat/completions
+    and /tokenize share, so /tokenize counts what the chat would see. Bad input is a 400 naming the field."""
+    try:
+        kwargs = chat_template_kwargs(req.chat_template_kwargs)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="chat_template_kwargs", code="invalid_value") from None
+    try:
+        text = tokenizer.render_chat(req.messages, req.add_generation_prompt, req.continue_final_message, **kwargs)
+        return tokenizer.encode(text, add_special_tokens)
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, str(exc), param="messages", code="invalid_value") from None
 
 
 def sampling_params(build, *args) -> SamplingParams:

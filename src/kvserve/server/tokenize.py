@@ -13,8 +13,7 @@ from fastapi.responses import JSONResponse
 
 from kvserve.server.errors import APIError
 from kvserve.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from kvserve.server.serving import ServerState, parse_body
-from kvserve.tokenizer import chat_template_kwargs
+from kvserve.server.serving import ServerState, chat_prompt_ids, parse_body
 
 
 async def tokenize(state: ServerState, request: Request) -> JSONResponse:
@@ -23,19 +22,10 @@ async def tokenize(state: ServerState, request: Request) -> JSONResponse:
     tokenizer = state.need_tokenizer("/tokenize")
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", param="prompt")
-    try:
-        if req.prompt is not None:
-            add_special = True if req.add_special_tokens is None else req.add_special_tokens
-            tokens = tokenizer.encode(req.prompt, add_special)
-        else:
-            try:
-                kwargs = chat_template_kwargs(req.chat_template_kwargs)
-            except ValueError as exc:
-                raise APIError(400, str(exc), param="chat_template_kwargs", code="invalid_value") from None
-            text = tokenizer.render_chat(req.messages, req.add_generation_prompt, req.continue_final_message, **kwargs)
-            tokens = tokenizer.encode(text, bool(req.add_special_tokens))
-    except (ValueError, TypeError) as exc:
-        raise APIError(400, str(exc), param="messages", code="invalid_value") from None
+    if req.prompt is not None:
+        tokens = tokenizer.encode(req.prompt, True if req.add_special_tokens is None else req.add_special_tokens)
+    else:
+        tokens = chat_prompt_ids(tokenizer, req, bool(req.add_special_tokens))
     strs = [tokenizer.id_to_piece(t) for t in tokens] if req.return_token_strs else None
     body = TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len, tokens=tokens, token_strs=strs)
     return JSONResponse(body.model_dump())
