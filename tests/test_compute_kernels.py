@@ -97,7 +97,7 @@ def test_quantize_int8_is_q8_0():
 def reference_and_bound(x: torch.Tensor, w: torch.Tensor, integer_path: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x @ w^T in float64, and the error the kernel may make. Integer path: x is rounded to int16
     codes with step max|x| / 32767 per block of 32, so each product moves by at most |w| x half a
-    step; fp32 accumulation adds ~K x 2^-24 relative. Tiled path: fp32 BLAS only."""
+    step; fp32 accumulation adds ~K x 2^-24 relative. Panel path: fp32 accumulation only."""
     ref = x.double() @ w.double().T
     magnitude = x.double().abs() @ w.double().abs().T
     bound = magnitude * 64 * x.shape[1] * 2**-24 + 1e-6
@@ -120,13 +120,12 @@ def test_q_linear_matches_float64(ops, kind):
     if elems == 256:
         shapes = [(m, 512) for m, _ in shapes[:5]] + [(17, 768), (67, 256)]
     gen = torch.Generator().manual_seed(0)
-    for m, k in shapes:
-        n = 37  # odd: threads split it unevenly
+    for (m, k), n in zip(shapes, [37, 48] * 4):  # 37: threads split it unevenly, the last panel is partial
         q = from_gguf(random_gguf(kind, n, k, seed=m), kind, n, k)
         x = torch.randn(m, k, generator=gen) * torch.rand(m, k, generator=gen).pow(4) * 4  # some large entries
         bias = torch.randn(n, generator=gen)
         w = q.dequantize()
-        for max_int_rows in (16, 10**6):  # the tiled path past 16 rows; the integer path at every M
+        for max_int_rows in (16, 10**6):  # the panels past 16 rows; the integer path at every M
             integer_path = m <= max_int_rows
             ref, bound = reference_and_bound(x, w, integer_path)
             got = q_linear(ops, x, q, bias, max_int_rows).double() - bias.double()
@@ -144,16 +143,20 @@ def test_q_linear_rejects_bad_shapes(ops):
         ops.q_linear(torch.randn(2, 64).double(), q.codes, q.scales, torch.empty(0), torch.empty(0), 8, 16)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 30, 130])
 def test_f32_linear_matches_float64(ops, m):
+    """Dot products up to max_dot_rows rows of x, panels past it; 130 rows at K = 576 pass the panel
+    path's chunk of x (112 rows there) once."""
     gen = torch.Generator().manual_seed(m)
-    for k in (100, 576, 7):  # K not a multiple of the vector width or of the unrolled step
-        w = torch.randn(29, k, generator=gen)
+    for k, n in ((100, 29), (576, 48), (7, 29)):  # K not a multiple of 8 or of the unrolled step; N partial
+        w = torch.randn(n, k, generator=gen)
         x = torch.randn(m, k, generator=gen)
-        bias = torch.randn(29, generator=gen)
+        bias = torch.randn(n, generator=gen)
         ref, bound = reference_and_bound(x, w, integer_path=False)
-        got = ops.f32_linear(x, w, bias).double() - bias.double()
-        assert ((got - ref).abs() <= bound).all()
+        for max_dot_rows in (4, 10**6):
+            got = ops.f32_linear(x, w, bias, max_dot_rows).double() - bias.double()
+            assert got.shape == (m, n)
+            assert ((got - ref).abs() <= bound).all(), (m, k, max_dot_rows, (got - ref).abs().max())
 
 
 def test_add_rms_norm(ops):

@@ -18,7 +18,7 @@
 
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                     const at::Tensor& bias, int64_t bits, int64_t max_int_rows);
-at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t max_dot_rows);
 at::Tensor add_rms_norm(const c10::optional<at::Tensor>& x, at::Tensor& residual, const at::Tensor& weight,
                         double eps);
 at::Tensor silu_mul(const at::Tensor& gate_up);
@@ -40,8 +40,7 @@ struct Projection {
 
   at::Tensor operator()(const at::Tensor& x) const {
     if (codes.defined() && codes.numel() > 0) return q_linear(x, codes, scales, mins, bias, bits, max_int_rows);
-    if (x.size(0) <= max_f32_rows) return f32_linear(x, weight, bias);
-    return at::linear(x, weight, bias.numel() > 0 ? c10::optional<at::Tensor>(bias) : c10::nullopt);
+    return f32_linear(x, weight, bias, max_f32_rows);
   }
 };
 

@@ -18,7 +18,7 @@
 
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                     const at::Tensor& bias, int64_t bits, int64_t max_int_rows);
-at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t max_dot_rows);
 at::Tensor decode_attention_f32(const at::Tensor& queries, const at::Tensor& cache, const at::Tensor& block_tables,
                                 const at::Tensor& lens, double scale);
 void bind_decoder(pybind11::module& m);
@@ -168,7 +168,7 @@ void rope_kv_write(at::Tensor& qkv, int64_t num_heads, int64_t num_kv_heads, con
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("q_linear", &q_linear, "x @ W^T for a quantized W (linear.cpp)", release());
-  m.def("f32_linear", &f32_linear, "x @ W^T for an fp32 W and few rows of x (linear.cpp)", release());
+  m.def("f32_linear", &f32_linear, "x @ W^T for an fp32 W (linear.cpp)", release());
   m.def("add_rms_norm", &add_rms_norm, "residual += x; rms_norm(residual) * weight", release());
   m.def("silu_mul", &silu_mul, "silu(gate) * up", release());
   m.def("rope_kv_write", &rope_kv_write, "rotary embedding in place, keys and values into the cache", release());

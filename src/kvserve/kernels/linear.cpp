@@ -14,11 +14,12 @@
 // A register tile of up to four weight rows x four rows of x shares each unpacked weight block and each
 // loaded block of x (tile_kernel); the integer path is for M <= ~16, so x's codes stay in L1.
 // Past `max_int_rows` rows of x (prefill chunks, large decode batches) the product is compute-bound,
-// and the blocked path takes over: a tile of weight rows is dequantized into a cache-sized fp32
-// buffer and BLAS multiplies every row of x by it (x stays fp32 there).
+// and the blocked path takes over (panel_product): a panel of weight rows is dequantized into an
+// fp32 buffer that stays in cache and every row of x meets it in fp32 (x is not quantized there).
 //
-// f32_linear: the same product for a plain fp32 weight and few rows of x (M <= 16), where BLAS's
-// matrix-vector path reads the weight at a fraction of the memory's speed (PEERS.md).
+// f32_linear: the same product for a plain fp32 weight: few rows of x take dot products, where BLAS's
+// matrix-vector path reads the weight at a fraction of the memory's speed (PEERS.md); many take the
+// same panels, which beat BLAS's sgemm at the row counts a serving step has.
 //
 // Threads: at::parallel_for over output rows (OpenMP, one thread per core).
 #include <ATen/Parallel.h>
@@ -283,25 +284,118 @@ void dequantize_row(const PackedWeight& w, int64_t n, float* dst) {
   }
 }
 
-// Many rows of x: the weight is dequantized a tile of rows at a time into a reused fp32 buffer (~1 MiB,
-// in L2/L3), and BLAS multiplies all of x by the tile, so the product runs at BLAS's fp32 speed and
-// with its accuracy (x is not quantized) while the full fp32 weight never exists.
-template <int Bits, bool Group16, bool Mins>
-void q_linear_tiled(const PackedWeight& w, const at::Tensor& x, int64_t n_rows, at::Tensor& out) {
-  const int64_t k = x.size(1);
-  const int64_t tile = std::min<int64_t>(n_rows, std::max<int64_t>(16, ((1 << 20) / (k * 4)) / 16 * 16));
-  thread_local at::Tensor buffer;
-  if (!buffer.defined() || buffer.numel() < tile * k) buffer = at::empty({tile * k}, x.options());
-  for (int64_t n0 = 0; n0 < n_rows; n0 += tile) {
-    const int64_t rows = std::min(tile, n_rows - n0);
-    float* dst = buffer.data_ptr<float>();
-    at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) dequantize_row<Bits, Group16, Mins>(w, n0 + r, dst + r * k);
-    });
-    at::Tensor weight_tile = buffer.narrow(0, 0, rows * k).view({rows, k});
-    at::Tensor out_tile = out.narrow(1, n0, rows);
-    at::mm_out(out_tile, x, weight_tile.t());
+// ---- The blocked path: many rows of x (prefill chunks, large decode batches), where the product is
+// compute-bound. A panel of kPanel weight rows is expanded to fp32 (dequantized, or read as it is for a
+// dense weight) and transposed into a [K][kPanel] buffer that stays in L1/L2, so one k's kPanel weights
+// are three vectors. Every row of x then meets the panel in a register tile of up to kTile rows x kPanel
+// outputs (12 accumulators; x broadcast one element at a time), and the result is stored as vectors.
+// The expansion is paid once per panel per chunk of x, ~1/M of the multiply-adds. Measured on the AVX2
+// kind (benchmarks/README.md): 1.3-1.4x BLAS (MKL's sgemm on a dequantized tile) at M = 32, 1.1x at 512.
+// Nothing here quantizes x: the products are fp32 throughout, as BLAS's were.
+
+constexpr int64_t kPanel = 24;             // weight rows per panel: three 8-float vectors
+constexpr int64_t kChunkBytes = 256 << 10;  // rows of x per pass: about half an L2, read once per panel
+
+// A 8 x 8 block: dst[c * ldd + r] = src[r * lds + c].
+inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
   }
+  // t0 = a0 b0 a1 b1 | a4 b4 a5 b5, t2 = c0 d0 c1 d1 | ...: shuffles pair them into a b c d quads
+  const __m256 s0 = _mm256_shuffle_ps(t[0], t[2], 0x44), s1 = _mm256_shuffle_ps(t[0], t[2], 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t[1], t[3], 0x44), s3 = _mm256_shuffle_ps(t[1], t[3], 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t[4], t[6], 0x44), s5 = _mm256_shuffle_ps(t[4], t[6], 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t[5], t[7], 0x44), s7 = _mm256_shuffle_ps(t[5], t[7], 0xEE);
+  const __m256 quads[8] = {s0, s1, s2, s3, s4, s5, s6, s7};
+  for (int i = 0; i < 4; ++i) {  // the low halves hold columns 0-3, the high halves columns 4-7
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(quads[i], quads[4 + i], 0x20));
+    _mm256_storeu_ps(dst + (4 + i) * ldd, _mm256_permute2f128_ps(quads[i], quads[4 + i], 0x31));
+  }
+}
+
+// rows [kPanel][k] (row stride lds) -> panel [k][kPanel].
+inline void transpose_panel(const float* rows, int64_t lds, int64_t k, float* panel) {
+  int64_t c = 0;
+  for (; c + 8 <= k; c += 8)
+    for (int64_t r = 0; r < kPanel; r += 8) transpose8(rows + r * lds + c, lds, panel + c * kPanel + r, kPanel);
+  for (; c < k; ++c)
+    for (int64_t r = 0; r < kPanel; ++r) panel[c * kPanel + r] = rows[r * lds + c];
+}
+
+// R rows of x [R][k] against a panel -> out[t][0..kPanel) for t < R (row stride ldo).
+template <int R>
+inline void panel_tile(const float* panel, const float* x, int64_t k, float* out, int64_t ldo) {
+  __m256 acc[R][3];
+  for (int t = 0; t < R; ++t)
+    for (int j = 0; j < 3; ++j) acc[t][j] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < k; ++c) {
+    const float* p = panel + c * kPanel;
+    const __m256 w0 = _mm256_loadu_ps(p), w1 = _mm256_loadu_ps(p + 8), w2 = _mm256_loadu_ps(p + 16);
+    for (int t = 0; t < R; ++t) {
+      const __m256 v = _mm256_broadcast_ss(x + t * k + c);
+      acc[t][0] = _mm256_fmadd_ps(v, w0, acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(v, w1, acc[t][1]);
+      acc[t][2] = _mm256_fmadd_ps(v, w2, acc[t][2]);
+    }
+  }
+  for (int t = 0; t < R; ++t)
+    for (int j = 0; j < 3; ++j) _mm256_storeu_ps(out + t * ldo + 8 * j, acc[t][j]);
+}
+
+// out [M, N] (+ bias) = x [M, K] @ W^T, where expand(n0, rows, scratch) returns W's rows [n0, n0 + rows)
+// as fp32 with row stride K: dequantized into scratch ([kPanel, K]) or pointing into a dense weight.
+template <class Expand>
+void panel_product(const float* x, int64_t m, int64_t k, int64_t n, const float* bias, float* out, Expand expand) {
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  const int64_t chunk = std::max<int64_t>(kTile, kChunkBytes / (k * 4) / kTile * kTile);
+  for (int64_t m0 = 0; m0 < m; m0 += chunk) {
+    const int64_t rows_x = std::min(chunk, m - m0);
+    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> scratch, panel;
+      scratch.resize(kPanel * k);
+      panel.resize(kPanel * k);
+      float staged[kTile * kPanel];  // a partial panel's outputs, before the valid columns are copied
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t n0 = p * kPanel, valid = std::min(kPanel, n - n0);
+        const float* rows = expand(n0, valid, scratch.data());
+        if (valid < kPanel) {  // the last panel: missing rows are zeros
+          if (rows != scratch.data()) std::memcpy(scratch.data(), rows, valid * k * sizeof(float));
+          std::fill(scratch.begin() + valid * k, scratch.end(), 0.0f);
+          rows = scratch.data();
+        }
+        transpose_panel(rows, k, k, panel.data());
+        for (int64_t t = 0; t < rows_x; t += kTile) {
+          const int64_t r = std::min<int64_t>(kTile, rows_x - t);
+          const float* xt = x + (m0 + t) * k;
+          const bool direct = valid == kPanel;
+          float* dst = direct ? out + (m0 + t) * n + n0 : staged;
+          const int64_t ldo = direct ? n : kPanel;
+          if (r == 4) panel_tile<4>(panel.data(), xt, k, dst, ldo);
+          else if (r == 3) panel_tile<3>(panel.data(), xt, k, dst, ldo);
+          else if (r == 2) panel_tile<2>(panel.data(), xt, k, dst, ldo);
+          else panel_tile<1>(panel.data(), xt, k, dst, ldo);
+          for (int64_t i = 0; i < r; ++i) {
+            float* o = out + (m0 + t + i) * n + n0;
+            if (!direct) std::memcpy(o, staged + i * kPanel, valid * sizeof(float));
+            if (bias)
+              for (int64_t j = 0; j < valid; ++j) o[j] += bias[n0 + j];
+          }
+        }
+      }
+    });
+  }
+}
+
+template <int Bits, bool Group16, bool Mins>
+void q_linear_panels(const PackedWeight& w, const float* x, int64_t m, int64_t k, int64_t n, const float* bias,
+                     float* out) {
+  panel_product(x, m, k, n, bias, out, [&](int64_t n0, int64_t rows, float* scratch) -> const float* {
+    for (int64_t r = 0; r < rows; ++r) dequantize_row<Bits, Group16, Mins>(w, n0 + r, scratch + r * k);
+    return scratch;
+  });
 }
 
 void check_cpu_float(const at::Tensor& t, const char* name) {
@@ -315,7 +409,7 @@ thread_local QuantizedActs tls_acts;  // reused: a product allocates nothing onc
 }  // namespace
 
 // x [M, K] fp32; codes/scales/mins as above (mins may be empty); bias [N] or empty -> [M, N] fp32.
-// Up to max_int_rows rows of x take the integer path; more take the dequantized tiles and BLAS.
+// Up to max_int_rows rows of x take the integer path; more take the dequantized panels.
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                     const at::Tensor& bias, int64_t bits, int64_t max_int_rows) {
   check_cpu_float(x, "x");
@@ -346,25 +440,24 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
                  has_mins ? reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()) : nullptr,
                  codes.size(1), scales.size(1), nb};
   TORCH_CHECK(!(bits == 4 && group16), "4-bit codes take 32-element groups");
+  const float* b = has_bias ? bias.data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
   if (m > max_int_rows) {
     if (bits == 4) {
-      if (has_mins) q_linear_tiled<4, false, true>(w, x, n, out);
-      else q_linear_tiled<4, false, false>(w, x, n, out);
+      if (has_mins) q_linear_panels<4, false, true>(w, x.data_ptr<float>(), m, k, n, b, o);
+      else q_linear_panels<4, false, false>(w, x.data_ptr<float>(), m, k, n, b, o);
     } else if (group16) {
-      if (has_mins) q_linear_tiled<8, true, true>(w, x, n, out);
-      else q_linear_tiled<8, true, false>(w, x, n, out);
+      if (has_mins) q_linear_panels<8, true, true>(w, x.data_ptr<float>(), m, k, n, b, o);
+      else q_linear_panels<8, true, false>(w, x.data_ptr<float>(), m, k, n, b, o);
     } else if (has_mins) {
-      q_linear_tiled<8, false, true>(w, x, n, out);
+      q_linear_panels<8, false, true>(w, x.data_ptr<float>(), m, k, n, b, o);
     } else {
-      q_linear_tiled<8, false, false>(w, x, n, out);
+      q_linear_panels<8, false, false>(w, x.data_ptr<float>(), m, k, n, b, o);
     }
-    if (has_bias) out.add_(bias);
     return out;
   }
   QuantizedActs& acts = tls_acts;
   acts.build(x.data_ptr<float>(), m, k, group16);
-  const float* b = has_bias ? bias.data_ptr<float>() : nullptr;
-  float* o = out.data_ptr<float>();
   if (bits == 4) {
     if (has_mins) q_linear_impl<4, false, true>(w, acts, m, n, k, b, o);
     else q_linear_impl<4, false, false>(w, acts, m, n, k, b, o);
@@ -410,8 +503,10 @@ inline void f32_row_tile(const float* w, const float* x, int64_t k, float* out) 
 
 }  // namespace
 
-// x [M, K] fp32, weight [N, K] fp32, bias [N] or empty -> [M, N]. Meant for M <= 16.
-at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+// x [M, K] fp32, weight [N, K] fp32, bias [N] or empty -> [M, N]. Up to max_dot_rows rows of x, each
+// weight row meets a few rows of x in dot products (the weight streams from memory once); more take the
+// panels, as quantized weights do.
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t max_dot_rows) {
   check_cpu_float(x, "x");
   check_cpu_float(weight, "weight");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "x [M, K] and weight [N, K] must share K");
@@ -426,6 +521,10 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::T
   const float* wp = weight.data_ptr<float>();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   float* o = out.data_ptr<float>();
+  if (m > max_dot_rows) {
+    panel_product(xp, m, k, n, bp, o, [&](int64_t n0, int64_t, float*) { return wp + n0 * k; });
+    return out;
+  }
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
     float tile[kTile];
     for (int64_t row = begin; row < end; ++row) {

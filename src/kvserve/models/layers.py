@@ -17,15 +17,15 @@ from torch.nn import functional as F
 
 from kvserve.models.quantized import QuantizedWeight
 
-# Rows of x up to which the compiled fp32 product beats BLAS: its matrix-vector path reads a weight
-# at a third of the memory's speed on the project's AVX2 CPUs (PEERS.md); past a few rows BLAS's
-# blocked product is faster.
+# Rows of x up to which a dense fp32 product takes dot products (the weight streams from memory once,
+# where BLAS's matrix-vector path reads it at a third of the memory's speed on the project's AVX2 CPUs,
+# PEERS.md); past it the kernel's panels (kernels/linear.cpp) multiply in cache-sized blocks.
 F32_KERNEL_MAX_ROWS = 4
 # Rows of x up to which a quantized product quantizes x to int16 blocks and takes integer dot products;
-# past it the kernel dequantizes weight tiles into cache and multiplies in fp32 with BLAS. Dequantizing
-# every weight costs a fixed ~70 ms per forward of the default model; measured crossover on the AVX2
-# kind (benchmarks/README.md): 48 rows integer 187 ms vs tiles 289 ms, 64 rows 271 vs 212.
-INT_KERNEL_MAX_ROWS = 48
+# past it the kernel dequantizes panels of the weight into cache and multiplies in fp32. Decode steps of
+# the default model measured both ways on the AVX2 kind (ms, integer / panels): batch 8 41.0 / 49.7,
+# 12 56.4 / 57.4, 16 73.3 / 68.1, 24 103.4 / 87.4, 32 132.0 / 103.7.
+INT_KERNEL_MAX_ROWS = 12
 _EMPTY = torch.empty(0)
 
 
@@ -74,8 +74,11 @@ class Linear(nn.Module):
                 return out if x2 is x else out.view(*x.shape[:-1], self.out_features)
             return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
         ops = kernel_for(self, x)
-        if ops is not None and x.dim() == 2 and x.shape[0] <= F32_KERNEL_MAX_ROWS:
-            return ops.f32_linear(x.contiguous(), self.weight, self.bias if self.bias is not None else _EMPTY)
+        if ops is not None and self.weight.dtype == torch.float32:
+            x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, self.in_features).contiguous()
+            bias = _EMPTY if self.bias is None else self.bias
+            out = ops.f32_linear(x2, self.weight, bias, F32_KERNEL_MAX_ROWS)
+            return out if x2 is x else out.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
     def projection(self, ops: ModuleType):
