@@ -52,6 +52,8 @@ ISA_FLAGS = {
 }
 ISA_NEEDS = {"avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"}}
 
+# A build takes ~1 minute on 2 cores; a lock file older than this was left by a killed one.
+STALE_LOCK_SECONDS = 600
 _lock = threading.Lock()
 _ops: Any = None
 _tried = False
@@ -138,9 +140,21 @@ def _build(name: str, sources: list[str], cflags: list[str], python_module: bool
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     build_dir = os.path.join(cache, "kvserve", "kernels", digest.hexdigest()[:16])
     os.makedirs(build_dir, exist_ok=True)
-    built = os.path.exists(os.path.join(build_dir, f"{name}.so"))
-    if not built:
-        logger.info("compiling kvserve's CPU kernels %s into %s (once per machine)", name, build_dir)
+    library = os.path.join(build_dir, f"{name}.so")
+    if os.path.exists(library):
+        # The folder's name is the hash of the sources, flags, torch and CPU: its library is theirs.
+        # Loading it directly skips ninja, which would rebuild whenever the sources' path differs (a
+        # second checkout of the same code) and wait forever on a lock a killed build left behind.
+        try:
+            return _load_library(name, library, python_module)
+        except (ImportError, OSError) as error:  # a build killed while linking: build it again
+            logger.warning("kvserve's kernel library %s did not load (%s); rebuilding it", library, error)
+            os.unlink(library)
+    lock = os.path.join(build_dir, "lock")
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_SECONDS:
+        logger.warning("removing %s, left by a build that did not finish", lock)
+        os.unlink(lock)
+    logger.info("compiling kvserve's CPU kernels %s into %s (once per machine)", name, build_dir)
     start = time.perf_counter()
     module = cpp_extension.load(
         name=name,
@@ -151,9 +165,20 @@ def _build(name: str, sources: list[str], cflags: list[str], python_module: bool
         is_python_module=python_module,
         verbose=False,
     )
-    if not built:
-        logger.info("compiled %s in %.1f s", name, time.perf_counter() - start)
+    logger.info("compiled %s in %.1f s", name, time.perf_counter() - start)
     return module if python_module else torch.ops.kvserve
+
+
+def _load_library(name: str, library: str, python_module: bool) -> Any:
+    if not python_module:
+        torch.ops.load_library(library)
+        return torch.ops.kvserve
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cpu_id() -> bytes:
