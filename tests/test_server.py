@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 
 import httpx
@@ -313,11 +314,9 @@ def test_bad_request(server, path, body, param):
 @pytest.mark.parametrize(
     "path, field, value",
     [
-        ("/v1/chat/completions", "response_format", {"type": "json_object"}),
         ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
         ("/v1/chat/completions", "tool_choice", "required"),
-        ("/v1/completions", "structured_outputs", {"choice": ["yes", "no"]}),
-        ("/v1/completions", "guided_choice", ["yes", "no"]),
+        ("/v1/completions", "guided_decoding_backend", "xgrammar"),
     ],
 )
 def test_unimplemented_fields_are_refused_by_name(server, path, field, value):
@@ -326,6 +325,74 @@ def test_unimplemented_fields_are_refused_by_name(server, path, field, value):
     error = _error(post(server, path, body), 400, field)
     assert error["code"] == "unsupported_parameter"
     assert error["message"] == f"{field}: this server does not support the field {field!r}"
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 16},
+        "days": {"type": "array", "maxItems": 3, "items": {"enum": ["mon", "tue", "wed"]}},
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_outputs_on_both_endpoints(server, client):
+    """response_format (json_schema, json_object) on chat and completions, vLLM's structured_outputs
+    and guided_choice: every sampled answer follows its constraint, streamed or not."""
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA, "strict": True}}
+    chat = client.chat.completions.create(
+        model=MODEL, messages=CHAT["messages"], max_tokens=120, n=4, seed=1, response_format=fmt
+    )
+    for choice in chat.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=CHAT["messages"], max_tokens=120, seed=1, response_format=fmt, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    jsonschema.validate(json.loads(text), SCHEMA)
+    prompt = 'Alice is 30. As JSON: {"name": "Alice", "age": 30}. Bob is 41. As JSON:'
+    completion = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=150, seed=2, n=3, extra_body={"response_format": {"type": "json_object"}}
+    )
+    for choice in completion.choices:
+        assert choice.finish_reason == "stop" and isinstance(json.loads(choice.text), dict)
+    for extra in ({"structured_outputs": {"choice": ["yes", "no"]}}, {"guided_choice": ["yes", "no"]}):
+        out = client.completions.create(model=MODEL, prompt="Answer:", max_tokens=5, n=6, seed=3, extra_body=extra)
+        assert {c.text for c in out.choices} <= {"yes", "no"}
+    regex = client.chat.completions.create(
+        model=MODEL, messages=CHAT["messages"], max_tokens=12, extra_body={"structured_outputs": {"regex": "[0-9]{4}"}}
+    )
+    assert re.fullmatch("[0-9]{4}", regex.choices[0].message.content)
+    wait_idle(server)
+
+
+@pytest.mark.parametrize(
+    "extra, param, message",
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}},
+            "structured_outputs",
+            "cannot be compiled",
+        ),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "schema"),
+        ({"response_format": {"type": "xml"}}, "response_format.type", None),
+        ({"structured_outputs": {"regex": "(("}}, "structured_outputs", "cannot be compiled"),
+        ({"structured_outputs": {"grammar": "root ::= nope"}}, "structured_outputs", "cannot be compiled"),
+        ({"structured_outputs": {"choice": ["a"], "regex": "a"}}, "structured_outputs", "exactly one"),
+        ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag", None),
+        ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "structured_outputs", "one constraint"),
+    ],
+)
+def test_bad_structured_outputs_are_400s(server, extra, param, message):
+    error = _error(post(server, "/v1/chat/completions", {**CHAT, **extra}), 400, param)
+    if message:
+        assert message in error["message"]
+    wait_idle(server)
 
 
 def test_logit_bias(server):

@@ -15,6 +15,7 @@ _EXPORTS = {
     "Engine": "kvserve.engine",
     "EngineConfig": "kvserve.config",
     "SamplingParams": "kvserve.sampling_params",
+    "StructuredOutputsParams": "kvserve.sampling_params",
     "RequestOutput": "kvserve.outputs",
     "CompletionOutput": "kvserve.outputs",
 }

@@ -164,6 +164,15 @@ class AsyncEngine:
             raise
         return channel
 
+    async def compile_grammar(self, spec) -> None:
+        """Compiles a structured-outputs spec on a worker thread, into the engine's cache, so that the
+        engine thread finds it compiled when the request arrives: the request waits for its grammar,
+        the step loop does not. Raises ValueError if it does not compile. (xgrammar, not torch: safe
+        off the engine thread.)"""
+        if self.engine is None:
+            raise EngineDeadError("the engine is not running")
+        await asyncio.to_thread(self.engine.compile_grammar, spec)
+
     def abort(self, channel: RequestChannel) -> None:
         """Aborts whatever of the channel's requests is unfinished; blocks are freed on the engine's next turn."""
         pending = [r for r in channel.request_ids if r not in channel.outputs]

@@ -31,8 +31,9 @@ from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, Seq
 from kvserve.request import Request, RequestStatus
 from kvserve.runner import ModelRunner, default_kv_cache_memory, load_model
 from kvserve.sampler import Sampler, SamplingRow
-from kvserve.sampling_params import SamplingParams
+from kvserve.sampling_params import SamplingParams, StructuredOutputsParams
 from kvserve.scheduler import Scheduler
+from kvserve.structured_outputs import GrammarCache, fill_bitmask
 from kvserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("kvserve")
@@ -135,6 +136,8 @@ class Engine:
                 block_io.row_nbytes,
             )
         self.sampler = Sampler()
+        vocab = self.model_config.vocab_size
+        self.grammars = GrammarCache(self.tokenizer, vocab, self.eos_token_ids) if self.tokenizer else None
         self.groups: dict[str, RequestGroup] = {}
         self.stats = EngineStats()
         self._next_id = 0
@@ -182,6 +185,9 @@ class Engine:
             raise ValueError(f"logit_bias keys must be token ids in [0, {vocab}); got {max(params.logit_bias)}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.compile_grammar(params.structured_outputs)  # cached: the server compiled it already
         max_len = self.config.max_model_len
         if len(prompt_ids) > max_len or (len(prompt_ids) == max_len and params.max_tokens != 0):
             raise ValueError(
@@ -200,9 +206,10 @@ class Engine:
             if params.seed is not None:
                 generator = torch.Generator(device=self.config.torch_device)
                 generator.manual_seed(params.seed + index)
-            sequences.append(
-                Request(request_id, prompt_ids, params, max_tokens=max_tokens, index=index, generator=generator)
-            )
+            sequence = Request(request_id, prompt_ids, params, max_tokens=max_tokens, index=index, generator=generator)
+            if grammar is not None:
+                sequence.grammar = self.grammars.matcher(grammar)  # one per sample: each follows its own tokens
+            sequences.append(sequence)
         first = sequences[0]
         for child in sequences[1:]:
             child.fork_parent = first
@@ -213,6 +220,14 @@ class Engine:
         )
         self.scheduler.add(first)
         return request_id
+
+    def compile_grammar(self, spec: StructuredOutputsParams):
+        """spec's compiled grammar, from the cache or compiled now; ValueError if it does not compile.
+        Thread-safe: the server calls it from a worker thread before submitting, so that the engine
+        thread finds it compiled and never waits on a compile."""
+        if self.grammars is None:
+            raise ValueError("structured_outputs need a tokenizer; this model has none")
+        return self.grammars.compile(spec)
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -292,10 +307,20 @@ class Engine:
             logits = result.logits
             if len(logit_rows) != logits.shape[0] or logit_rows != list(range(len(logit_rows))):
                 logits = logits[torch.tensor(logit_rows, device=logits.device)]
-            sampled = self.sampler(logits, rows)
+            constrained = [i for i, seq in enumerate(row_requests) if seq.grammar is not None]
+            allowed = None
+            if constrained:
+                matchers = [row_requests[i].grammar for i in constrained]
+                allowed = (constrained, fill_bitmask(matchers, self.model_config.vocab_size))
+            sampled = self.sampler(logits, rows, allowed)
             now = time.monotonic()
+            refused = []
             for seq, token, lp in zip(row_requests, sampled.token_ids, sampled.logprobs):
                 seq.output_token_ids.append(token)
+                if seq.grammar is not None and not seq.grammar.accept_token(token):
+                    # cannot happen while the mask holds: every allowed token is one the matcher accepts
+                    logger.error("request %s: token %d was refused by its grammar", seq.request_id, token)
+                    refused.append(seq)
                 if lp is not None:
                     seq.output_logprobs.append(lp)
                 if seq.first_token_time is None:
@@ -306,6 +331,9 @@ class Engine:
                     self._fork(seq)
             for seq, lp in zip(row_requests, sampled.logprobs):
                 self._after_token(seq, lp, deltas)
+            for seq in refused:
+                if not seq.status.finished:
+                    self._finish(seq, RequestStatus.FINISHED_ABORTED, "grammar_error", deltas)
         return list(deltas.values())
 
     def _fork(self, child: Request) -> None:
@@ -352,6 +380,8 @@ class Engine:
                 status, stop_reason = RequestStatus.FINISHED_STOPPED, token
             elif detok is not None and detok.stopped:
                 status, stop_reason = RequestStatus.FINISHED_STOPPED, detok.stop_string
+        if status is None and seq.grammar is not None and seq.grammar.is_terminated():
+            status = RequestStatus.FINISHED_STOPPED  # the grammar's end: it accepted an end-of-sequence token
         if status is None and (num_out >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len):
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:

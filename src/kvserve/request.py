@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -56,6 +57,9 @@ class Request:
     pending_forks: list[Request] = field(default_factory=list)
     first_token_time: float | None = None
     finish_time: float | None = None
+    # structured outputs: this sequence's xgrammar GrammarMatcher (structured_outputs.py), advanced by every
+    # token it generates; kept through preemption, which recomputes KV but never the tokens
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -1,6 +1,8 @@
 """Sampler: turns one engine step's logits [B, V] into one token per sequence.
 
 Semantics follow vLLM. Per row, in this order:
+  0. structured outputs: tokens the row's grammar does not allow next are set to -inf (a bitmask per
+     constrained row, filled by the engine from the row's matcher; structured_outputs.py).
   1. min_tokens: while fewer than min_tokens tokens were generated, EOS and stop_token_ids are set to -inf.
   1b. logit_bias: each given token's bias is added to its logit (OpenAI's logit_bias; +-100 forces or bans).
   2. repetition penalty over prompt + output tokens (positive logits divided, negative multiplied).
@@ -76,7 +78,11 @@ class Sampler:
     """Stateless: everything a step needs comes in with the rows, so one instance serves the whole engine."""
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow], allowed: tuple[list[int], torch.Tensor] | None = None
+    ) -> SampleResult:
+        """allowed: (row indices, int32 bitmask [len(indices), ceil(V / 32)]) for constrained rows: bit j
+        of word w allows token 32w + j; a constrained row samples only among its allowed tokens."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows), V], got {tuple(logits.shape)} for {len(rows)} rows")
         batch, vocab = logits.shape
@@ -85,18 +91,28 @@ class Sampler:
         device = logits.device
         params = [row.params for row in rows]
         greedy = [_is_greedy(p, vocab) for p in params]
-        min_token_rows = [i for i, row in enumerate(rows) if len(row.output_token_ids) < row.params.min_tokens]
+        constrained = set(allowed[0]) if allowed is not None else set()
+        # a constrained row ends where its grammar does: min_tokens does not ban the end-of-sequence
+        # token the grammar may be allowing alone
+        min_token_rows = [
+            i
+            for i, row in enumerate(rows)
+            if len(row.output_token_ids) < row.params.min_tokens and i not in constrained
+        ]
         penalty_rows = [i for i, p in enumerate(params) if p.has_penalties]
         bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
 
         # Fast path, the common case for plain greedy decoding: nothing to modify, nothing to report.
-        if all(greedy) and not min_token_rows and not penalty_rows and not bias_rows and not logprob_rows:
+        modified = min_token_rows or penalty_rows or bias_rows or constrained
+        if all(greedy) and not modified and not logprob_rows:
             return SampleResult(logits.argmax(dim=-1).tolist(), [None] * batch, [None] * batch)
 
         # A float32 copy: the steps below work in place, and the caller's logits must stay raw (they are
         # also the source of the logprobs, and the engine may hold on to them).
         work = logits.to(torch.float32, copy=True)
+        if allowed is not None:
+            _apply_token_bitmask(work, *allowed)
         if min_token_rows:
             _mask_stop_tokens(work, rows, min_token_rows)
         if bias_rows:
@@ -117,6 +133,19 @@ class Sampler:
         if not logprob_rows:
             return SampleResult(tokens.tolist(), [None] * batch, [None] * batch)
         return _with_logprobs(logits, tokens, rows, logprob_rows)
+
+
+def _apply_token_bitmask(work: torch.Tensor, row_ids: list[int], bitmask: torch.Tensor) -> None:
+    """Sets to -inf the logits of tokens whose bit is clear in the row's bitmask (xgrammar's layout:
+    word w, bit j <-> token 32w + j; tokens past the bitmask's width are disallowed)."""
+    device, vocab = work.device, work.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    bits = (bitmask.to(device).unsqueeze(-1) >> shifts) & 1  # [R, W, 32]
+    allowed = torch.zeros((len(row_ids), vocab), dtype=torch.bool, device=device)
+    width = min(vocab, bits.shape[1] * 32)
+    allowed[:, :width] = bits.flatten(1)[:, :width].bool()
+    index = torch.tensor(row_ids, device=device)
+    work[index] = work[index].masked_fill(~allowed, _NEG_INF)
 
 
 def _apply_logit_bias(work: torch.Tensor, params: list[SamplingParams], row_ids: list[int]) -> None:

@@ -6,9 +6,77 @@ users already know. Every invalid value raises ValueError naming the field.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 _GREEDY_EPS = 1e-5  # temperatures below this are treated as greedy
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """One constraint on the generated text (vLLM's StructuredOutputsParams): exactly one of
+    - json: a JSON schema (a dict, or its JSON text) the output must validate against;
+    - regex: a regular expression the whole output must match;
+    - choice: the output is exactly one of these strings;
+    - grammar: an EBNF grammar (xgrammar's dialect, which reads GBNF) the output must derive from `root`;
+    - json_object: True for any JSON object.
+    disable_any_whitespace: JSON without optional whitespace (compact), for json and json_object."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs must set exactly one of json, regex, choice, grammar, json_object; "
+                f"got {', '.join(given) or 'none'}"
+            )
+        if isinstance(self.json, str):
+            try:
+                schema = json.loads(self.json)
+            except ValueError as exc:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError("structured_outputs.json must be a JSON schema (an object)")
+        elif self.json is not None and not isinstance(self.json, dict):
+            raise ValueError("structured_outputs.json must be a JSON schema (an object, or its JSON text)")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+        if self.choice is not None and (
+            not isinstance(self.choice, list) or not self.choice or not all(isinstance(c, str) for c in self.choice)
+        ):
+            raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+        if self.json_object not in (None, True):
+            raise ValueError("structured_outputs.json_object must be true when given")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in _CONSTRAINTS if getattr(self, name) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical spec): what a compiled grammar is cached under."""
+        kind = self.kind
+        if kind == "json":
+            schema = json.loads(self.json) if isinstance(self.json, str) else self.json
+            text = json.dumps(schema, ensure_ascii=False)  # key order kept: properties are generated in it
+        elif kind == "choice":
+            text = json.dumps(self.choice, ensure_ascii=False)
+        elif kind == "json_object":
+            text = ""
+        else:
+            text = getattr(self, kind)
+        if kind in ("json", "json_object") and self.disable_any_whitespace:
+            kind += ":compact"
+        return kind, text
 
 
 @dataclass
@@ -32,6 +100,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling, in [-100, 100]
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None  # a dict is converted
     # Filled by the engine, not by users: EOS ids of the model (from its config).
     _eos_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -41,6 +110,13 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = dict(self.logit_bias or {})
+        if isinstance(self.structured_outputs, dict):
+            unknown = set(self.structured_outputs) - {f for f in StructuredOutputsParams.__dataclass_fields__}
+            if unknown:
+                raise ValueError(f"structured_outputs has unknown fields: {', '.join(sorted(unknown))}")
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict of its fields")
         if self.top_k == -1:
             self.top_k = 0
         self._validate()

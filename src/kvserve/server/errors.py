@@ -86,7 +86,7 @@ def from_value_error(exc: ValueError, known_params: set[str]) -> APIError:
     """A ValueError from SamplingParams or the engine; its messages start with the field they concern."""
     message = str(exc)
     first = message.split(" ", 1)[0].strip(":,()")
-    param = first if first in known_params else None
+    param = first if first.split(".")[0] in known_params else None  # "structured_outputs.json" too
     if "maximum context length" in message:
         param, code = "prompt", "context_length_exceeded"
     else:

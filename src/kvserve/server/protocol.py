@@ -1,6 +1,6 @@
 """OpenAI API request and response models (completions, chat completions, models, errors).
 
-Requests refuse every field they do not declare (`tools`, `response_format`, ...): a
+Requests refuse every field they do not declare (`tools`, `tool_choice`, ...): a
 field accepted and ignored would let a client believe it got what it asked for, so the 400 names it
 (errors.from_validation_error). `user` is declared and has no effect, as in OpenAI's API, where it only
 identifies the end user. Every declared field is type-checked; a ValidationError becomes a 400 whose
@@ -25,6 +25,37 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema: the schema under `schema` (a Python keyword in pydantic)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the output always follows the schema here, strict or not
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's structured_outputs: exactly one constraint (SamplingParams checks that)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
 
 
 class SamplingRequest(BaseModel):
@@ -54,6 +85,14 @@ class SamplingRequest(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a JSON key) -> bias in [-100, 100]
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs, and vLLM's older guided_*
+    # fields (the same constraints); at most one of them per request.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -92,7 +131,31 @@ class SamplingRequest(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=bias,
+            structured_outputs=self.constraint(),
         )
+
+    def constraint(self) -> dict[str, Any] | None:
+        """The request's structured-outputs constraint as StructuredOutputsParams fields, from whichever
+        field gave it; None when there is none. Raises ValueError naming the fields when several do."""
+        given: dict[str, dict[str, Any]] = {}
+        if self.response_format is not None and self.response_format.type != "text":
+            fmt = self.response_format
+            if fmt.type == "json_object":
+                given["response_format"] = {"json_object": True}
+            else:
+                if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                    raise ValueError("response_format: type json_schema needs json_schema.schema")
+                given["response_format"] = {"json": fmt.json_schema.json_schema}
+        if self.structured_outputs is not None:
+            given["structured_outputs"] = self.structured_outputs.model_dump(by_alias=True, exclude_defaults=True)
+        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice}
+        guided["grammar"] = self.guided_grammar
+        for kind, value in guided.items():
+            if value is not None:
+                given[f"guided_{kind}"] = {kind: value}
+        if len(given) > 1:
+            raise ValueError(f"structured_outputs: give one constraint, not {' and '.join(given)}")
+        return next(iter(given.values()), None)
 
 
 Prompt = str | list[str] | list[StrictInt] | list[list[StrictInt]]

@@ -32,7 +32,7 @@ from kvserve.tokenizer import Tokenizer, chat_template_kwargs
 logger = logging.getLogger("kvserve.server")
 
 # Request fields a SamplingParams / engine ValueError may name (its message starts with the field).
-KNOWN_PARAMS = {f.name for f in dataclasses.fields(SamplingParams)} | {"prompt", "messages"}
+KNOWN_PARAMS = {f.name for f in dataclasses.fields(SamplingParams)} | {"prompt", "messages", "response_format"}
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -100,6 +100,12 @@ def new_id(prefix: str) -> str:
 
 async def submit(state: ServerState, submissions: list[Submission]) -> RequestChannel:
     try:
+        for spec in {
+            s.params.structured_outputs.key(): s.params.structured_outputs
+            for s in submissions
+            if s.params.structured_outputs is not None
+        }.values():
+            await state.engine.compile_grammar(spec)  # off the engine thread: a bad spec is a 400 here
         return await state.engine.submit(submissions)
     except QueueFullError as exc:
         raise APIError(503, str(exc), code="queue_full") from None
