@@ -310,8 +310,8 @@ class Engine:
             constrained = [i for i, seq in enumerate(row_requests) if seq.grammar is not None]
             allowed = None
             if constrained:
-                matchers = [row_requests[i].grammar for i in constrained]
-                allowed = (constrained, fill_bitmask(matchers, self.model_config.vocab_size))
+                matchers = {i: row_requests[i].grammar for i in constrained}
+                allowed = (constrained, fill_bitmask(matchers, len(rows), self.model_config.vocab_size))
             sampled = self.sampler(logits, rows, allowed)
             now = time.monotonic()
             refused = []

@@ -133,11 +133,12 @@ class GrammarCache:
         return xgrammar.GrammarMatcher(compiled)
 
 
-def fill_bitmask(matchers: list[Any], vocab_size: int) -> torch.Tensor:
-    """[len(matchers), ceil(V / 32)] int32: bit j of word w set when token 32w + j is allowed next."""
+def fill_bitmask(matchers: dict[int, Any], batch: int, vocab_size: int) -> torch.Tensor:
+    """[batch, ceil(V / 32)] int32, all tokens allowed, then row i filled from matchers[i]: bit j of
+    word w set when token 32w + j may come next."""
     import xgrammar
 
-    bitmask = xgrammar.allocate_token_bitmask(len(matchers), vocab_size)
-    for i, matcher in enumerate(matchers):
-        matcher.fill_next_token_bitmask(bitmask, i)
+    bitmask = xgrammar.allocate_token_bitmask(batch, vocab_size)
+    for row, matcher in matchers.items():
+        matcher.fill_next_token_bitmask(bitmask, row)
     return bitmask
