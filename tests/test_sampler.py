@@ -316,3 +316,23 @@ def test_empty_batch_and_shape_check():
     assert sample(torch.zeros((0, V)), []).token_ids == []
     with pytest.raises(ValueError):
         sample(torch.zeros((2, V)), [row()])
+
+
+def test_top_p_through_candidates_equals_the_full_sort():
+    """Past TOP_P_CANDIDATES tokens: rows whose top candidates hold top_p (peaked) and rows that need the
+    full sort (flat) keep exactly the set a full sort keeps."""
+    from kvserve.sampler import TOP_P_CANDIDATES, _apply_top_p
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = 4 * TOP_P_CANDIDATES + 3
+    logits = torch.randn(4, vocab, generator=gen) * torch.tensor([[6.0], [0.1], [3.0], [0.01]])
+    top_ps = [0.9, 0.9, 0.5, 1.0]
+    probs = torch.softmax(logits, -1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep_sorted = (sorted_probs.cumsum(-1) - sorted_probs) < torch.tensor(top_ps).unsqueeze(1)
+    keep_sorted[3] = True  # top_p == 1 keeps everything
+    expected = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
+    got = logits.clone()
+    _apply_top_p(got, top_ps)
+    assert torch.equal(got.isfinite(), expected)
+    assert expected[0].sum() < TOP_P_CANDIDATES < expected[1].sum()  # both paths were taken

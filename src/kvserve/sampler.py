@@ -283,19 +283,31 @@ def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> None:
     logits.masked_fill_(logits < kth, _NEG_INF)
 
 
+# Most likely tokens looked at first by top-p: when they hold top_p of the mass (the usual case), the
+# kept set lies among them and the full sort is skipped (32 x 49,152 logits: topk(256) ~6 ms, sort ~73).
+TOP_P_CANDIDATES = 256
+
+
 def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> None:
     """Keeps the smallest set of most likely tokens whose probability sums to >= top_p (at least one token)."""
-    device = logits.device
+    device, vocab = logits.device, logits.shape[1]
     top_p = torch.tensor(top_ps, dtype=torch.float32, device=device).unsqueeze(1)
-    sorted_probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
-    # Probability mass strictly before each token: a token is needed while that mass is still < top_p. The first
-    # token's mass before is exactly 0 < top_p, so at least one token always survives.
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    # Rows with top_p == 1 are excluded explicitly: rounding in the cumsum can reach 1.0 before the tail and
+    probs = torch.softmax(logits, dim=-1)
+    # The candidates, most likely first, and the mass strictly before each: a token is needed while that
+    # mass is still < top_p (the first one's is exactly 0, so at least one token survives). Where the
+    # candidates hold >= top_p, every token past them has at least that mass before it: dropped.
+    cand_probs, cand_ids = probs.topk(min(vocab, TOP_P_CANDIDATES), dim=-1)
+    cand_mass = cand_probs.cumsum(dim=-1)
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, cand_ids, (cand_mass - cand_probs) < top_p)
+    uncovered = (cand_mass[:, -1] < top_p[:, 0]).nonzero().flatten().tolist() if cand_ids.shape[1] < vocab else []
+    if uncovered:  # a flat distribution: the full sort, for those rows only
+        index = torch.tensor(uncovered, device=device)
+        sorted_probs, order = probs[index].sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        keep[index] = torch.empty_like(order, dtype=torch.bool).scatter_(1, order, mass_before < top_p[index])
+    # Rows with top_p == 1 keep everything: rounding in the cumsum can reach 1.0 before the tail and
     # would otherwise drop tiny-probability tokens that top_p == 1 promises to keep.
-    drop_sorted = (mass_before >= top_p) & (top_p < 1.0)
-    drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
-    logits.masked_fill_(drop, _NEG_INF)
+    logits.masked_fill_(~keep & (top_p < 1.0), _NEG_INF)
 
 
 def _apply_min_p(logits: torch.Tensor, min_ps: list[float]) -> None:
