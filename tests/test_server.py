@@ -475,6 +475,19 @@ def test_continue_final_message(server):
     _error(post(server, "/tokenize", {"messages": messages, "chat_template_kwargs": {"tokenize": True}}), 400)
 
 
+def test_tokenizer_info_and_unimplemented_endpoints(server):
+    r = httpx.get(server.url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["tokenizer_class"] and info["eos_token"] == "<|im_end|>"  # the class: transformers' (version-dependent)
+    assert info["model_max_length"] == MAX_MODEL_LEN and "<|im_start|>" in info["chat_template"]
+    assert info["added_tokens_decoder"]["2"] == {"content": "<|im_end|>", "special": True}
+    assert httpx.get(server.url + "/tokenizer_info").status_code == 401
+    for path in ("/v1/responses", "/v1/embeddings"):
+        error = _error(post(server, path, {"model": MODEL, "input": "hi"}), 404)
+        assert error["code"] == "not_implemented" and path in error["message"]
+
+
 def test_user_field_is_accepted(server):
     """OpenAI's `user` only identifies the caller's end user: accepted, no effect."""
     assert post(server, "/v1/chat/completions", {**CHAT, "user": "someone"}).status_code == 200

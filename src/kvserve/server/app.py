@@ -31,7 +31,7 @@ from kvserve.server.errors import APIError, install_handlers
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.protocol import ModelCard, ModelList
 from kvserve.server.serving import ServerState
-from kvserve.server.tokenize import detokenize, tokenize
+from kvserve.server.tokenize import detokenize, tokenize, tokenizer_info
 
 logger = logging.getLogger("kvserve.server")
 
@@ -123,7 +123,22 @@ def create_app(state: ServerState, metrics: ServerMetrics, api_key: str | None, 
     async def detokenize_route(request: Request) -> Response:
         return await detokenize(state, request)
 
+    @app.get("/tokenizer_info", dependencies=auth)
+    async def tokenizer_info_route() -> Response:
+        return await tokenizer_info(state)
+
+    # OpenAI endpoints kvserve does not serve (yet): a clear error naming the endpoint, not a bare 404
+    for path, hint in (("/v1/responses", ": use /v1/chat/completions"), ("/v1/embeddings", "")):
+        app.add_api_route(path, _not_implemented(path, hint), methods=["POST"], dependencies=auth)
+
     return app
+
+
+def _not_implemented(path: str, hint: str):
+    async def route() -> Response:
+        raise APIError(404, f"{path} is not implemented by this server{hint}", code="not_implemented")
+
+    return route
 
 
 def default_model_name(config: EngineConfig, model_path: str) -> str:

@@ -1,5 +1,7 @@
 """POST /tokenize and /detokenize, in vLLM's shapes: what the engine would see for a prompt or a chat,
-without running it (token budgets, prompt caching keys, debugging a chat template).
+without running it (token budgets, prompt caching keys, debugging a chat template); and GET
+/tokenizer_info, the tokenizer's configuration as tokenizer_config.json would hold it (vLLM's endpoint,
+which lm-eval's remote tokenizer reads).
 
 Tokenizing a chat renders the same template with the same arguments as /v1/chat/completions, so
 `count` is that request's `usage.prompt_tokens`. Detokenizing keeps special tokens, so
@@ -7,6 +9,9 @@ detokenize(tokenize(text)) gives the text back.
 """
 
 from __future__ import annotations
+
+import json
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -39,3 +44,29 @@ async def detokenize(state: ServerState, request: Request) -> JSONResponse:
     if bad:
         raise APIError(400, f"tokens must be ids in [0, {tokenizer.vocab_size}); got {bad[:3]}", param="tokens")
     return JSONResponse(DetokenizeResponse(prompt=tokenizer.decode(req.tokens, skip_special_tokens=False)).model_dump())
+
+
+async def tokenizer_info(state: ServerState) -> JSONResponse:
+    """tokenizer_class, the special tokens, the chat template, model_max_length (the server's
+    max_model_len), added_tokens_decoder, and the tokenizer's other JSON-able init settings."""
+    hf = state.need_tokenizer("/tokenizer_info").hf
+    info: dict[str, Any] = {}
+    for key, value in hf.init_kwargs.items():
+        if key in ("name_or_path", "tokenizer_file", "vocab_file", "merges_file") or key.startswith("_"):
+            continue  # local file paths: meaningless to a client
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue  # AddedToken objects and the like: given below in their plain form
+        info[key] = value
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        info[name] = getattr(hf, name, None)
+    info["added_tokens_decoder"] = {
+        str(i): {"content": t.content, "special": t.special} for i, t in hf.added_tokens_decoder.items()
+    }
+    info |= {
+        "tokenizer_class": type(hf).__name__,
+        "chat_template": getattr(hf, "chat_template", None),
+        "model_max_length": state.max_model_len,
+    }
+    return JSONResponse(info)
