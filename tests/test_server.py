@@ -29,6 +29,7 @@ MAX_REQUEST_BYTES = 64 * 1024
 def server():
     args = ["--kv-cache-memory", "128MiB", "--max-model-len", str(MAX_MODEL_LEN), "--api-key", KEY]
     args += ["--served-model-name", MODEL, "--max-request-bytes", str(MAX_REQUEST_BYTES), "--log-stats-interval", "1"]
+    args += ["--tool-call-parser", "hermes"]
     proc = ServerProcess(args).start()
     yield proc
     code = proc.stop()
@@ -314,9 +315,9 @@ def test_bad_request(server, path, body, param):
 @pytest.mark.parametrize(
     "path, field, value",
     [
-        ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        ("/v1/chat/completions", "tool_choice", "required"),
+        ("/v1/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
         ("/v1/completions", "guided_decoding_backend", "xgrammar"),
+        ("/v1/chat/completions", "functions", [{"name": "f"}]),
     ],
 )
 def test_unimplemented_fields_are_refused_by_name(server, path, field, value):
@@ -473,6 +474,97 @@ def test_continue_final_message(server):
     error = _error(post(server, "/v1/chat/completions", clash), 400, "chat_template_kwargs")
     assert "may not set ['continue_final_message']" in error["message"]
     _error(post(server, "/tokenize", {"messages": messages, "chat_template_kwargs": {"tokenize": True}}), 400)
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["C", "F"]}},
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"type": "string", "maxLength": 12}},
+                "required": ["zone"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _streamed_calls(stream) -> tuple[list[tuple[str, str]], str | None]:
+    calls: dict[int, list[str]] = {}
+    finish = None
+    for chunk in stream:
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                entry = calls.setdefault(call.index, ["", ""])
+                entry[0] += call.function.name or ""
+                entry[1] += call.function.arguments or ""
+            finish = choice.finish_reason or finish
+    return [tuple(calls[i]) for i in sorted(calls)], finish
+
+
+def test_tool_calls_required_and_named(server, client):
+    """required and named calls follow the tools' schemas, streamed arguments equal the non-streamed ones,
+    and a role "tool" reply then gets a normal answer."""
+    import jsonschema
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for choice in ("required", named):
+        kwargs = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=80, temperature=0)
+        reply = client.chat.completions.create(**kwargs)
+        message = reply.choices[0].message
+        assert reply.choices[0].finish_reason == "tool_calls" and message.tool_calls
+        for call in message.tool_calls:
+            assert call.type == "function" and call.id.startswith("call_")
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        if choice is named:
+            assert [c.function.name for c in message.tool_calls] == ["get_time"]
+        streamed, finish = _streamed_calls(client.chat.completions.create(**kwargs, stream=True))
+        assert finish == "tool_calls"
+        assert streamed == [(c.function.name, c.function.arguments) for c in message.tool_calls]
+    call = message.tool_calls[0]
+    conversation = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"time": "14:05"}'},
+    ]
+    answer = client.chat.completions.create(model=MODEL, messages=conversation, max_tokens=12, temperature=0)
+    assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
+    auto = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=12, temperature=0)
+    assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")  # hermes parses whatever came
+    wait_idle(server)
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "required", "guided_choice": ["a"]}, "tool_choice"),
+    ],
+)
+def test_bad_tool_requests_are_400s(server, extra, param):
+    _error(post(server, "/v1/chat/completions", {**CHAT, **extra}), 400, param)
 
 
 def test_tokenizer_info_and_unimplemented_endpoints(server):

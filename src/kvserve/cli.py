@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
     serve.add_argument(
+        "--tool-call-parser",
+        choices=["hermes", "llama3_json"],
+        default=None,
+        help='how tool_choice "auto" finds tool calls in the model\'s text (without it, "auto" is refused)',
+    )
+    serve.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM"
     )
     add_engine_args(serve)

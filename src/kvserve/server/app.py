@@ -169,6 +169,7 @@ def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
         model_name=name,
         model_aliases=aliases,
         max_model_len=engine.config.max_model_len,
+        tool_call_parser=getattr(args, "tool_call_parser", None),
     )
     api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
     app = create_app(state, metrics, api_key, args.max_request_bytes)

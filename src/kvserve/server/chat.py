@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from kvserve.async_engine import RequestChannel, Submission
+from kvserve.sampling_params import StructuredOutputsParams
 from kvserve.server.errors import APIError
 from kvserve.server.protocol import (
     ChatChoice,
@@ -25,7 +26,10 @@ from kvserve.server.protocol import (
     ChatMessage,
     ChatStreamChoice,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
     TokenLogprob,
+    ToolCall,
     TopLogprob,
 )
 from kvserve.server.serving import (
@@ -44,6 +48,7 @@ from kvserve.server.serving import (
     submit,
     usage,
 )
+from kvserve.server.tools import ToolPlan, plan_tools, template_messages
 
 
 def _chat_logprobs(
@@ -66,10 +71,14 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     tokenizer = state.need_tokenizer("chat")
     if not tokenizer.has_chat_template:
         raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
-    prompt_ids = chat_prompt_ids(tokenizer, req)
+    plan = plan_tools(req, state.tool_call_parser)
+    req.messages = template_messages(req.messages)  # earlier turns' tool calls, with or without tools now
+    prompt_ids = chat_prompt_ids(tokenizer, req, tools=plan.tools) if plan else chat_prompt_ids(tokenizer, req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     top_n = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req.sampling_params, max_tokens, top_n)
+    if plan is not None and plan.constraint is not None:
+        params.structured_outputs = StructuredOutputsParams(**plan.constraint)
     request_id = new_id("chatcmpl")
     try:
         channel = await submit(state, [Submission(request_id, prompt_ids, params)])
@@ -78,22 +87,24 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
             exc.param = "messages"
         raise
     if req.stream:
-        return SSEResponse(_stream(state, req, request_id, channel, len(prompt_ids), top_n))
+        return SSEResponse(_stream(state, req, request_id, channel, len(prompt_ids), top_n, plan))
     try:
         outputs = await collect(state, channel, request)
     except ClientGone:
         return Response(status_code=499)
     out = outputs[request_id]
-    choices = [
-        ChatChoice(
-            index=seq.index,
-            message=ChatMessage(role="assistant", content=seq.text),
-            logprobs=None if top_n is None else _chat_logprobs(state, seq.token_ids, seq.logprobs, top_n),
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
+    choices = []
+    for seq in out.outputs:
+        message, finish_reason = _message(plan, seq.text, seq.finish_reason)
+        choices.append(
+            ChatChoice(
+                index=seq.index,
+                message=message,
+                logprobs=None if top_n is None else _chat_logprobs(state, seq.token_ids, seq.logprobs, top_n),
+                finish_reason=finish_reason,
+                stop_reason=seq.stop_reason,
+            )
         )
-        for seq in out.outputs
-    ]
     num_completion = sum(len(seq.token_ids) for seq in out.outputs)
     body = ChatCompletionResponse(
         id=request_id,
@@ -104,6 +115,19 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     return JSONResponse(body.model_dump())
 
 
+def _message(plan: ToolPlan | None, text: str, finish_reason: str | None) -> tuple[ChatMessage, str | None]:
+    """The assistant message of a finished choice: its tool calls found or enforced, if any."""
+    if plan is None or plan.mode == "none":
+        return ChatMessage(content=text), finish_reason
+    content, calls = plan.calls(text)
+    if not calls:
+        return ChatMessage(content=content), finish_reason
+    tool_calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+    return ChatMessage(
+        content=content, tool_calls=tool_calls
+    ), "tool_calls" if finish_reason == "stop" else finish_reason
+
+
 async def _stream(
     state: ServerState,
     req: ChatCompletionRequest,
@@ -111,9 +135,12 @@ async def _stream(
     channel: RequestChannel,
     num_prompt_tokens: int,
     top_n: int | None,
+    plan: ToolPlan | None,
 ) -> AsyncIterator[str]:
     created = int(time.time())
     num_completion = 0
+    held = plan is not None and plan.mode != "none"  # a choice that may call tools is sent when it ends
+    texts = [""] * req.n
 
     def chunk(choices: list[ChatStreamChoice], **extra) -> str:
         return sse(
@@ -130,13 +157,24 @@ async def _stream(
                 logprobs = None
                 if top_n is not None and delta.token_ids:
                     logprobs = _chat_logprobs(state, delta.token_ids, delta.logprobs, top_n)
-                if delta.text or logprobs is not None or delta.finish_reason is not None:
+                finish_reason, message = (
+                    delta.finish_reason,
+                    DeltaMessage(content=delta.text) if delta.text else DeltaMessage(),
+                )
+                if held:
+                    texts[delta.index] += delta.text
+                    message = DeltaMessage()
+                    if finish_reason is not None:
+                        whole, finish_reason = _message(plan, texts[delta.index], finish_reason)
+                        calls = [DeltaToolCall(index=i, **c.model_dump()) for i, c in enumerate(whole.tool_calls or [])]
+                        message = DeltaMessage(content=whole.content, tool_calls=calls or None)
+                if message.content or message.tool_calls or logprobs is not None or finish_reason is not None:
                     choices.append(
                         ChatStreamChoice(
                             index=delta.index,
-                            delta=DeltaMessage(content=delta.text) if delta.text else DeltaMessage(),
+                            delta=message,
                             logprobs=logprobs,
-                            finish_reason=delta.finish_reason,
+                            finish_reason=finish_reason,
                             stop_reason=delta.stop_reason,
                         )
                     )

@@ -15,7 +15,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
@@ -44,6 +44,7 @@ class ServerState:
     model_name: str
     model_aliases: set[str]  # other names a request may use for the one model (its path, --model)
     max_model_len: int
+    tool_call_parser: str | None = None  # --tool-call-parser: how "auto" tool choice finds calls in text
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name and name not in self.model_aliases:
@@ -72,16 +73,19 @@ async def parse_body(request: Request, model: type[M]) -> M:
         raise from_validation_error(exc, model) from None
 
 
-def chat_prompt_ids(tokenizer: Tokenizer, req, add_special_tokens: bool = False) -> list[int]:
+def chat_prompt_ids(tokenizer: Tokenizer, req, add_special_tokens: bool = False, **template: Any) -> list[int]:
     """req.messages through the chat template with req's template fields (add_generation_prompt,
     continue_final_message, chat_template_kwargs), as token ids: the one rendering /v1/chat/completions
-    and /tokenize share, so /tokenize counts what the chat would see. Bad input is a 400 naming the field."""
+    and /tokenize share, so /tokenize counts what the chat would see. `template`: more template arguments
+    (the chat's tools). Bad input is a 400 naming the field."""
     try:
         kwargs = chat_template_kwargs(req.chat_template_kwargs)
     except ValueError as exc:
         raise APIError(400, str(exc), param="chat_template_kwargs", code="invalid_value") from None
     try:
-        text = tokenizer.render_chat(req.messages, req.add_generation_prompt, req.continue_final_message, **kwargs)
+        text = tokenizer.render_chat(
+            req.messages, req.add_generation_prompt, req.continue_final_message, **kwargs, **template
+        )
         return tokenizer.encode(text, add_special_tokens)
     except (ValueError, TypeError) as exc:
         raise APIError(400, str(exc), param="messages", code="invalid_value") from None

@@ -1,0 +1,195 @@
+"""Tool calling for /v1/chat/completions: `tools` and `tool_choice` (OpenAI's), as vLLM does them.
+
+- The tools go to the chat template (transformers' apply_chat_template(tools=...)), which tells the
+  model about them in its own format; assistant turns that called tools and `role: "tool"` replies
+  go back through the template too (their JSON-string arguments as objects, which templates expect).
+- `tool_choice: "required"` and a named function are enforced with structured outputs: the answer is
+  a JSON array of {"name", "parameters"} calls (one schema per tool, anyOf), or the named function's
+  parameters object. `"auto"` (the default when tools are given) lets the model write freely and a
+  parser chosen with `--tool-call-parser` finds the calls in its text: `hermes` (`<tool_call>{...}
+  </tool_call>`, Qwen2.5/3 and SmolLM-style templates) or `llama3_json` (a JSON object, or several
+  separated by `;`, optionally after `<|python_tag|>`). `"none"`: plain text.
+- A reply with calls has `message.tool_calls` (ids, JSON-string arguments) and `finish_reason:
+  "tool_calls"`. Streamed, a choice that may call tools is held until it ends (the text is not known
+  to be a call or not before then), then sent as one delta with its content and calls, so the
+  streamed arguments are the non-streamed ones.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvserve.server.errors import APIError
+
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+
+
+@dataclass
+class ToolCallText:
+    name: str
+    arguments: str  # JSON text
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+
+@dataclass
+class ToolPlan:
+    mode: str  # "none", "auto", "required" or "named"
+    tools: list[dict[str, Any]]  # as the chat template takes them
+    named: str | None = None
+    parser: str | None = None
+    parallel: bool = True
+
+    @property
+    def constraint(self) -> dict[str, Any] | None:
+        """structured_outputs fields that enforce the call, for required and named calls."""
+        schemas = {t["function"]["name"]: t["function"].get("parameters") or EMPTY_OBJECT for t in self.tools}
+        if self.mode == "named":
+            return {"json": schemas[self.named]}
+        if self.mode != "required":
+            return None
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+            for name, schema in schemas.items()
+        ]
+        array: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not self.parallel:
+            array["maxItems"] = 1
+        return {"json": array}
+
+    def calls(self, text: str) -> tuple[str | None, list[ToolCallText]]:
+        """(content, calls) of a finished answer; an answer that does not parse is content, no calls."""
+        if self.mode == "named":
+            return None, [ToolCallText(self.named, text)]
+        if self.mode == "required":
+            try:
+                return None, [ToolCallText(c["name"], json.dumps(c["parameters"])) for c in json.loads(text)]
+            except (ValueError, TypeError, KeyError):  # cut short by max_tokens or a stop string
+                return text, []
+        if self.mode == "auto":
+            return PARSERS[self.parser](text)
+        return text, []
+
+
+EMPTY_OBJECT = {"type": "object", "properties": {}}
+
+
+def plan_tools(req, parser: str | None) -> ToolPlan | None:
+    """The request's tool plan, or None when it has no tools; 400s for what cannot be served."""
+    if not req.tools:
+        if req.tool_choice not in (None, "none"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
+        return None
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) != len(names):
+        raise APIError(400, "tools: function names must be unique", param="tools", code="invalid_value")
+    choice = req.tool_choice if req.tool_choice is not None else "auto"
+    plan = ToolPlan(
+        mode="named" if not isinstance(choice, str) else choice, tools=tools, parallel=req.parallel_tool_calls
+    )
+    if plan.mode == "named":
+        plan.named = choice.function.name
+        if plan.named not in names:
+            message = f"tool_choice names the function {plan.named!r}, which is not among the tools"
+            raise APIError(400, message, param="tool_choice", code="invalid_value")
+    if plan.mode == "auto":
+        if parser is None:
+            message = 'tool_choice "auto" (the default with tools) needs the server started with --tool-call-parser'
+            raise APIError(400, message, param="tool_choice", code="invalid_value")
+        plan.parser = parser
+    if plan.constraint is not None and req.constraint() is not None:
+        message = "tool_choice required or a named function cannot be combined with another output constraint"
+        raise APIError(400, message, param="tool_choice", code="invalid_value")
+    return plan
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: an assistant turn's tool-call arguments as objects (the
+    API sends them as JSON text; templates write them with tojson), and its missing content as "" (a
+    template without tool support concatenates the content and would fail on null)."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            fixed = []
+            for call in calls:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    try:
+                        function = {**function, "arguments": json.loads(function["arguments"])}
+                    except ValueError:
+                        pass  # left as text: the template decides
+                    call = {**call, "function": function}
+                fixed.append(call)
+            message = {**message, "tool_calls": fixed, "content": message.get("content") or ""}
+        out.append(message)
+    return out
+
+
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def parse_hermes(text: str) -> tuple[str | None, list[ToolCallText]]:
+    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (the last may be unclosed: the
+    model ended there); the text before the first block is the content."""
+    start = text.find("<tool_call>")
+    if start < 0:
+        return text, []
+    calls = []
+    for body in _HERMES.findall(text[start:]):
+        call = _call_object(body, "arguments")
+        if call is None:
+            return text, []  # not what it claimed to be: all of it is content
+        calls.append(call)
+    content = text[:start].strip()
+    return content or None, calls
+
+
+def parse_llama3_json(text: str) -> tuple[str | None, list[ToolCallText]]:
+    """Llama 3.x's JSON calls: {"name": ..., "parameters": {...}} (or "arguments"), several separated by
+    ';', optionally after <|python_tag|>. Anything else is content."""
+    body = text.strip().removeprefix("<|python_tag|>").strip()
+    if not body.startswith("{"):
+        return text, []
+    calls = []
+    decoder = json.JSONDecoder()
+    at = 0
+    while at < len(body):
+        try:
+            value, end = decoder.raw_decode(body, at)
+        except ValueError:
+            return text, []
+        call = _call_from(value, "parameters")
+        if call is None:
+            return text, []
+        calls.append(call)
+        at = end
+        while at < len(body) and body[at] in " \t\r\n;":
+            at += 1
+    return None, calls
+
+
+def _call_object(body: str, key: str) -> ToolCallText | None:
+    try:
+        return _call_from(json.loads(body), key)
+    except ValueError:
+        return None
+
+
+def _call_from(value: Any, key: str) -> ToolCallText | None:
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get(key, value.get("arguments" if key == "parameters" else "parameters", {}))
+    return ToolCallText(value["name"], arguments if isinstance(arguments, str) else json.dumps(arguments))
+
+
+PARSERS = {"hermes": parse_hermes, "llama3_json": parse_llama3_json}

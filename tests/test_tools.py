@@ -1,0 +1,96 @@
+"""Tool calling's pure parts (server/tools.py): the hermes and llama3_json parsers on text with zero, one or
+two calls and text before a call, the enforced forms' constraints, and the plan's refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvserve.server.errors import APIError
+from kvserve.server.protocol import ChatCompletionRequest
+from kvserve.server.tools import ToolPlan, parse_hermes, parse_llama3_json, plan_tools, template_messages
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def request(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+def test_hermes_parser():
+    assert parse_hermes("No tools needed.") == ("No tools needed.", [])
+    content, calls = parse_hermes('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+    two = (
+        'Let me check.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>\n'
+        '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    )
+    content, calls = parse_hermes(two)
+    assert content == "Let me check." and [c.name for c in calls] == ["get_weather", "get_time"]
+    assert calls[0].id != calls[1].id and calls[0].id.startswith("call_")
+    content, calls = parse_hermes('<tool_call>{"name": "get_time", "arguments": {}}')  # unclosed: ended there
+    assert [c.name for c in calls] == ["get_time"]
+    broken = "<tool_call>{not json}</tool_call>"
+    assert parse_hermes(broken) == (broken, [])  # not a call after all: all of it is content
+
+
+def test_llama3_json_parser():
+    assert parse_llama3_json("Hello there") == ("Hello there", [])
+    content, calls = parse_llama3_json('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Rome"}}')
+    assert content is None and json.loads(calls[0].arguments) == {"city": "Rome"}
+    content, calls = parse_llama3_json('{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}')
+    assert [c.name for c in calls] == ["a", "b"]
+    assert parse_llama3_json('{"city": "Rome"}') == ('{"city": "Rome"}', [])  # JSON, but not a call
+
+
+def test_enforced_forms_constrain_and_read_back():
+    plan = plan_tools(request(tools=[WEATHER, TIME], tool_choice="required"), parser=None)
+    schema = plan.constraint["json"]
+    assert schema["minItems"] == 1 and "maxItems" not in schema
+    assert [c["properties"]["name"]["enum"] for c in schema["items"]["anyOf"]] == [["get_weather"], ["get_time"]]
+    content, calls = plan.calls('[{"name": "get_time", "parameters": {}}]')
+    assert content is None and [(c.name, c.arguments) for c in calls] == [("get_time", "{}")]
+    assert plan.calls('[{"name": "get_ti') == ('[{"name": "get_ti', [])  # cut short: content
+    single = plan_tools(request(tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False), None)
+    assert single.constraint["json"]["maxItems"] == 1
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    plan = plan_tools(request(tools=[WEATHER, TIME], tool_choice=named), parser=None)
+    assert plan.constraint == {"json": WEATHER["function"]["parameters"]}
+    assert [(c.name, c.arguments) for c in plan.calls('{"city": "Oslo"}')[1]] == [("get_weather", '{"city": "Oslo"}')]
+    assert plan_tools(request(tools=[WEATHER], tool_choice="none"), None).constraint is None
+    assert isinstance(plan_tools(request(tools=[WEATHER]), "hermes"), ToolPlan)  # auto, with a parser
+
+
+@pytest.mark.parametrize(
+    "fields, parser, message",
+    [
+        ({"tool_choice": "required"}, None, "needs tools"),
+        ({"tools": [WEATHER]}, None, "--tool-call-parser"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, None, "not among"),
+        ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, None, "unique"),
+        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, None, "combined"),
+    ],
+)
+def test_plan_refusals(fields, parser, message):
+    with pytest.raises(APIError, match=message) as info:
+        plan_tools(request(**fields), parser)
+    assert info.value.status == 400
+
+
+def test_template_messages_turn_argument_text_into_objects():
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    messages = [{"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "content": "2"}]
+    out = template_messages(messages)
+    assert out[0]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
+    assert messages[0]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'  # the request is not changed
+    assert out[1] == messages[1]
