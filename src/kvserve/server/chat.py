@@ -157,10 +157,8 @@ async def _stream(
                 logprobs = None
                 if top_n is not None and delta.token_ids:
                     logprobs = _chat_logprobs(state, delta.token_ids, delta.logprobs, top_n)
-                finish_reason, message = (
-                    delta.finish_reason,
-                    DeltaMessage(content=delta.text) if delta.text else DeltaMessage(),
-                )
+                finish_reason = delta.finish_reason
+                message = DeltaMessage(content=delta.text) if delta.text else DeltaMessage()
                 if held:
                     texts[delta.index] += delta.text
                     message = DeltaMessage()
