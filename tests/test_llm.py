@@ -181,3 +181,12 @@ def test_abort_frees_blocks(llm):
     assert engine.kv.pool.num_free_blocks < engine.kv.pool.num_blocks
     engine.abort(request_id)
     assert not engine.has_unfinished()  # check_idle runs after the test
+
+
+def test_chat_template_engine_option():
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    llm = LLM(kv_cache_memory="16MiB", chat_template=template)
+    out = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=1), add_generation_prompt=False)
+    assert out[0].prompt_token_ids == llm.engine.tokenizer.encode("[user] Hi\n", add_special_tokens=False)
+    with pytest.raises(ValueError, match="no such file"):
+        LLM(kv_cache_memory="16MiB", chat_template="/nonexistent/template.jinja")

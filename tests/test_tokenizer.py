@@ -119,6 +119,31 @@ def test_chat_template_matches_transformers(tok, ref):
     assert tok.apply_chat_template(parts) == tok.apply_chat_template(CHATS[0])
 
 
+TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}"
+    "<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_chat_template_option(gguf_path, ref, tmp_path):
+    """--chat-template replaces the model's template, from a file or as text; it renders byte-equal to
+    transformers' apply_chat_template with the same template; a missing file or a template that does not
+    parse is a ValueError at once."""
+    file = tmp_path / "template.jinja"
+    file.write_text(TEMPLATE)
+    for given in (str(file), TEMPLATE):
+        t = Tokenizer.load(gguf_path)
+        t.set_chat_template(given)
+        for chat in CHATS:
+            expected = ref.apply_chat_template(chat, chat_template=TEMPLATE, add_generation_prompt=True, tokenize=False)
+            assert t.render_chat(chat) == expected
+    assert t.render_chat([{"role": "user", "content": "Hi"}]) == "<user>Hi\n<assistant>"
+    with pytest.raises(ValueError, match="no such file"):
+        t.set_chat_template(str(tmp_path / "missing.jinja"))
+    with pytest.raises(ValueError, match="does not parse"):
+        t.set_chat_template("{% for m in messages %}")
+
+
 @pytest.mark.parametrize(
     "messages",
     [[], "hi", ["hi"], [{"content": "no role"}], [{"role": "user", "content": 5}], [{"role": "user"}],

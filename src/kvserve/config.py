@@ -70,6 +70,8 @@ HELP = {
     "max_waiting_requests": "queue length past which the server answers 503",
     "log_stats_interval": "seconds between periodic engine stats lines (0: off)",
     "num_threads": "CPU threads for torch (0: torch's default)",
+    "chat_template": "a Jinja chat template (a file, or the template itself) replacing the model's own; for "
+    "models whose tokenizer has none",
 }
 
 
@@ -93,6 +95,7 @@ class EngineConfig:
     max_waiting_requests: int = 1024
     log_stats_interval: float = 10.0
     num_threads: int = 0
+    chat_template: str | None = None
     # Resolved by resolve(); not user options.
     torch_device: torch.device = field(default=torch.device("cpu"), repr=False)
     torch_dtype: torch.dtype = field(default=torch.float32, repr=False)

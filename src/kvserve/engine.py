@@ -72,6 +72,10 @@ class Engine:
         start = time.perf_counter()
         self.model_config, model = load_model(path, config)
         self.tokenizer = Tokenizer.load(path)
+        if config.chat_template is not None:
+            if self.tokenizer is None:
+                raise ValueError("chat_template: this model has no tokenizer to render it with")
+            self.tokenizer.set_chat_template(config.chat_template)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer else set()
         self.eos_token_ids |= self.model_config.eos_token_ids
 

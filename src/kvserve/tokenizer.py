@@ -266,6 +266,25 @@ class Tokenizer:
 
     # ---- chat
 
+    def set_chat_template(self, template: str) -> None:
+        """Replaces the tokenizer's chat template: `template` is a file's path or the Jinja text itself (what
+        vLLM's --chat-template takes). ValueError for a path that does not exist or a template that does
+        not parse, so a typo fails at start-up rather than on the first chat."""
+        text = template
+        if os.path.isfile(template):
+            with open(template, encoding="utf-8") as f:
+                text = f.read()
+        elif "{" not in template:  # no Jinja in it: meant as a path
+            raise ValueError(f"chat_template: no such file: {template!r}")
+        from jinja2 import TemplateSyntaxError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        try:
+            ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(text)  # as transformers
+        except TemplateSyntaxError as exc:
+            raise ValueError(f"chat_template does not parse: {exc}") from None
+        self.hf.chat_template = text
+
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
