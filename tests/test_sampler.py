@@ -336,3 +336,11 @@ def test_top_p_through_candidates_equals_the_full_sort():
     _apply_top_p(got, top_ps)
     assert torch.equal(got.isfinite(), expected)
     assert expected[0].sum() < TOP_P_CANDIDATES < expected[1].sum()  # both paths were taken
+
+
+def test_seed_must_fit_64_bits():
+    SamplingParams(seed=-(2**63))
+    SamplingParams(seed=2**63 - 2, n=2)
+    for seed, n in ((2**63, 1), (2**63 - 1, 2), (-(2**63) - 1, 1)):
+        with pytest.raises(ValueError, match="seed must be a 64-bit integer"):
+            SamplingParams(seed=seed, n=n)

@@ -217,3 +217,32 @@ def test_bitmask_paths_agree():
     assert torch.equal(fast[1], work[1])  # a row not listed is untouched
     expected = [(int(bitmask[0, t // 32]) >> (t % 32)) & 1 == 0 for t in range(70)]
     assert fast[0].isinf().tolist() == expected
+
+
+def test_required_tool_calls_with_schema_references_compile(llm):
+    """The array of calls that tool_choice "required" builds keeps "#/$defs/..." resolvable (server/tools.py)."""
+    from kvserve.server.protocol import ChatCompletionRequest
+    from kvserve.server.tools import plan_tools
+
+    point = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    params = {
+        "type": "object",
+        "properties": {"p": {"$ref": "#/$defs/Point"}},
+        "required": ["p"],
+        "$defs": {"Point": point},
+    }
+    req = ChatCompletionRequest.model_validate(
+        {
+            "messages": [{"role": "user", "content": "plot"}],
+            "tools": [{"type": "function", "function": {"name": "plot", "parameters": params}}],
+            "tool_choice": "required",
+            "parallel_tool_calls": False,  # one call: the greedy answer would otherwise repeat it
+        }
+    )
+    constraint = plan_tools(req, None).constraint
+    llm.engine.compile_grammar(StructuredOutputsParams(**constraint))  # raises ValueError if it did not compile
+    out = llm.chat(
+        [PROMPT], SamplingParams(temperature=0, max_tokens=60, structured_outputs=constraint), use_tqdm=False
+    )
+    calls = json.loads(out[0].outputs[0].text)
+    assert len(calls) == 1 and calls[0]["name"] == "plot" and isinstance(calls[0]["parameters"]["p"]["x"], int)

@@ -299,7 +299,8 @@ def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> None:
     cand_probs, cand_ids = probs.topk(min(vocab, TOP_P_CANDIDATES), dim=-1)
     cand_mass = cand_probs.cumsum(dim=-1)
     keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, cand_ids, (cand_mass - cand_probs) < top_p)
-    uncovered = (cand_mass[:, -1] < top_p[:, 0]).nonzero().flatten().tolist() if cand_ids.shape[1] < vocab else []
+    short = (cand_mass[:, -1] < top_p[:, 0]) & (top_p[:, 0] < 1.0)  # top_p == 1 rows keep everything anyway
+    uncovered = short.nonzero().flatten().tolist() if cand_ids.shape[1] < vocab else []
     if uncovered:  # a flat distribution: the full sort, for those rows only
         index = torch.tensor(uncovered, device=device)
         sorted_probs, order = probs[index].sort(dim=-1, descending=True)

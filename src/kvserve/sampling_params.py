@@ -150,7 +150,10 @@ class SamplingParams:
             _is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}",
         )
-        need(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        need(
+            self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed and self.seed + self.n <= 2**63),
+            f"seed must be a 64-bit integer (n samples use seed .. seed + n - 1), got {self.seed!r}",
+        )
         need(
             self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 0),
             f"max_tokens must be an integer >= 0, got {self.max_tokens!r}",

@@ -71,6 +71,8 @@ class GrammarCache:
             return self._compiler
 
     def _build_compiler(self) -> Any:
+        if not self.stop_token_ids:  # a grammar ends by allowing only them
+            raise ValueError("structured_outputs need the model's end-of-sequence token; this model declares none")
         import xgrammar
 
         info = xgrammar.TokenizerInfo.from_huggingface(

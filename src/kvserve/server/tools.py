@@ -51,16 +51,20 @@ class ToolPlan:
             return {"json": schemas[self.named]}
         if self.mode != "required":
             return None
-        calls = [
-            {
-                "type": "object",
-                "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
-                "required": ["name", "parameters"],
-                "additionalProperties": False,
-            }
-            for name, schema in schemas.items()
-        ]
-        array: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        calls, defs = [], {}
+        for name, schema in schemas.items():
+            # The schemas move under the array: their "#/$defs/..." references must still resolve from its root
+            for key in ("$defs", "definitions"):
+                for def_name, definition in schema.get(key, {}).items():
+                    if defs.setdefault(key, {}).setdefault(def_name, definition) != definition:
+                        raise APIError(400, f"tools: two tools define {key}/{def_name} differently", param="tools")
+            schema = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}
+            properties = {"name": {"type": "string", "enum": [name]}, "parameters": schema}
+            required = ["name", "parameters"]
+            calls.append(
+                {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+            )
+        array: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **defs}
         if not self.parallel:
             array["maxItems"] = 1
         return {"json": array}
@@ -68,6 +72,10 @@ class ToolPlan:
     def calls(self, text: str) -> tuple[str | None, list[ToolCallText]]:
         """(content, calls) of a finished answer; an answer that does not parse is content, no calls."""
         if self.mode == "named":
+            try:
+                json.loads(text)
+            except ValueError:  # cut short by max_tokens or a stop string: content, no call
+                return text, []
             return None, [ToolCallText(self.named, text)]
         if self.mode == "required":
             try:
@@ -106,9 +114,14 @@ def plan_tools(req, parser: str | None) -> ToolPlan | None:
             message = 'tool_choice "auto" (the default with tools) needs the server started with --tool-call-parser'
             raise APIError(400, message, param="tool_choice", code="invalid_value")
         plan.parser = parser
-    if plan.constraint is not None and req.constraint() is not None:
-        message = "tool_choice required or a named function cannot be combined with another output constraint"
-        raise APIError(400, message, param="tool_choice", code="invalid_value")
+    if plan.constraint is not None:
+        try:
+            other = req.constraint()
+        except ValueError as exc:  # e.g. a json_schema response_format without its schema
+            raise APIError(400, str(exc), param=str(exc).split(":", 1)[0], code="invalid_value") from None
+        if other is not None:
+            message = "tool_choice required or a named function cannot be combined with another output constraint"
+            raise APIError(400, message, param="tool_choice", code="invalid_value")
     return plan
 
 
