@@ -174,3 +174,14 @@ def default_gguf() -> str:
 
 def gguf_folder_and_file() -> tuple[str, str]:
     return os.path.split(default_gguf())
+
+
+# A tool whose parameters use "#/$defs/..." references, as pydantic-generated schemas do (tool calling tests).
+POINT_SCHEMA = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+PLOT_PARAMETERS = {
+    "type": "object",
+    "properties": {"p": {"$ref": "#/$defs/Point"}},
+    "required": ["p"],
+    "$defs": {"Point": POINT_SCHEMA},
+}
+PLOT_TOOL = {"type": "function", "function": {"name": "plot", "parameters": PLOT_PARAMETERS}}

@@ -553,18 +553,34 @@ def test_tool_calls_required_and_named(server, client):
 
 
 @pytest.mark.parametrize(
-    "extra, param",
+    "extra, param, message",
     [
-        ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools"),
-        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
-        ({"tool_choice": "required"}, "tool_choice"),
-        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
-        ({"tools": TOOLS, "tool_choice": "required", "guided_choice": ["a"]}, "tool_choice"),
+        ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools", None),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools", None),
+        ({"tool_choice": "required"}, "tool_choice", None),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", None),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", None),
+        ({"tools": TOOLS, "tool_choice": "required", "guided_choice": ["a"]}, "tool_choice", "combined"),
+        (
+            {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "tool_choice",
+            "combined",
+        ),
+        (  # a malformed constraint beside a required call: a 400, not a 500
+            {
+                "tools": TOOLS,
+                "tool_choice": "required",
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x"}},
+            },
+            "response_format",
+            "needs json_schema.schema",
+        ),
     ],
 )
-def test_bad_tool_requests_are_400s(server, extra, param):
-    _error(post(server, "/v1/chat/completions", {**CHAT, **extra}), 400, param)
+def test_bad_tool_requests_are_400s(server, extra, param, message):
+    error = _error(post(server, "/v1/chat/completions", {**CHAT, **extra}), 400, param)
+    if message:
+        assert message in error["message"]
 
 
 def test_tokenizer_info_and_unimplemented_endpoints(server):

@@ -10,6 +10,7 @@ import re
 import jsonschema
 import pytest
 import torch
+from helpers import PLOT_TOOL
 
 from kvserve import LLM, SamplingParams
 from kvserve.sampler import Sampler, SamplingRow
@@ -224,17 +225,10 @@ def test_required_tool_calls_with_schema_references_compile(llm):
     from kvserve.server.protocol import ChatCompletionRequest
     from kvserve.server.tools import plan_tools
 
-    point = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
-    params = {
-        "type": "object",
-        "properties": {"p": {"$ref": "#/$defs/Point"}},
-        "required": ["p"],
-        "$defs": {"Point": point},
-    }
     req = ChatCompletionRequest.model_validate(
         {
             "messages": [{"role": "user", "content": "plot"}],
-            "tools": [{"type": "function", "function": {"name": "plot", "parameters": params}}],
+            "tools": [PLOT_TOOL],
             "tool_choice": "required",
             "parallel_tool_calls": False,  # one call: the greedy answer would otherwise repeat it
         }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import PLOT_PARAMETERS, PLOT_TOOL, POINT_SCHEMA
 
 from kvserve.server.errors import APIError
 from kvserve.server.protocol import ChatCompletionRequest
@@ -78,19 +79,10 @@ def test_enforced_forms_constrain_and_read_back():
         ({"tools": [WEATHER]}, None, "--tool-call-parser"),
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, None, "not among"),
         ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, None, "unique"),
-        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, None, "combined"),
-        (  # a malformed constraint beside a required call: a 400, not a 500
-            {
-                "tools": [WEATHER],
-                "tool_choice": "required",
-                "response_format": {"type": "json_schema", "json_schema": {"name": "x"}},
-            },
-            None,
-            "needs json_schema.schema",
-        ),
     ],
 )
 def test_plan_refusals(fields, parser, message):
+    """(An enforced call beside another constraint is refused in chat.py: test_server's tool 400s.)"""
     with pytest.raises(APIError, match=message) as info:
         plan_tools(request(**fields), parser)
     assert info.value.status == 400
@@ -101,24 +93,16 @@ def test_required_calls_keep_schema_references_resolvable():
     xgrammar compiles the result."""
     from kvserve.sampling_params import StructuredOutputsParams
 
-    point = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
-    params = {
-        "type": "object",
-        "properties": {"p": {"$ref": "#/$defs/Point"}},
-        "required": ["p"],
-        "$defs": {"Point": point},
-    }
-    tool = {"type": "function", "function": {"name": "plot", "parameters": params}}
-    schema = plan_tools(request(tools=[tool, TIME], tool_choice="required"), None).constraint["json"]
-    assert schema["$defs"] == {"Point": point}
+    schema = plan_tools(request(tools=[PLOT_TOOL, TIME], tool_choice="required"), None).constraint["json"]
+    assert schema["$defs"] == {"Point": POINT_SCHEMA}
     assert "$defs" not in schema["items"]["anyOf"][0]["properties"]["parameters"]
     StructuredOutputsParams(json=schema)  # well-formed; the server test compiles required calls with xgrammar
     other = {
         "type": "function",
-        "function": {"name": "g", "parameters": {**params, "$defs": {"Point": {"type": "string"}}}},
+        "function": {"name": "g", "parameters": {**PLOT_PARAMETERS, "$defs": {"Point": {"type": "string"}}}},
     }
     with pytest.raises(APIError, match="differently"):
-        plan_tools(request(tools=[tool, other], tool_choice="required"), None)
+        plan_tools(request(tools=[PLOT_TOOL, other], tool_choice="required"), None)
 
 
 def test_named_call_cut_short_is_content():

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
     serve.add_argument(
         "--tool-call-parser",
-        choices=["hermes", "llama3_json"],
+        choices=["hermes", "llama3_json"],  # server/tools.py's PARSERS (not imported here: it pulls in FastAPI)
         default=None,
         help='how tool_choice "auto" finds tool calls in the model\'s text (without it, "auto" is refused)',
     )

@@ -78,6 +78,9 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     top_n = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req.sampling_params, max_tokens, top_n)
     if plan is not None and plan.constraint is not None:
+        if params.structured_outputs is not None:
+            message = "tool_choice required or a named function cannot be combined with another output constraint"
+            raise APIError(400, message, param="tool_choice", code="invalid_value")
         params.structured_outputs = StructuredOutputsParams(**plan.constraint)
     request_id = new_id("chatcmpl")
     try:

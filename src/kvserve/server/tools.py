@@ -25,8 +25,6 @@ from typing import Any
 
 from kvserve.server.errors import APIError
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json")
-
 
 @dataclass
 class ToolCallText:
@@ -41,33 +39,8 @@ class ToolPlan:
     tools: list[dict[str, Any]]  # as the chat template takes them
     named: str | None = None
     parser: str | None = None
-    parallel: bool = True
-
-    @property
-    def constraint(self) -> dict[str, Any] | None:
-        """structured_outputs fields that enforce the call, for required and named calls."""
-        schemas = {t["function"]["name"]: t["function"].get("parameters") or EMPTY_OBJECT for t in self.tools}
-        if self.mode == "named":
-            return {"json": schemas[self.named]}
-        if self.mode != "required":
-            return None
-        calls, defs = [], {}
-        for name, schema in schemas.items():
-            # The schemas move under the array: their "#/$defs/..." references must still resolve from its root
-            for key in ("$defs", "definitions"):
-                for def_name, definition in schema.get(key, {}).items():
-                    if defs.setdefault(key, {}).setdefault(def_name, definition) != definition:
-                        raise APIError(400, f"tools: two tools define {key}/{def_name} differently", param="tools")
-            schema = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}
-            properties = {"name": {"type": "string", "enum": [name]}, "parameters": schema}
-            required = ["name", "parameters"]
-            calls.append(
-                {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
-            )
-        array: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **defs}
-        if not self.parallel:
-            array["maxItems"] = 1
-        return {"json": array}
+    # structured_outputs fields that enforce the call (required and named calls), else None
+    constraint: dict[str, Any] | None = None
 
     def calls(self, text: str) -> tuple[str | None, list[ToolCallText]]:
         """(content, calls) of a finished answer; an answer that does not parse is content, no calls."""
@@ -90,8 +63,32 @@ class ToolPlan:
 EMPTY_OBJECT = {"type": "object", "properties": {}}
 
 
+def _enforced_constraint(tools: list[dict[str, Any]], named: str | None, parallel: bool) -> dict[str, Any]:
+    """The named function's parameters schema, or (named None: tool_choice required) an array of
+    {name, parameters} calls, one schema per tool."""
+    schemas = {t["function"]["name"]: t["function"].get("parameters") or EMPTY_OBJECT for t in tools}
+    if named is not None:
+        return {"json": schemas[named]}
+    calls, defs = [], {}
+    for name, schema in schemas.items():
+        # The schemas move under the array: their "#/$defs/..." references must still resolve from its root
+        for key in ("$defs", "definitions"):
+            for def_name, definition in schema.get(key, {}).items():
+                if defs.setdefault(key, {}).setdefault(def_name, definition) != definition:
+                    raise APIError(400, f"tools: two tools define {key}/{def_name} differently", param="tools")
+        schema = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}
+        properties = {"name": {"type": "string", "enum": [name]}, "parameters": schema}
+        required = ["name", "parameters"]
+        calls.append({"type": "object", "properties": properties, "required": required, "additionalProperties": False})
+    array: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **defs}
+    if not parallel:
+        array["maxItems"] = 1
+    return {"json": array}
+
+
 def plan_tools(req, parser: str | None) -> ToolPlan | None:
-    """The request's tool plan, or None when it has no tools; 400s for what cannot be served."""
+    """The request's tool plan, or None when it has no tools; 400s for what cannot be served. (An enforced
+    call beside another output constraint is refused by the caller, which has the request's parameters.)"""
     if not req.tools:
         if req.tool_choice not in (None, "none"):
             raise APIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
@@ -101,9 +98,7 @@ def plan_tools(req, parser: str | None) -> ToolPlan | None:
     if len(set(names)) != len(names):
         raise APIError(400, "tools: function names must be unique", param="tools", code="invalid_value")
     choice = req.tool_choice if req.tool_choice is not None else "auto"
-    plan = ToolPlan(
-        mode="named" if not isinstance(choice, str) else choice, tools=tools, parallel=req.parallel_tool_calls
-    )
+    plan = ToolPlan(mode="named" if not isinstance(choice, str) else choice, tools=tools)
     if plan.mode == "named":
         plan.named = choice.function.name
         if plan.named not in names:
@@ -114,14 +109,8 @@ def plan_tools(req, parser: str | None) -> ToolPlan | None:
             message = 'tool_choice "auto" (the default with tools) needs the server started with --tool-call-parser'
             raise APIError(400, message, param="tool_choice", code="invalid_value")
         plan.parser = parser
-    if plan.constraint is not None:
-        try:
-            other = req.constraint()
-        except ValueError as exc:  # e.g. a json_schema response_format without its schema
-            raise APIError(400, str(exc), param=str(exc).split(":", 1)[0], code="invalid_value") from None
-        if other is not None:
-            message = "tool_choice required or a named function cannot be combined with another output constraint"
-            raise APIError(400, message, param="tool_choice", code="invalid_value")
+    if plan.mode in ("required", "named"):
+        plan.constraint = _enforced_constraint(tools, plan.named, req.parallel_tool_calls)
     return plan
 
 
