@@ -120,7 +120,7 @@ def test_q_linear_matches_float64(ops, kind):
     if elems == 256:
         shapes = [(m, 512) for m, _ in shapes[:5]] + [(17, 768), (67, 256)]
     gen = torch.Generator().manual_seed(0)
-    for (m, k), n in zip(shapes, [37, 48] * 4):  # 37: threads split it unevenly, the last panel is partial
+    for (m, k), n in zip(shapes, [37, 48, 101, 48] * 2):  # 37, 101: threads split them unevenly, the last panel is partial
         q = from_gguf(random_gguf(kind, n, k, seed=m), kind, n, k)
         x = torch.randn(m, k, generator=gen) * torch.rand(m, k, generator=gen).pow(4) * 4  # some large entries
         bias = torch.randn(n, generator=gen)
@@ -148,7 +148,7 @@ def test_f32_linear_matches_float64(ops, m):
     """Dot products up to max_dot_rows rows of x, panels past it; 130 rows at K = 576 pass the panel
     path's chunk of x (112 rows there) once."""
     gen = torch.Generator().manual_seed(m)
-    for k, n in ((100, 29), (576, 48), (7, 29)):  # K not a multiple of 8 or of the unrolled step; N partial
+    for k, n in ((100, 29), (576, 48), (7, 29), (300, 101)):  # K not a multiple of 8 or of the unrolled step; N partial
         w = torch.randn(n, k, generator=gen)
         x = torch.randn(m, k, generator=gen)
         bias = torch.randn(n, generator=gen)

@@ -77,15 +77,6 @@ inline float quantize_block(const float* x, int16_t* q, float* sum) {
   return d;
 }
 
-// 8 int32 lanes, each the sum of two products w * x (16 int16 of each).
-inline __m256i dot_i16(__m256i w, __m256i x) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpwssd_epi32(_mm256_setzero_si256(), w, x);
-#else
-  return _mm256_madd_epi16(w, x);
-#endif
-}
-
 // Activations of one product, quantized: per row of x, K int16 codes, and per block its scale and sum.
 struct QuantizedActs {
   std::vector<int16_t> codes;
@@ -116,19 +107,88 @@ struct PackedWeight {
   int64_t row_bytes, scales_per_row, blocks;
 };
 
-// Block b of a weight row as 32 int16 codes: elements 0-15 in lo, 16-31 in hi. A 4-bit block's 16
-// bytes are widened to 16-bit lanes as they load; each lane's low nibble is element j, its high one j + 16.
+// One block of 32 int16 codes (a weight row's, or a row of x's), and its dot products, in the widest
+// registers the build has. AVX-512: one 32-lane vector, and one multiply-add instruction per block
+// pair (VNNI's dpwssd, or madd); AVX2: two 16-lane halves, elements 0-15 in lo, 16-31 in hi.
+#if defined(__AVX512BW__)
+struct Codes {
+  __m512i v;
+};
+using BlockAcc = __m512;  // per block: 16 int32 sums of pairs, lanes 0-7 from elements 0-15, 8-15 from 16-31
+inline BlockAcc acc_zero() { return _mm512_setzero_ps(); }
+inline float acc_sum(BlockAcc a) { return _mm512_reduce_add_ps(a); }
+
+// Block b of a weight row. A 4-bit block's 16 bytes are loaded twice into 32 16-bit lanes; the first
+// 16 keep the low nibbles (elements 0-15), the last 16 the high ones (elements 16-31).
 template <int Bits>
-inline void load_codes(const uint8_t* codes, int64_t b, __m256i& lo, __m256i& hi) {
+inline Codes load_codes(const uint8_t* codes, int64_t b) {
   if constexpr (Bits == 4) {
-    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16)));
-    lo = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F));
-    hi = _mm256_srli_epi16(bytes, 4);
+    const __m256i twice = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16)));
+    const __m512i wide = _mm512_cvtepu8_epi16(twice);
+    const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    return {_mm512_and_si512(_mm512_srlv_epi16(wide, shift), _mm512_set1_epi16(0x0F))};
   } else {
-    lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * kBlock)));
-    hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * kBlock + 16)));
+    return {_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * kBlock)))};
   }
 }
+inline Codes load_x(const int16_t* x) { return {_mm512_loadu_si512(x)}; }
+
+// acc + dot(w, x) x scale: one scale for the block, or (Group16) s_lo for elements 0-15, s_hi for 16-31.
+template <bool Group16>
+inline BlockAcc fold(Codes w, Codes x, float s_lo, float s_hi, BlockAcc acc) {
+#if defined(__AVX512VNNI__)
+  const __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w.v, x.v);
+#else
+  const __m512i dot = _mm512_madd_epi16(w.v, x.v);
+#endif
+  const __m512 scale =
+      Group16 ? _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s_lo), _mm512_set1_ps(s_hi)) : _mm512_set1_ps(s_lo);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+}
+#else
+struct Codes {
+  __m256i lo, hi;
+};
+using BlockAcc = __m256;
+inline BlockAcc acc_zero() { return _mm256_setzero_ps(); }
+inline float acc_sum(BlockAcc a) { return hsum(a); }
+
+// Block b of a weight row. A 4-bit block's 16 bytes are widened to 16-bit lanes as they load; each
+// lane's low nibble is element j, its high one j + 16.
+template <int Bits>
+inline Codes load_codes(const uint8_t* codes, int64_t b) {
+  if constexpr (Bits == 4) {
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16)));
+    return {_mm256_and_si256(bytes, _mm256_set1_epi16(0x0F)), _mm256_srli_epi16(bytes, 4)};
+  } else {
+    return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * kBlock))),
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * kBlock + 16)))};
+  }
+}
+inline Codes load_x(const int16_t* x) {
+  return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))};
+}
+
+// 8 int32 lanes, each the sum of two products w * x (16 int16 of each).
+inline __m256i dot_i16(__m256i w, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(_mm256_setzero_si256(), w, x);
+#else
+  return _mm256_madd_epi16(w, x);
+#endif
+}
+
+template <bool Group16>
+inline BlockAcc fold(Codes w, Codes x, float s_lo, float s_hi, BlockAcc acc) {
+  const __m256i dot_lo = dot_i16(w.lo, x.lo), dot_hi = dot_i16(w.hi, x.hi);
+  if constexpr (Group16) {
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_lo), _mm256_set1_ps(s_lo), acc);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_hi), _mm256_set1_ps(s_hi), acc);
+  }
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot_lo, dot_hi)), _mm256_set1_ps(s_lo), acc);
+}
+#endif
 
 // 8 float16 at src (only the first `count` <= 8 read; the rest are zeros) -> fp32.
 inline __m256 load_halves(const uint16_t* src, int64_t count) {
@@ -178,12 +238,12 @@ inline void tile_kernel(const PackedWeight& w, int64_t n0, const QuantizedActs& 
                  widened);
     scales[r] = widened;
   }
-  __m256 acc[R][C];
+  BlockAcc acc[R][C];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < C; ++t) acc[r][t] = _mm256_setzero_ps();
+    for (int t = 0; t < C; ++t) acc[r][t] = acc_zero();
   const int16_t* xq = acts.codes.data() + first * k;
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i lo[R], hi[R];
+    Codes wb[R];
     for (int r = 0; r < R; ++r) {
       // The rows two tiles ahead, from memory into L2 while this tile computes: a weight larger than the
       // caches (the LM head) is otherwise read at half the memory's speed.
@@ -191,28 +251,22 @@ inline void tile_kernel(const PackedWeight& w, int64_t n0, const QuantizedActs& 
       // gains nothing from it)
       if constexpr (C <= 2)
         _mm_prefetch(reinterpret_cast<const char*>(codes[r] + 2 * R * w.row_bytes) + b * (Bits * 4), _MM_HINT_T1);
-      load_codes<Bits>(codes[r], b, lo[r], hi[r]);
+      wb[r] = load_codes<Bits>(codes[r], b);
     }
     for (int t = 0; t < C; ++t) {
-      const int16_t* x = xq + t * k + b * kBlock;
-      const __m256i x_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-      const __m256i x_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16));
+      const Codes xb = load_x(xq + t * k + b * kBlock);
       const float d = C == 1 ? 1.0f : xd[t * nb + b];  // folded into the scales when C == 1
       for (int r = 0; r < R; ++r) {
-        const __m256i dot_lo = dot_i16(lo[r], x_lo), dot_hi = dot_i16(hi[r], x_hi);
-        if constexpr (Group16) {
-          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_lo), _mm256_set1_ps(scales[r][2 * b] * d), acc[r][t]);
-          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_hi), _mm256_set1_ps(scales[r][2 * b + 1] * d), acc[r][t]);
-        } else {
-          const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(dot_lo, dot_hi));
-          acc[r][t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(scales[r][b] * d), acc[r][t]);
-        }
+        if constexpr (Group16)
+          acc[r][t] = fold<true>(wb[r], xb, scales[r][2 * b] * d, scales[r][2 * b + 1] * d, acc[r][t]);
+        else
+          acc[r][t] = fold<false>(wb[r], xb, scales[r][b] * d, 0.0f, acc[r][t]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < C; ++t) {
-      out[r][t] = hsum(acc[r][t]);
+      out[r][t] = acc_sum(acc[r][t]);
       if constexpr (Mins) out[r][t] += dot_mins(w.mins + (n0 + r) * nb, acts.sums.data() + (first + t) * nb, nb);
     }
 }
@@ -293,7 +347,29 @@ void dequantize_row(const PackedWeight& w, int64_t n, float* dst) {
 // kind (benchmarks/README.md): 1.3-1.4x BLAS (MKL's sgemm on a dequantized tile) at M = 32, 1.1x at 512.
 // Nothing here quantizes x: the products are fp32 throughout, as BLAS's were.
 
-constexpr int64_t kPanel = 24;             // weight rows per panel: three 8-float vectors
+#if defined(__AVX512F__)
+// 32 vector registers: a tile of 8 rows of x x 48 outputs (24 accumulators, three weight vectors, the
+// broadcast x folded into the multiply-add as a memory operand).
+constexpr int64_t kPanel = 48;  // weight rows per panel: three 16-float vectors
+constexpr int kPanelRows = 8;   // rows of x per register tile
+using PanelVec = __m512;
+inline PanelVec panel_load(const float* p) { return _mm512_loadu_ps(p); }
+inline PanelVec panel_broadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline PanelVec panel_fma(PanelVec a, PanelVec b, PanelVec c) { return _mm512_fmadd_ps(a, b, c); }
+inline void panel_store(float* p, PanelVec v) { _mm512_storeu_ps(p, v); }
+inline PanelVec panel_zero() { return _mm512_setzero_ps(); }
+#else
+// 16 vector registers: 4 rows of x x 24 outputs (12 accumulators, three weight vectors, one broadcast).
+constexpr int64_t kPanel = 24;  // weight rows per panel: three 8-float vectors
+constexpr int kPanelRows = 4;
+using PanelVec = __m256;
+inline PanelVec panel_load(const float* p) { return _mm256_loadu_ps(p); }
+inline PanelVec panel_broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline PanelVec panel_fma(PanelVec a, PanelVec b, PanelVec c) { return _mm256_fmadd_ps(a, b, c); }
+inline void panel_store(float* p, PanelVec v) { _mm256_storeu_ps(p, v); }
+inline PanelVec panel_zero() { return _mm256_setzero_ps(); }
+#endif
+constexpr int64_t kLanes = kPanel / 3;      // floats per vector
 constexpr int64_t kChunkBytes = 256 << 10;  // rows of x per pass: about half an L2, read once per panel
 
 // A 8 x 8 block: dst[c * ldd + r] = src[r * lds + c].
@@ -325,39 +401,56 @@ inline void transpose_panel(const float* rows, int64_t lds, int64_t k, float* pa
     for (int64_t r = 0; r < kPanel; ++r) panel[c * kPanel + r] = rows[r * lds + c];
 }
 
-// R rows of x [R][k] against a panel -> out[t][0..kPanel) for t < R (row stride ldo).
+// R rows of x (row stride ldx) against `depth` of a panel's k steps -> out[t][0..kPanel) for t < R
+// (row stride ldo), added to what out holds when `accumulate`, else written.
 template <int R>
-inline void panel_tile(const float* panel, const float* x, int64_t k, float* out, int64_t ldo) {
-  __m256 acc[R][3];
+inline void panel_tile(const float* panel, const float* x, int64_t ldx, int64_t depth, float* out, int64_t ldo,
+                       bool accumulate) {
+  PanelVec acc[R][3];
   for (int t = 0; t < R; ++t)
-    for (int j = 0; j < 3; ++j) acc[t][j] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < k; ++c) {
+    for (int j = 0; j < 3; ++j) acc[t][j] = accumulate ? panel_load(out + t * ldo + kLanes * j) : panel_zero();
+  for (int64_t c = 0; c < depth; ++c) {
     const float* p = panel + c * kPanel;
-    const __m256 w0 = _mm256_loadu_ps(p), w1 = _mm256_loadu_ps(p + 8), w2 = _mm256_loadu_ps(p + 16);
+    const PanelVec w0 = panel_load(p), w1 = panel_load(p + kLanes), w2 = panel_load(p + 2 * kLanes);
     for (int t = 0; t < R; ++t) {
-      const __m256 v = _mm256_broadcast_ss(x + t * k + c);
-      acc[t][0] = _mm256_fmadd_ps(v, w0, acc[t][0]);
-      acc[t][1] = _mm256_fmadd_ps(v, w1, acc[t][1]);
-      acc[t][2] = _mm256_fmadd_ps(v, w2, acc[t][2]);
+      const PanelVec v = panel_broadcast(x + t * ldx + c);
+      acc[t][0] = panel_fma(v, w0, acc[t][0]);
+      acc[t][1] = panel_fma(v, w1, acc[t][1]);
+      acc[t][2] = panel_fma(v, w2, acc[t][2]);
     }
   }
   for (int t = 0; t < R; ++t)
-    for (int j = 0; j < 3; ++j) _mm256_storeu_ps(out + t * ldo + 8 * j, acc[t][j]);
+    for (int j = 0; j < 3; ++j) panel_store(out + t * ldo + kLanes * j, acc[t][j]);
+}
+
+// panel_tile for the r (1..kPanelRows) rows of x left: one instantiation per count.
+template <int R = kPanelRows>
+inline void panel_tile_rows(int64_t r, const float* panel, const float* x, int64_t ldx, int64_t depth, float* out,
+                            int64_t ldo, bool accumulate) {
+  if constexpr (R >= 1) {
+    if (r == R) panel_tile<R>(panel, x, ldx, depth, out, ldo, accumulate);
+    else panel_tile_rows<R - 1>(r, panel, x, ldx, depth, out, ldo, accumulate);
+  }
 }
 
 // out [M, N] (+ bias) = x [M, K] @ W^T, where expand(n0, rows, scratch) returns W's rows [n0, n0 + rows)
 // as fp32 with row stride K: dequantized into scratch ([kPanel, K]) or pointing into a dense weight.
+// Each panel is taken kDepth k steps at a time, every row tile in turn, so that slice (24 KiB) stays in
+// L1 while all the rows of x meet it; a tile's sums go to out between slices. (Without the slices a
+// K = 1536 panel is 288 KiB, read from L2 once per row tile: measured 40-70 GMAC/s against 100+.)
+constexpr int64_t kDepth = (24 << 10) / (kPanel * 4);
+
 template <class Expand>
 void panel_product(const float* x, int64_t m, int64_t k, int64_t n, const float* bias, float* out, Expand expand) {
   const int64_t panels = (n + kPanel - 1) / kPanel;
-  const int64_t chunk = std::max<int64_t>(kTile, kChunkBytes / (k * 4) / kTile * kTile);
+  const int64_t chunk = std::max<int64_t>(kPanelRows, kChunkBytes / (k * 4) / kPanelRows * kPanelRows);
   for (int64_t m0 = 0; m0 < m; m0 += chunk) {
     const int64_t rows_x = std::min(chunk, m - m0);
     at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-      thread_local std::vector<float> scratch, panel;
+      thread_local std::vector<float> scratch, panel, staged;
       scratch.resize(kPanel * k);
       panel.resize(kPanel * k);
-      float staged[kTile * kPanel];  // a partial panel's outputs, before the valid columns are copied
+      staged.resize(rows_x * kPanel);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t n0 = p * kPanel, valid = std::min(kPanel, n - n0);
         const float* rows = expand(n0, valid, scratch.data());
@@ -367,22 +460,18 @@ void panel_product(const float* x, int64_t m, int64_t k, int64_t n, const float*
           rows = scratch.data();
         }
         transpose_panel(rows, k, k, panel.data());
-        for (int64_t t = 0; t < rows_x; t += kTile) {
-          const int64_t r = std::min<int64_t>(kTile, rows_x - t);
-          const float* xt = x + (m0 + t) * k;
-          const bool direct = valid == kPanel;
-          float* dst = direct ? out + (m0 + t) * n + n0 : staged;
-          const int64_t ldo = direct ? n : kPanel;
-          if (r == 4) panel_tile<4>(panel.data(), xt, k, dst, ldo);
-          else if (r == 3) panel_tile<3>(panel.data(), xt, k, dst, ldo);
-          else if (r == 2) panel_tile<2>(panel.data(), xt, k, dst, ldo);
-          else panel_tile<1>(panel.data(), xt, k, dst, ldo);
-          for (int64_t i = 0; i < r; ++i) {
-            float* o = out + (m0 + t + i) * n + n0;
-            if (!direct) std::memcpy(o, staged + i * kPanel, valid * sizeof(float));
-            if (bias)
-              for (int64_t j = 0; j < valid; ++j) o[j] += bias[n0 + j];
-          }
+        const bool direct = valid == kPanel;  // else the outputs go to `staged`, and the valid columns to out
+        float* dst = direct ? out + m0 * n + n0 : staged.data();
+        const int64_t ldo = direct ? n : kPanel;
+        for (int64_t c0 = 0; c0 < k; c0 += kDepth)
+          for (int64_t t = 0; t < rows_x; t += kPanelRows)
+            panel_tile_rows(std::min<int64_t>(kPanelRows, rows_x - t), panel.data() + c0 * kPanel,
+                            x + (m0 + t) * k + c0, k, std::min(kDepth, k - c0), dst + t * ldo, ldo, c0 > 0);
+        for (int64_t i = 0; i < rows_x; ++i) {
+          float* o = out + (m0 + i) * n + n0;
+          if (!direct) std::memcpy(o, staged.data() + i * kPanel, valid * sizeof(float));
+          if (bias)
+            for (int64_t j = 0; j < valid; ++j) o[j] += bias[n0 + j];
         }
       }
     });
