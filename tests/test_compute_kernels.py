@@ -120,7 +120,8 @@ def test_q_linear_matches_float64(ops, kind):
     if elems == 256:
         shapes = [(m, 512) for m, _ in shapes[:5]] + [(17, 768), (67, 256)]
     gen = torch.Generator().manual_seed(0)
-    for (m, k), n in zip(shapes, [37, 48, 101, 48] * 2):  # 37, 101: threads split them unevenly, the last panel is partial
+    # 37, 101: threads split them unevenly, the last panel is partial; 101: several panels
+    for (m, k), n in zip(shapes, [37, 48, 101, 48] * 2):
         q = from_gguf(random_gguf(kind, n, k, seed=m), kind, n, k)
         x = torch.randn(m, k, generator=gen) * torch.rand(m, k, generator=gen).pow(4) * 4  # some large entries
         bias = torch.randn(n, generator=gen)
