@@ -95,9 +95,10 @@ def test_quantize_int8_is_q8_0():
 
 
 def reference_and_bound(x: torch.Tensor, w: torch.Tensor, integer_path: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x @ w^T in float64, and the error the kernel may make. Integer path: x is rounded to int16
-    codes with step max|x| / 32767 per block of 32, so each product moves by at most |w| x half a
-    step; fp32 accumulation adds ~K x 2^-24 relative. Panel path: fp32 accumulation only."""
+    """x @ w^T in float64, and the error the kernel may make. Integer path (and the integer panels of
+    AVX-512 builds, ops.INT_PANELS): x is rounded to int16 codes with step max|x| / 32767 per block of
+    32, so each product moves by at most |w| x half a step; fp32 accumulation adds ~K x 2^-24
+    relative. fp32 panels: fp32 accumulation only."""
     ref = x.double() @ w.double().T
     magnitude = x.double().abs() @ w.double().abs().T
     bound = magnitude * 64 * x.shape[1] * 2**-24 + 1e-6
@@ -126,9 +127,9 @@ def test_q_linear_matches_float64(ops, kind):
         x = torch.randn(m, k, generator=gen) * torch.rand(m, k, generator=gen).pow(4) * 4  # some large entries
         bias = torch.randn(n, generator=gen)
         w = q.dequantize()
-        for max_int_rows in (16, 10**6):  # the panels past 16 rows; the integer path at every M
+        for max_int_rows in (0, 10**6):  # the panels at every M; the integer path at every M
             integer_path = m <= max_int_rows
-            ref, bound = reference_and_bound(x, w, integer_path)
+            ref, bound = reference_and_bound(x, w, integer_path or ops.INT_PANELS)
             got = q_linear(ops, x, q, bias, max_int_rows).double() - bias.double()
             assert got.shape == (m, n)
             assert ((got - ref).abs() <= bound).all(), (kind, m, k, max_int_rows, (got - ref).abs().max())

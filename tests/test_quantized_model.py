@@ -103,7 +103,9 @@ def test_float16_kv_cache_keeps_the_model(reference, quantized, capsys):
 
 def test_int8_quantization_of_a_safetensors_model(tmp_path):
     """`quantization="int8"` quantizes every linear weight and the embedding at load (Q8_0's scheme).
-    The kernels must compute what the plain PyTorch path computes on the same int8 weights (tight);
+    The kernels must compute what the plain PyTorch path computes on the same int8 weights (tight: the
+    one difference is x rounded to int16 per block of 32, in the integer path and in AVX-512 builds'
+    integer panels, which the chaotic model below amplifies to ~1.1e-3 of the logits' spread, measured);
     against the fp32 model only loosely: a tiny random model is chaotic (weights ~N(0, 0.2), logits
     near-tied), so int8's ~0.4% per-weight error moves its perplexity by ~1.5% (measured)."""
     from helpers import save_tiny_model
@@ -131,7 +133,7 @@ def test_int8_quantization_of_a_safetensors_model(tmp_path):
     plain_logits, plain_top1, _ = score(llm, ids)
     use_cpu_kernels(model, ops)
     llm.engine.runner.compute_ops = ops
-    assert (logits - plain_logits).abs().max() <= 1e-3 * plain_logits.std()
+    assert (logits - plain_logits).abs().max() <= 2.5e-3 * plain_logits.std()
     assert top1 == plain_top1
 
 

@@ -1,5 +1,5 @@
 // kvserve's CPU matrix products (kernels/__init__.py builds this file, with fused.cpp, once per ISA:
-// AVX2+FMA+F16C, and AVX-512 with VNNI where the CPU has it).
+// AVX2+FMA+F16C, and AVX-512 (F/BW/VL) with VNNI where the CPU has it).
 //
 // q_linear: out [M, N] = x [M, K] @ W^T (+ bias) for a weight W [N, K] kept quantized
 // (models/quantized.py packs it once at load, from GGUF blocks or by int8 quantization):
@@ -14,8 +14,10 @@
 // A register tile of up to four weight rows x four rows of x shares each unpacked weight block and each
 // loaded block of x (tile_kernel); the integer path is for M <= ~16, so x's codes stay in L1.
 // Past `max_int_rows` rows of x (prefill chunks, large decode batches) the product is compute-bound,
-// and the blocked path takes over (panel_product): a panel of weight rows is dequantized into an
-// fp32 buffer that stays in cache and every row of x meets it in fp32 (x is not quantized there).
+// and a blocked path takes over, where a panel of weight rows is prepared into a buffer that stays in
+// cache and every row of x meets it: on AVX-512 builds integer panels (int_panel_product: the codes
+// widened to int16, the same integer products as above, 16 outputs per instruction); on AVX2 builds
+// fp32 panels (panel_product: the weight dequantized, x not quantized).
 //
 // f32_linear: the same product for a plain fp32 weight: few rows of x take dot products, where BLAS's
 // matrix-vector path reads the weight at a fraction of the memory's speed (PEERS.md); many take the
@@ -478,6 +480,169 @@ void panel_product(const float* x, int64_t m, int64_t k, int64_t n, const float*
   }
 }
 
+#if defined(__AVX512BW__)
+// ---- Integer panels (AVX-512): the panels' blocking with the integer path's arithmetic, for many rows
+// of x on quantized weights. x is quantized to int16 blocks as for the integer path; a panel holds 48
+// weight rows' codes widened to int16, as pairs (w[2c], w[2c + 1]) in 32-bit units transposed to
+// [K/2][48], with their scales (and mins) transposed to [groups][48] fp32. One dpwssd (madd without
+// VNNI) broadcasts a pair of x's codes against 16 outputs' pairs, into int32 lanes: exact within a scale
+// group, which is then converted once and scaled by the 16 weight scales x x's block scale. The row-
+// wise integer path converts and scales each (weight row, x row) pair per block instead: 16x more
+// conversions, which is why it stops at a few rows. Same products as the integer path, so the same
+// accuracy (exact integer sums; x's int16 rounding).
+
+// Weight row n as int16 codes in element order (4-bit: the low nibbles of a block's 16 bytes are its
+// elements 0-15, the high ones 16-31).
+template <int Bits>
+inline void widen_codes(const PackedWeight& w, int64_t n, int16_t* dst) {
+  const uint8_t* codes = w.codes + n * w.row_bytes;
+  for (int64_t b = 0; b < w.blocks; ++b) {
+    if constexpr (Bits == 4) {
+      const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + b * kBlock), _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + b * kBlock + 16), _mm256_srli_epi16(bytes, 4));
+    } else {
+      const __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * kBlock)));
+      _mm512_storeu_si512(dst + b * kBlock, wide);
+    }
+  }
+}
+
+inline __m512i dot_pairs(__m512i acc, __m512i w, __m512i x) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, w, x);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
+#endif
+}
+
+// R rows of x against `blocks` 32-element blocks of an integer panel (pairs, scales, mins from the
+// slice's first block) -> out[t][0..48), added to out when `accumulate`.
+//   xq: x's codes at the slice's first element (row stride ldx); xd, xs: x's block scales and sums at
+//   the slice's first block (row stride nbx).
+// Registers hold the R x 3 int32 sums of one scale group, the three weight vectors and the broadcast;
+// the fp32 sums live in out (L1) and are loaded and stored once per group: keeping them in registers
+// too (R = 4) left the compiler copying and reloading vectors every pair.
+template <bool Group16, bool Mins, int R>
+inline void int_panel_tile(const int32_t* pairs, const float* scales, const float* mins, const int16_t* xq, int64_t ldx,
+                           const float* xd, const float* xs, int64_t nbx, int64_t blocks, float* out, int64_t ldo,
+                           bool accumulate) {
+  constexpr int groups = Group16 ? 2 : 1;  // scale groups per block
+  constexpr int64_t group_pairs = kBlock / 2 / groups;
+  if (!accumulate)
+    for (int t = 0; t < R; ++t) std::fill(out + t * ldo, out + t * ldo + kPanel, 0.0f);
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int g = 0; g < groups; ++g) {
+      __m512i sum[R][3];
+      for (int t = 0; t < R; ++t)
+        for (int j = 0; j < 3; ++j) sum[t][j] = _mm512_setzero_si512();
+      const int64_t c0 = b * (kBlock / 2) + g * group_pairs;  // this group's first pair
+#pragma GCC unroll 4  // unrolled, the sums stay put (rolled, GCC copies each of them every pair)
+      for (int64_t c = c0; c < c0 + group_pairs; ++c) {
+        const int32_t* p = pairs + c * kPanel;
+        const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 16), w2 = _mm512_loadu_si512(p + 32);
+        for (int t = 0; t < R; ++t) {
+          int32_t pair;
+          std::memcpy(&pair, xq + t * ldx + 2 * c, 4);
+          const __m512i v = _mm512_set1_epi32(pair);
+          sum[t][0] = dot_pairs(sum[t][0], w0, v);
+          sum[t][1] = dot_pairs(sum[t][1], w1, v);
+          sum[t][2] = dot_pairs(sum[t][2], w2, v);
+        }
+      }
+      const float* sg = scales + (b * groups + g) * kPanel;
+      for (int t = 0; t < R; ++t) {
+        const __m512 d = _mm512_set1_ps(xd[t * nbx + b]);
+        for (int j = 0; j < 3; ++j) {
+          float* o = out + t * ldo + 16 * j;
+          const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(sg + 16 * j), d);
+          _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][j]), scale, _mm512_loadu_ps(o)));
+        }
+      }
+    }
+    if constexpr (Mins) {
+      const float* mb = mins + b * kPanel;
+      for (int t = 0; t < R; ++t) {
+        const __m512 total = _mm512_set1_ps(xs[t * nbx + b]);
+        for (int j = 0; j < 3; ++j) {
+          float* o = out + t * ldo + 16 * j;
+          _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(mb + 16 * j), total, _mm512_loadu_ps(o)));
+        }
+      }
+    }
+  }
+}
+
+constexpr int kIntPanelRows = 4;  // rows of x per tile: 12 int32 sums + 3 weight vectors + the broadcast
+
+template <bool Group16, bool Mins, int R = kIntPanelRows>
+inline void int_panel_tile_rows(int64_t r, const int32_t* pairs, const float* scales, const float* mins,
+                                const int16_t* xq, int64_t ldx, const float* xd, const float* xs, int64_t nbx,
+                                int64_t blocks, float* out, int64_t ldo, bool accumulate) {
+  if constexpr (R >= 1) {
+    if (r == R)
+      int_panel_tile<Group16, Mins, R>(pairs, scales, mins, xq, ldx, xd, xs, nbx, blocks, out, ldo, accumulate);
+    else
+      int_panel_tile_rows<Group16, Mins, R - 1>(r, pairs, scales, mins, xq, ldx, xd, xs, nbx, blocks, out, ldo,
+                                                accumulate);
+  }
+}
+
+// out [M, N] (+ bias) = x @ W^T through integer panels; acts is x quantized (QuantizedActs::build).
+template <int Bits, bool Group16, bool Mins>
+void int_panel_product(const PackedWeight& w, const QuantizedActs& acts, int64_t m, int64_t k, int64_t n,
+                       const float* bias, float* out) {
+  const int64_t nb = w.blocks, ns = w.scales_per_row, panels = (n + kPanel - 1) / kPanel;
+  constexpr int64_t slice_blocks = kDepth / (kBlock / 2);  // a 24 KiB slice of pairs: kDepth units
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<int16_t> codes;
+    thread_local std::vector<int32_t> pairs;
+    thread_local std::vector<float> rows, scales, mins, staged;
+    codes.resize(kPanel * k);
+    rows.resize(kPanel * ns);
+    pairs.resize(kPanel * k / 2);
+    scales.resize(ns * kPanel);
+    mins.resize(nb * kPanel);
+    staged.resize(m * kPanel);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * kPanel, valid = std::min(kPanel, n - n0);
+      for (int64_t r = 0; r < valid; ++r) widen_codes<Bits>(w, n0 + r, codes.data() + r * k);
+      std::fill(codes.begin() + valid * k, codes.end(), int16_t(0));  // missing rows: zeros
+      transpose_panel(reinterpret_cast<const float*>(codes.data()), k / 2, k / 2, reinterpret_cast<float*>(pairs.data()));
+      // scales (and mins): the rows' float16 widened, missing rows zeros, then transposed to [groups][48]
+      for (int64_t r = 0; r < valid; ++r) widen_scales(w.scales + (n0 + r) * ns, ns, nullptr, rows.data() + r * ns);
+      std::fill(rows.begin() + valid * ns, rows.begin() + kPanel * ns, 0.0f);
+      transpose_panel(rows.data(), ns, ns, scales.data());
+      if (Mins) {
+        for (int64_t r = 0; r < valid; ++r) widen_scales(w.mins + (n0 + r) * nb, nb, nullptr, rows.data() + r * nb);
+        std::fill(rows.begin() + valid * nb, rows.begin() + kPanel * nb, 0.0f);
+        transpose_panel(rows.data(), nb, nb, mins.data());
+      }
+      const bool direct = valid == kPanel;  // else the outputs go to `staged`, and the valid columns to out
+      float* dst = direct ? out + n0 : staged.data();
+      const int64_t ldo = direct ? n : kPanel;
+      for (int64_t b0 = 0; b0 < nb; b0 += slice_blocks)
+        for (int64_t t = 0; t < m; t += kIntPanelRows) {
+          const int64_t blocks = std::min(slice_blocks, nb - b0), groups = Group16 ? 2 : 1;
+          int_panel_tile_rows<Group16, Mins>(std::min<int64_t>(kIntPanelRows, m - t), pairs.data() + b0 * 16 * kPanel,
+                                             scales.data() + b0 * groups * kPanel, mins.data() + b0 * kPanel,
+                                             acts.codes.data() + t * k + b0 * kBlock, k, acts.scales.data() + t * nb + b0,
+                                             acts.sums.data() + t * nb + b0, nb, blocks, dst + t * ldo, ldo, b0 > 0);
+        }
+      for (int64_t i = 0; i < m; ++i) {
+        float* o = out + i * n + n0;
+        if (!direct) std::memcpy(o, staged.data() + i * kPanel, valid * sizeof(float));
+        if (bias)
+          for (int64_t j = 0; j < valid; ++j) o[j] += bias[n0 + j];
+      }
+    }
+  });
+}
+constexpr bool kIntPanels = true;
+#else
+constexpr bool kIntPanels = false;
+#endif
+
 template <int Bits, bool Group16, bool Mins>
 void q_linear_panels(const PackedWeight& w, const float* x, int64_t m, int64_t k, int64_t n, const float* bias,
                      float* out) {
@@ -497,8 +662,19 @@ thread_local QuantizedActs tls_acts;  // reused: a product allocates nothing onc
 
 }  // namespace
 
+// Rows of x up to which the row-wise integer path runs, when the caller leaves the choice to the build
+// (max_int_rows < 0): where the panels overtake it on the default model's shapes (benchmarks/
+// linear_kernels.py). fp32 panels (AVX2 kind): 12 (decode steps, ms, integer / panels: batch 8 41.0 /
+// 49.7, 12 56.4 / 57.4, 16 73.3 / 68.1). Integer panels (AVX-512 kind): 8 (GMAC/s at 8 rows 65-86 /
+// 68-95, at 12 rows 84-113 / 93-133).
+constexpr int64_t kDefaultIntRows = kIntPanels ? 8 : 12;
+
+// Whether this build's panels for quantized weights are integer panels (the module's INT_PANELS).
+bool int_panels() { return kIntPanels; }
+
 // x [M, K] fp32; codes/scales/mins as above (mins may be empty); bias [N] or empty -> [M, N] fp32.
-// Up to max_int_rows rows of x take the integer path; more take the dequantized panels.
+// Up to max_int_rows rows of x (kDefaultIntRows when negative) take the integer path; more take the
+// dequantized panels.
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                     const at::Tensor& bias, int64_t bits, int64_t max_int_rows) {
   check_cpu_float(x, "x");
@@ -531,7 +707,22 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   TORCH_CHECK(!(bits == 4 && group16), "4-bit codes take 32-element groups");
   const float* b = has_bias ? bias.data_ptr<float>() : nullptr;
   float* o = out.data_ptr<float>();
-  if (m > max_int_rows) {
+  if (m > (max_int_rows < 0 ? kDefaultIntRows : max_int_rows)) {
+#if defined(__AVX512BW__)
+    QuantizedActs& acts = tls_acts;
+    acts.build(x.data_ptr<float>(), m, k, false);
+    if (bits == 4) {
+      if (has_mins) int_panel_product<4, false, true>(w, acts, m, k, n, b, o);
+      else int_panel_product<4, false, false>(w, acts, m, k, n, b, o);
+    } else if (group16) {
+      if (has_mins) int_panel_product<8, true, true>(w, acts, m, k, n, b, o);
+      else int_panel_product<8, true, false>(w, acts, m, k, n, b, o);
+    } else if (has_mins) {
+      int_panel_product<8, false, true>(w, acts, m, k, n, b, o);
+    } else {
+      int_panel_product<8, false, false>(w, acts, m, k, n, b, o);
+    }
+#else
     if (bits == 4) {
       if (has_mins) q_linear_panels<4, false, true>(w, x.data_ptr<float>(), m, k, n, b, o);
       else q_linear_panels<4, false, false>(w, x.data_ptr<float>(), m, k, n, b, o);
@@ -543,6 +734,7 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
     } else {
       q_linear_panels<8, false, false>(w, x.data_ptr<float>(), m, k, n, b, o);
     }
+#endif
     return out;
   }
   QuantizedActs& acts = tls_acts;

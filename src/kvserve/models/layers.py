@@ -22,10 +22,10 @@ from kvserve.models.quantized import QuantizedWeight
 # PEERS.md); past it the kernel's panels (kernels/linear.cpp) multiply in cache-sized blocks.
 F32_KERNEL_MAX_ROWS = 4
 # Rows of x up to which a quantized product quantizes x to int16 blocks and takes integer dot products;
-# past it the kernel dequantizes panels of the weight into cache and multiplies in fp32. Decode steps of
-# the default model measured both ways on the AVX2 kind (ms, integer / panels): batch 8 41.0 / 49.7,
-# 12 56.4 / 57.4, 16 73.3 / 68.1, 24 103.4 / 87.4, 32 132.0 / 103.7.
-INT_KERNEL_MAX_ROWS = 12
+# past it the kernel dequantizes panels of the weight into cache and multiplies in fp32 (bf16 on CPUs
+# with AVX512_BF16). -1 leaves the crossover to the kernel build, which knows its panels
+# (kernels/linear.cpp, kDefaultIntRows: 12 rows with fp32 panels, 8 with bf16 ones); a number forces it.
+INT_KERNEL_MAX_ROWS = -1
 _EMPTY = torch.empty(0)
 
 
