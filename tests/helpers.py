@@ -152,6 +152,26 @@ def hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:
     return out[0, len(prompt_ids) :].tolist()
 
 
+def hf_greedy_with_logprobs(model, prompt_ids: list[int], num_tokens: int) -> tuple[list[int], list[dict[int, float]]]:
+    """hf_greedy's tokens, and at each step the reference's two most likely tokens' logprobs (what
+    assert_same_or_near_tie reads)."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            max_new_tokens=num_tokens,
+            min_new_tokens=num_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    top2 = []
+    for scores in out.scores:
+        values, ids = torch.log_softmax(scores[0].double(), -1).topk(2)
+        top2.append(dict(zip(ids.tolist(), values.tolist())))
+    return out.sequences[0, len(prompt_ids) :].tolist(), top2
+
+
 def assert_same_or_near_tie(
     got: list[int], ref: list[int], ref_logprobs: list[dict[int, float]] | None = None, near_tie: float = NEAR_TIE
 ):

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_same_or_near_tie, gguf_folder_and_file, hf_greedy, save_tiny_model, write_gguf
+from helpers import (
+    assert_same_or_near_tie,
+    gguf_folder_and_file,
+    hf_greedy,
+    hf_greedy_with_logprobs,
+    save_tiny_model,
+    write_gguf,
+)
 
 from kvserve import LLM, SamplingParams
 from kvserve.models.attention import AttentionMetadata, PrefillSpan
@@ -68,10 +75,12 @@ def test_default_model_greedy_64_tokens_equals_transformers(hf_default, llm_defa
     params = SamplingParams(temperature=0, max_tokens=64, min_tokens=64, logprobs=2)
     outs = llm_default.generate(prompts, params)
     for prompt, out in zip(prompts, outs):
-        ref = hf_greedy(hf_default, prompt, 64)
+        ref, ref_top2 = hf_greedy_with_logprobs(hf_default, prompt, 64)
         got = out.outputs[0].token_ids
         assert len(got) == 64
-        assert got == ref, f"{tok.decode(got)!r} != {tok.decode(ref)!r}"
+        # the kernels round x to int16 per block of 32 (logits within ~2e-2 of fp32): a divergence
+        # is allowed only where transformers' own top two were a near-tie
+        assert_same_or_near_tie(got, ref, ref_top2)
     llm_default.engine.check_idle()
 
 
