@@ -141,15 +141,7 @@ def write_gguf(path: str, hf_model: torch.nn.Module, arch: str) -> None:
 
 def hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:
     """transformers' own greedy continuation, EOS masked (min_new_tokens) so exactly num_tokens come back."""
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt_ids]),
-            max_new_tokens=num_tokens,
-            min_new_tokens=num_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt_ids) :].tolist()
+    return hf_greedy_with_logprobs(model, prompt_ids, num_tokens)[0]
 
 
 def hf_greedy_with_logprobs(model, prompt_ids: list[int], num_tokens: int) -> tuple[list[int], list[dict[int, float]]]:

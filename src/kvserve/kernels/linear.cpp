@@ -670,6 +670,30 @@ void check_cpu_float(const at::Tensor& t, const char* name) {
 
 thread_local QuantizedActs tls_acts;  // reused: a product allocates nothing once warm
 
+// A weight's format as types: 4-bit (32-element groups) or 8-bit codes, 16- or 32-element scale groups,
+// with or without mins.
+template <int Bits, bool Group16, bool Mins>
+struct Format {
+  static constexpr int bits = Bits;
+  static constexpr bool group16 = Group16, mins = Mins;
+};
+
+// f(Format<...>{}) for this weight's format: the one place the run-time format picks an instantiation.
+template <class Fn>
+void with_format(int64_t bits, bool group16, bool mins, Fn&& f) {
+  if (bits == 4) {
+    if (mins) f(Format<4, false, true>{});
+    else f(Format<4, false, false>{});
+  } else if (group16) {
+    if (mins) f(Format<8, true, true>{});
+    else f(Format<8, true, false>{});
+  } else if (mins) {
+    f(Format<8, false, true>{});
+  } else {
+    f(Format<8, false, false>{});
+  }
+}
+
 }  // namespace
 
 // Rows of x up to which the row-wise integer path runs, when the caller leaves the choice to the build
@@ -683,8 +707,8 @@ constexpr int64_t kDefaultIntRows = kIntPanels ? 8 : 12;
 bool int_panels() { return kIntPanels; }
 
 // x [M, K] fp32; codes/scales/mins as above (mins may be empty); bias [N] or empty -> [M, N] fp32.
-// Up to max_int_rows rows of x (kDefaultIntRows when negative) take the integer path; more take the
-// dequantized panels.
+// Up to max_int_rows rows of x (kDefaultIntRows when negative) take the row-wise integer path; more take
+// the build's panels (integer panels on AVX-512, dequantized fp32 panels on AVX2).
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                     const at::Tensor& bias, int64_t bits, int64_t max_int_rows) {
   check_cpu_float(x, "x");
@@ -717,49 +741,28 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   TORCH_CHECK(!(bits == 4 && group16), "4-bit codes take 32-element groups");
   const float* b = has_bias ? bias.data_ptr<float>() : nullptr;
   float* o = out.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  QuantizedActs& acts = tls_acts;
   if (m > (max_int_rows < 0 ? kDefaultIntRows : max_int_rows)) {
 #if defined(__AVX512BW__)
-    QuantizedActs& acts = tls_acts;
-    acts.build(x.data_ptr<float>(), m, k, false);
-    if (bits == 4) {
-      if (has_mins) int_panel_product<4, false, true>(w, acts, m, k, n, b, o);
-      else int_panel_product<4, false, false>(w, acts, m, k, n, b, o);
-    } else if (group16) {
-      if (has_mins) int_panel_product<8, true, true>(w, acts, m, k, n, b, o);
-      else int_panel_product<8, true, false>(w, acts, m, k, n, b, o);
-    } else if (has_mins) {
-      int_panel_product<8, false, true>(w, acts, m, k, n, b, o);
-    } else {
-      int_panel_product<8, false, false>(w, acts, m, k, n, b, o);
-    }
+    acts.build(xp, m, k, false);
+    with_format(bits, group16, has_mins, [&](auto f) {
+      using F = decltype(f);
+      int_panel_product<F::bits, F::group16, F::mins>(w, acts, m, k, n, b, o);
+    });
 #else
-    if (bits == 4) {
-      if (has_mins) q_linear_panels<4, false, true>(w, x.data_ptr<float>(), m, k, n, b, o);
-      else q_linear_panels<4, false, false>(w, x.data_ptr<float>(), m, k, n, b, o);
-    } else if (group16) {
-      if (has_mins) q_linear_panels<8, true, true>(w, x.data_ptr<float>(), m, k, n, b, o);
-      else q_linear_panels<8, true, false>(w, x.data_ptr<float>(), m, k, n, b, o);
-    } else if (has_mins) {
-      q_linear_panels<8, false, true>(w, x.data_ptr<float>(), m, k, n, b, o);
-    } else {
-      q_linear_panels<8, false, false>(w, x.data_ptr<float>(), m, k, n, b, o);
-    }
+    with_format(bits, group16, has_mins, [&](auto f) {
+      using F = decltype(f);
+      q_linear_panels<F::bits, F::group16, F::mins>(w, xp, m, k, n, b, o);
+    });
 #endif
     return out;
   }
-  QuantizedActs& acts = tls_acts;
-  acts.build(x.data_ptr<float>(), m, k, group16);
-  if (bits == 4) {
-    if (has_mins) q_linear_impl<4, false, true>(w, acts, m, n, k, b, o);
-    else q_linear_impl<4, false, false>(w, acts, m, n, k, b, o);
-  } else if (group16) {
-    if (has_mins) q_linear_impl<8, true, true>(w, acts, m, n, k, b, o);
-    else q_linear_impl<8, true, false>(w, acts, m, n, k, b, o);
-  } else if (has_mins) {
-    q_linear_impl<8, false, true>(w, acts, m, n, k, b, o);
-  } else {
-    q_linear_impl<8, false, false>(w, acts, m, n, k, b, o);
-  }
+  acts.build(xp, m, k, group16);
+  with_format(bits, group16, has_mins, [&](auto f) {
+    using F = decltype(f);
+    q_linear_impl<F::bits, F::group16, F::mins>(w, acts, m, n, k, b, o);
+  });
   return out;
 }
 

@@ -21,10 +21,11 @@ from kvserve.models.quantized import QuantizedWeight
 # where BLAS's matrix-vector path reads it at a third of the memory's speed on the project's AVX2 CPUs,
 # PEERS.md); past it the kernel's panels (kernels/linear.cpp) multiply in cache-sized blocks.
 F32_KERNEL_MAX_ROWS = 4
-# Rows of x up to which a quantized product quantizes x to int16 blocks and takes integer dot products;
-# past it the kernel dequantizes panels of the weight into cache and multiplies in fp32 (bf16 on CPUs
-# with AVX512_BF16). -1 leaves the crossover to the kernel build, which knows its panels
-# (kernels/linear.cpp, kDefaultIntRows: 12 rows with fp32 panels, 8 with bf16 ones); a number forces it.
+# Rows of x up to which a quantized product quantizes x to int16 blocks and takes row-wise integer dot
+# products; past it the kernel multiplies panels of the weight kept in cache: integer panels on AVX-512
+# builds (the codes widened to int16, x quantized as above), dequantized fp32 panels on AVX2 builds.
+# -1 leaves the crossover to the build (kernels/linear.cpp, kDefaultIntRows: 8 rows with integer
+# panels, 12 with fp32 ones); a number forces it.
 INT_KERNEL_MAX_ROWS = -1
 _EMPTY = torch.empty(0)
 
