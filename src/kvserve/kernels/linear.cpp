@@ -376,10 +376,9 @@ inline PanelVec panel_add(PanelVec a, PanelVec b) { return _mm256_add_ps(a, b); 
 constexpr int64_t kLanes = kPanel / 3;      // floats per vector
 constexpr int64_t kChunkBytes = 256 << 10;  // rows of x per pass: about half an L2, read once per panel
 
-// A 8 x 8 block: dst[c * ldd + r] = src[r * lds + c].
-inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+// Eight rows of eight 32-bit values in registers -> their columns at dst, ldd apart (dst[c * ldd + r] = r[r][c]).
+inline void transpose8_store(const __m256 (&r)[8], float* dst, int64_t ldd) {
+  __m256 t[8];
   for (int i = 0; i < 4; ++i) {
     t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
@@ -394,6 +393,13 @@ inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
     _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(quads[i], quads[4 + i], 0x20));
     _mm256_storeu_ps(dst + (4 + i) * ldd, _mm256_permute2f128_ps(quads[i], quads[4 + i], 0x31));
   }
+}
+
+// A 8 x 8 block: dst[c * ldd + r] = src[r * lds + c].
+inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  transpose8_store(r, dst, ldd);
 }
 
 // rows [kPanel][k] (row stride lds) -> panel [k][kPanel].
@@ -501,21 +507,37 @@ void panel_product(const float* x, int64_t m, int64_t k, int64_t n, const float*
 // conversions, which is why it stops at a few rows. Same products as the integer path, so the same
 // accuracy (exact integer sums; x's int16 rounding).
 
-// Weight row n as int16 codes in element order (4-bit: the low nibbles of a block's 16 bytes are its
-// elements 0-15, the high ones 16-31).
+// Rows [n0, n0 + valid) of the weight as a panel of int16 pairs, [K/2][kPanel] 32-bit units (rows past
+// `valid` zeros): unit (c, j) holds row j's elements 2c (low half) and 2c + 1. Eight rows at a time, a
+// block's 32 codes per row widen to two vectors of eight units (4-bit: the low nibbles of its 16 bytes
+// are elements 0-15, the high ones 16-31), and each vector's 8 x 8 units are transposed in registers
+// to the panel: no int16 copy of the rows is written and read back.
 template <int Bits>
-inline void widen_codes(const PackedWeight& w, int64_t n, int16_t* dst) {
-  const uint8_t* codes = w.codes + n * w.row_bytes;
-  for (int64_t b = 0; b < w.blocks; ++b) {
-    if constexpr (Bits == 4) {
-      const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + b * kBlock), _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + b * kBlock + 16), _mm256_srli_epi16(bytes, 4));
-    } else {
-      const __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * kBlock)));
-      _mm512_storeu_si512(dst + b * kBlock, wide);
+inline void pack_pairs(const PackedWeight& w, int64_t n0, int64_t valid, int32_t* pairs) {
+  float* dst = reinterpret_cast<float*>(pairs);  // 32-bit units moved by the float transpose, bits unchanged
+  for (int64_t r0 = 0; r0 < kPanel; r0 += 8)
+    for (int64_t b = 0; b < w.blocks; ++b) {
+      __m256 lo[8], hi[8];  // per row: units 0-7 (elements 0-15) and 8-15 (elements 16-31) of block b
+      for (int r = 0; r < 8; ++r) {
+        __m256i first = _mm256_setzero_si256(), second = _mm256_setzero_si256();
+        if (r0 + r < valid) {
+          const uint8_t* codes = w.codes + (n0 + r0 + r) * w.row_bytes;
+          if constexpr (Bits == 4) {
+            const __m256i bytes =
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16)));
+            first = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F));
+            second = _mm256_srli_epi16(bytes, 4);
+          } else {
+            first = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * kBlock)));
+            second = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * kBlock + 16)));
+          }
+        }
+        lo[r] = _mm256_castsi256_ps(first);
+        hi[r] = _mm256_castsi256_ps(second);
+      }
+      transpose8_store(lo, dst + (b * 16) * kPanel + r0, kPanel);
+      transpose8_store(hi, dst + (b * 16 + 8) * kPanel + r0, kPanel);
     }
-  }
 }
 
 inline __m512i dot_pairs(__m512i acc, __m512i w, __m512i x) {
@@ -605,10 +627,8 @@ void int_panel_product(const PackedWeight& w, const QuantizedActs& acts, int64_t
   const int64_t nb = w.blocks, ns = w.scales_per_row, panels = (n + kPanel - 1) / kPanel;
   constexpr int64_t slice_blocks = kDepth / (kBlock / 2);  // a 24 KiB slice of pairs: kDepth units
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<int16_t> codes;
     thread_local std::vector<int32_t> pairs;
     thread_local std::vector<float> rows, scales, mins, staged;
-    codes.resize(kPanel * k);
     rows.resize(kPanel * ns);
     pairs.resize(kPanel * k / 2);
     scales.resize(ns * kPanel);
@@ -616,9 +636,7 @@ void int_panel_product(const PackedWeight& w, const QuantizedActs& acts, int64_t
     staged.resize(m * kPanel);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n0 = p * kPanel, valid = std::min(kPanel, n - n0);
-      for (int64_t r = 0; r < valid; ++r) widen_codes<Bits>(w, n0 + r, codes.data() + r * k);
-      std::fill(codes.begin() + valid * k, codes.end(), int16_t(0));  // missing rows: zeros
-      transpose_panel(reinterpret_cast<const float*>(codes.data()), k / 2, k / 2, reinterpret_cast<float*>(pairs.data()));
+      pack_pairs<Bits>(w, n0, valid, pairs.data());
       // scales (and mins): the rows' float16 widened, missing rows zeros, then transposed to [groups][48]
       for (int64_t r = 0; r < valid; ++r) widen_scales(w.scales + (n0 + r) * ns, ns, nullptr, rows.data() + r * ns);
       std::fill(rows.begin() + valid * ns, rows.begin() + kPanel * ns, 0.0f);
@@ -699,8 +717,10 @@ void with_format(int64_t bits, bool group16, bool mins, Fn&& f) {
 // Rows of x up to which the row-wise integer path runs, when the caller leaves the choice to the build
 // (max_int_rows < 0): where the panels overtake it on the default model's shapes (benchmarks/
 // linear_kernels.py). fp32 panels (AVX2 kind): 12 (decode steps, ms, integer / panels: batch 8 41.0 /
-// 49.7, 12 56.4 / 57.4, 16 73.3 / 68.1). Integer panels (AVX-512 kind): 8 (GMAC/s at 8 rows 65-86 /
-// 68-95, at 12 rows 84-113 / 93-133).
+// 49.7, 12 56.4 / 57.4, 16 73.3 / 68.1). Integer panels (AVX-512 kind): 8. One product at a time
+// (GMAC/s, row-wise / panels) they win from 4-6 rows on (6 rows: 55-79 / 43-107, the LM head, read
+// from memory, the exception), but whole decode steps at batch 6 were no faster with them (ms, A/B
+// twice: 21.4, 19.0 against 18.1, 17.4).
 constexpr int64_t kDefaultIntRows = kIntPanels ? 8 : 12;
 
 // Whether this build's panels for quantized weights are integer panels (the module's INT_PANELS).
