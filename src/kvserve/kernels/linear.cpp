@@ -451,6 +451,19 @@ inline void panel_tile_rows(int64_t r, const float* panel, const float* x, int64
   }
 }
 
+// A panel's outputs for `rows` rows of out (row stride n) at columns [n0, n0 + valid): copied from
+// `staged` ([rows][kPanel], a partial last panel's) unless the tiles wrote out directly (staged null),
+// then the bias added.
+inline void finish_panel(float* out, int64_t n, const float* staged, int64_t rows, int64_t n0, int64_t valid,
+                         const float* bias) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* o = out + i * n + n0;
+    if (staged) std::memcpy(o, staged + i * kPanel, valid * sizeof(float));
+    if (bias)
+      for (int64_t j = 0; j < valid; ++j) o[j] += bias[n0 + j];
+  }
+}
+
 // out [M, N] (+ bias) = x [M, K] @ W^T, where expand(n0, rows, scratch) returns W's rows [n0, n0 + rows)
 // as fp32 with row stride K: dequantized into scratch ([kPanel, K]) or pointing into a dense weight.
 // Each panel is taken kDepth k steps at a time, every row tile in turn, so that slice (24 KiB) stays in
@@ -485,12 +498,7 @@ void panel_product(const float* x, int64_t m, int64_t k, int64_t n, const float*
           for (int64_t t = 0; t < rows_x; t += kPanelRows)
             panel_tile_rows(std::min<int64_t>(kPanelRows, rows_x - t), panel.data() + c0 * kPanel,
                             x + (m0 + t) * k + c0, k, std::min(kDepth, k - c0), dst + t * ldo, ldo, c0 > 0);
-        for (int64_t i = 0; i < rows_x; ++i) {
-          float* o = out + (m0 + i) * n + n0;
-          if (!direct) std::memcpy(o, staged.data() + i * kPanel, valid * sizeof(float));
-          if (bias)
-            for (int64_t j = 0; j < valid; ++j) o[j] += bias[n0 + j];
-        }
+        finish_panel(out + m0 * n, n, direct ? nullptr : staged.data(), rows_x, n0, valid, bias);
       }
     });
   }
@@ -638,14 +646,13 @@ void int_panel_product(const PackedWeight& w, const QuantizedActs& acts, int64_t
       const int64_t n0 = p * kPanel, valid = std::min(kPanel, n - n0);
       pack_pairs<Bits>(w, n0, valid, pairs.data());
       // scales (and mins): the rows' float16 widened, missing rows zeros, then transposed to [groups][48]
-      for (int64_t r = 0; r < valid; ++r) widen_scales(w.scales + (n0 + r) * ns, ns, nullptr, rows.data() + r * ns);
-      std::fill(rows.begin() + valid * ns, rows.begin() + kPanel * ns, 0.0f);
-      transpose_panel(rows.data(), ns, ns, scales.data());
-      if (Mins) {
-        for (int64_t r = 0; r < valid; ++r) widen_scales(w.mins + (n0 + r) * nb, nb, nullptr, rows.data() + r * nb);
-        std::fill(rows.begin() + valid * nb, rows.begin() + kPanel * nb, 0.0f);
-        transpose_panel(rows.data(), nb, nb, mins.data());
-      }
+      const auto transposed = [&](const uint16_t* src, int64_t cols, float* dst) {
+        for (int64_t r = 0; r < valid; ++r) widen_scales(src + (n0 + r) * cols, cols, nullptr, rows.data() + r * cols);
+        std::fill(rows.begin() + valid * cols, rows.begin() + kPanel * cols, 0.0f);
+        transpose_panel(rows.data(), cols, cols, dst);
+      };
+      transposed(w.scales, ns, scales.data());
+      if (Mins) transposed(w.mins, nb, mins.data());
       const bool direct = valid == kPanel;  // else the outputs go to `staged`, and the valid columns to out
       float* dst = direct ? out + n0 : staged.data();
       const int64_t ldo = direct ? n : kPanel;
@@ -657,12 +664,7 @@ void int_panel_product(const PackedWeight& w, const QuantizedActs& acts, int64_t
                                              acts.codes.data() + t * k + b0 * kBlock, k, acts.scales.data() + t * nb + b0,
                                              acts.sums.data() + t * nb + b0, nb, blocks, dst + t * ldo, ldo, b0 > 0);
         }
-      for (int64_t i = 0; i < m; ++i) {
-        float* o = out + i * n + n0;
-        if (!direct) std::memcpy(o, staged.data() + i * kPanel, valid * sizeof(float));
-        if (bias)
-          for (int64_t j = 0; j < valid; ++j) o[j] += bias[n0 + j];
-      }
+      finish_panel(out, n, direct ? nullptr : staged.data(), m, n0, valid, bias);
     }
   });
 }

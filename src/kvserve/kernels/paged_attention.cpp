@@ -99,15 +99,14 @@ inline void widen_row(const at::Half* k, const at::Half* v, int64_t dim, float* 
   }
   for (; c < dim; ++c) wk[c] = to_float(k[c]), wv[c] = to_float(v[c]);
 }
-inline void widen_row(const float*, const float*, int64_t, float*, float*) {}  // never called: fp32 is read in place
 
-// A block's keys and values for one head (block_size rows of dim elements, `row` apart) into L2: the
-// blocks of a sequence lie anywhere in the pool, where the hardware prefetcher cannot follow, and a
-// batch's cache is read from memory once per step (measured, batch 32: ~10 GB/s without).
 // Blocks prefetched ahead (batch 32, 30 layers, blocks scattered, float16 / float32 ms a step: 1 ahead
 // 10.3 / 13.4, 2 ahead 9.1 / 12.7, 4 ahead 7.8 / 10.3, 8 ahead 8.0 / 11.3).
 constexpr int64_t kAhead = 4;
 
+// A block's keys and values for one head (block_size rows of dim elements, `row` apart) into L2: the
+// blocks of a sequence lie anywhere in the pool, where the hardware prefetcher cannot follow, and a
+// batch's cache is read from memory once per step (measured, batch 32: ~10 GB/s without).
 template <typename T>
 inline void prefetch_block(const T* k, const T* v, int64_t block_size, int64_t row, int64_t dim) {
   const int64_t bytes = dim * static_cast<int64_t>(sizeof(T));
@@ -129,7 +128,7 @@ void attend_one(const float* __restrict__ query, const T* __restrict__ keys, con
   // A float16 block's rows of this head, widened to fp32 once for the G query heads ([2][block_size][dim]):
   // read through F16C per query head instead, they cost three conversions each and fp16 ran no faster
   // than fp32 (batch 32, 30 layers, blocks scattered: 13.5 ms against 17.6).
-  if (!std::is_same_v<T, float>) widened.resize(2 * block_size * dim);
+  if constexpr (!std::is_same_v<T, float>) widened.resize(2 * block_size * dim);
   float* __restrict__ q = buffer.data();        // [group, dim] query x softmax scale
   float* __restrict__ acc = q + group * dim;    // [group, dim] output, unnormalized
   float* __restrict__ top = acc + group * dim;  // [group] running max score
