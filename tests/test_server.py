@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import time
@@ -591,9 +592,49 @@ def test_tokenizer_info_and_unimplemented_endpoints(server):
     assert info["model_max_length"] == MAX_MODEL_LEN and "<|im_start|>" in info["chat_template"]
     assert info["added_tokens_decoder"]["2"] == {"content": "<|im_end|>", "special": True}
     assert httpx.get(server.url + "/tokenizer_info").status_code == 401
-    for path in ("/v1/responses", "/v1/embeddings"):
-        error = _error(post(server, path, {"model": MODEL, "input": "hi"}), 404)
-        assert error["code"] == "not_implemented" and path in error["message"]
+    error = _error(post(server, "/v1/responses", {"model": MODEL, "input": "hi"}), 404)
+    assert error["code"] == "not_implemented" and "/v1/responses" in error["message"]
+
+
+def test_embeddings(server, client):
+    """The openai client (base64 by default) and float JSON agree; each vector is unit-length and the
+    model's hidden size; token ids embed as their text does; the same input gives the same vector in
+    batch; different inputs give different vectors. Across batches, 1e-4: the kernels' fp32 sums
+    depend on how many rows a step has (row-wise or panel products)."""
+    texts = ["The cat sat on the mat.", "Quantum chromodynamics describes the strong force."]
+    result = client.embeddings.create(model=MODEL, input=texts)
+    assert [d.index for d in result.data] == [0, 1]
+    assert result.usage.prompt_tokens == result.usage.total_tokens > 10
+    vectors = [d.embedding for d in result.data]
+    assert all(len(v) == 576 and abs(math.fsum(x * x for x in v) - 1) < 1e-5 for v in vectors)
+    assert math.fsum(a * b for a, b in zip(*vectors)) < 0.999  # two texts, two directions
+    r = post(server, "/v1/embeddings", {"model": MODEL, "input": texts[1], "encoding_format": "float"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and body["data"][0]["object"] == "embedding"
+    assert max(abs(a - b) for a, b in zip(body["data"][0]["embedding"], vectors[1])) < 1e-4
+    ids = post(server, "/tokenize", {"model": MODEL, "prompt": texts[0]}).json()["tokens"]
+    by_ids = client.embeddings.create(model=MODEL, input=[ids, ids], dimensions=576).data
+    assert max(abs(a - b) for a, b in zip(by_ids[0].embedding, vectors[0])) < 1e-4
+    assert by_ids[0].embedding == by_ids[1].embedding
+    wait_idle(server)
+
+
+def test_embedding_errors(server):
+    base = {"model": MODEL, "input": "hello"}
+    assert (
+        "hidden size (576)"
+        in _error(post(server, "/v1/embeddings", {**base, "dimensions": 64}), 400, "dimensions")["message"]
+    )
+    _error(post(server, "/v1/embeddings", {**base, "input": []}), 400, "input")
+    _error(post(server, "/v1/embeddings", {**base, "input": ["ok", ""]}), 400, "input")
+    too_long = _error(post(server, "/v1/embeddings", {**base, "input": [5] * (MAX_MODEL_LEN + 1)}), 400, "input")
+    assert too_long["code"] == "context_length_exceeded"
+    assert "49152" in _error(post(server, "/v1/embeddings", {**base, "input": [1, 10**6]}), 400, "input")["message"]
+    _error(post(server, "/v1/embeddings", {**base, "encoding_format": "int8"}), 400, "encoding_format")
+    _error(post(server, "/v1/embeddings", {**base, "truncate": True}), 400, "truncate")
+    _error(post(server, "/v1/embeddings", {**base, "model": "gpt-4"}), 404, "model")
+    wait_idle(server)
 
 
 def test_user_field_is_accepted(server):

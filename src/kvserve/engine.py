@@ -291,13 +291,20 @@ class Engine:
                 # a preempted request recomputes its prompt: keep only positions not recorded yet
                 known = len(request.prompt_logprobs) - (request.num_computed_tokens + 1)
                 request.prompt_logprobs.extend(lps[max(0, known) :])
+            sums = result.hidden_sums.get(id(request))
+            if sums is not None:
+                first_pos, hidden_sum = sums
+                request.hidden_sum = hidden_sum if first_pos == 0 else request.hidden_sum + hidden_sum
             request.num_computed_tokens += num_new
             self.kv.cache_computed_blocks(request)
         self.kv.flush_offload()
         deltas: dict[tuple[str, int], SequenceDelta] = {}
         rows, row_requests, logit_rows = [], [], []
         for row, request in enumerate(result.sample_requests):
-            if request.max_tokens == 0:  # echo-only: prompt logprobs computed, nothing to generate
+            if request.max_tokens == 0:  # echo-only or an embedding: the prompt computed, nothing to generate
+                if request.params.embed:
+                    mean = request.hidden_sum / request.num_prompt_tokens
+                    request.embedding = torch.nn.functional.normalize(mean, dim=0).tolist()
                 self._finish(request, RequestStatus.FINISHED_LENGTH, None, deltas)
                 continue
             family = [request]
@@ -434,6 +441,7 @@ class Engine:
             prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None else None,
             num_cached_tokens=first.num_cached_tokens,
             metrics=RequestMetrics(first.arrival_time, first.first_token_time, first.finish_time),
+            embedding=first.embedding,
         )
 
     def pop_finished(self, request_id: str) -> RequestOutput:

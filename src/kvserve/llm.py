@@ -75,6 +75,15 @@ class LLM:
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def embed(self, prompts: Prompt | Sequence[Prompt], use_tqdm: bool | None = None) -> list[list[float]]:
+        """One embedding per prompt (text or token ids), in prompt order: the final hidden states (after
+        the model's last norm) mean-pooled over the prompt's tokens and L2-normalized, as /v1/embeddings
+        returns them. Any generative model embeds; how well depends on the model (an embedding-trained
+        model, e.g. a Qwen3-Embedding, pools its own way: last token)."""
+        params = SamplingParams(max_tokens=0, embed=True)
+        outputs = self.generate(prompts, params, use_tqdm)
+        return [out.embedding for out in outputs]
+
     def _params_per_prompt(self, sampling_params, count: int) -> list[SamplingParams]:
         if sampling_params is None:
             return [SamplingParams() for _ in range(count)]

@@ -35,6 +35,7 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    embedding: list[float] | None = None  # embedding requests (SamplingParams.embed): the pooled, normalized vector
 
     @property
     def finished(self) -> bool:

@@ -60,6 +60,10 @@ class Request:
     # structured outputs: this sequence's xgrammar GrammarMatcher (structured_outputs.py), advanced by every
     # token it generates; kept through preemption, which recomputes KV but never the tokens
     grammar: Any = None
+    # embedding requests (params.embed): the sum of the final hidden states of prompt positions computed so far
+    # (float32; a recomputation after preemption starts it again), then the pooled, normalized embedding
+    hidden_sum: Any = None
+    embedding: list[float] | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

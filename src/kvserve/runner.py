@@ -45,6 +45,9 @@ class RunnerOutput:
     logits: torch.Tensor | None = None  # [len(sample_requests), V] float32
     # request -> logprob dicts for the prompt positions computed this step (None for position 0)
     prompt_logprobs: dict[int, list[dict[int, float] | None]] = field(default_factory=dict)
+    # embedding requests: request -> (first position, float32 sum of the final hidden states of this step's
+    # positions of it); the engine adds it to request.hidden_sum, or starts over from position 0
+    hidden_sums: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
 
 def compute_kernels(config: EngineConfig) -> ModuleType | None:
@@ -136,6 +139,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_requests: list[Request] = []
         prompt_lp_spans: list[tuple[Request, int, int, int]] = []  # (request, flat start, first pos, count)
+        embed_spans: list[tuple[Request, int, int, int]] = []  # the same, for embedding requests' positions
 
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
@@ -159,6 +163,8 @@ class ModelRunner:
                 sample_requests.append(request)
             elif request.params.prompt_logprobs is not None and pos + 1 < request.num_prompt_tokens:
                 prompt_lp_spans.append((request, len(input_ids) - 1, pos, 1))
+            if request.params.embed:  # a one-token chunk of an embedding request's prompt
+                embed_spans.append((request, len(input_ids) - 1, pos, 1))
 
         spans: list[PrefillSpan] = []
         for request, n in prefills:
@@ -185,6 +191,8 @@ class ModelRunner:
                 count = min(end, request.num_prompt_tokens - 1) - start
                 if count > 0:
                     prompt_lp_spans.append((request, flat_start, start, count))
+            if request.params.embed:
+                embed_spans.append((request, flat_start, start, n))
             if end == request.num_tokens:
                 sample_rows.append(len(input_ids) - 1)
                 sample_requests.append(request)
@@ -218,6 +226,8 @@ class ModelRunner:
             out.logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         for request, flat_start, first_pos, count in prompt_lp_spans:
             out.prompt_logprobs[id(request)] = self._prompt_logprobs(hidden, request, flat_start, first_pos, count)
+        for request, flat_start, first_pos, count in embed_spans:
+            out.hidden_sums[id(request)] = (first_pos, hidden[flat_start : flat_start + count].float().sum(0))
         return out
 
     def _prompt_logprobs(

@@ -101,6 +101,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling, in [-100, 100]
     structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None  # a dict is converted
+    # An embedding request (LLM.embed, /v1/embeddings): the result is the prompt's last hidden states (after
+    # the final norm) mean-pooled and L2-normalized, RequestOutput.embedding; nothing is generated, so it
+    # needs max_tokens == 0 and n == 1. Every prompt position is computed (no prefix-cache hits).
+    embed: bool = False
     # Filled by the engine, not by users: EOS ids of the model (from its config).
     _eos_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -179,6 +183,10 @@ class SamplingParams:
             all(_is_number(b) and -100 <= b <= 100 for b in self.logit_bias.values()),
             "logit_bias values must be numbers in [-100, 100]",
         )
+        need(
+            not self.embed or (self.max_tokens == 0 and self.n == 1),
+            f"embed needs max_tokens == 0 and n == 1 (nothing is generated), got {self.max_tokens!r} and {self.n}",
+        )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             need(
@@ -189,6 +197,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def needs_every_position(self) -> bool:
+        """Prompt logprobs and embeddings read every prompt position's output: no prefix-cache hits."""
+        return self.prompt_logprobs is not None or self.embed
 
     @property
     def has_penalties(self) -> bool:

@@ -91,8 +91,8 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> list[Block]:
         """The longest cached prefix of the request's tokens, in whole blocks, stopping at least one
         token short of the end so the last token is computed and yields logits."""
-        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
-            return []  # prompt logprobs need every prompt position's logits computed
+        if not self.enable_prefix_caching or request.params.needs_every_position:
+            return []  # prompt logprobs and embeddings need every prompt position computed
         self.update_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[Block] = []
@@ -107,7 +107,7 @@ class KVCacheManager:
     def get_lower_tier_hits(self, request: Request, num_device_hits: int) -> list[LowerTierHit]:
         """The blocks after the device hits that a lower tier holds (a leading run), with the same
         one-token-short limit. They are loaded by load_lower_tier_hits once slots are allocated."""
-        if self.offload is None or request.params.prompt_logprobs is not None:
+        if self.offload is None or request.params.needs_every_position:
             return []
         bs = self.block_size
         max_blocks = (request.num_tokens - 1) // bs

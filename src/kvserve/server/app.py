@@ -27,6 +27,7 @@ from kvserve.async_engine import AsyncEngine
 from kvserve.config import EngineConfig
 from kvserve.server.chat import create_chat_completion
 from kvserve.server.completions import create_completion
+from kvserve.server.embeddings import create_embeddings
 from kvserve.server.errors import APIError, install_handlers
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.protocol import ModelCard, ModelList
@@ -127,8 +128,12 @@ def create_app(state: ServerState, metrics: ServerMetrics, api_key: str | None, 
     async def tokenizer_info_route() -> Response:
         return await tokenizer_info(state)
 
+    @app.post("/v1/embeddings", dependencies=auth)
+    async def embeddings(request: Request) -> Response:
+        return await create_embeddings(state, request)
+
     # OpenAI endpoints kvserve does not serve (yet): a clear error naming the endpoint, not a bare 404
-    for path, hint in (("/v1/responses", ": use /v1/chat/completions"), ("/v1/embeddings", "")):
+    for path, hint in (("/v1/responses", ": use /v1/chat/completions"),):
         app.add_api_route(path, _not_implemented(path, hint), methods=["POST"], dependencies=auth)
 
     return app
@@ -170,6 +175,7 @@ def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
         model_aliases=aliases,
         max_model_len=engine.config.max_model_len,
         tool_call_parser=getattr(args, "tool_call_parser", None),
+        hidden_size=engine.model_config.hidden_size,
     )
     api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
     app = create_app(state, metrics, api_key, args.max_request_bytes)

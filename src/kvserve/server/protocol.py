@@ -1,4 +1,4 @@
-"""OpenAI API request and response models (completions, chat completions, models, errors).
+"""OpenAI API request and response models (completions, chat completions, embeddings, models, errors).
 
 Requests refuse every field they do not declare (`tools`, `tool_choice`, ...): a
 field accepted and ignored would let a client believe it got what it asked for, so the 400 names it
@@ -161,6 +161,15 @@ class SamplingRequest(BaseModel):
 Prompt = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
 
+def prompt_list(p: Prompt) -> list[str | list[int]]:
+    """A Prompt field as a list of prompts, each a string or token ids."""
+    if isinstance(p, str):
+        return [p]
+    if p and all(isinstance(t, int) for t in p):
+        return [p]  # one prompt of token ids
+    return list(p)
+
+
 class CompletionRequest(SamplingRequest):
     prompt: Prompt
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions
@@ -171,12 +180,7 @@ class CompletionRequest(SamplingRequest):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts (each a string or token ids)."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if p and all(isinstance(t, int) for t in p):
-            return [p]  # one prompt of token ids
-        return list(p)
+        return prompt_list(self.prompt)
 
 
 class FunctionDefinition(BaseModel):
@@ -395,3 +399,44 @@ class DetokenizeRequest(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings. `user` changes nothing (as on the other endpoints); `dimensions` may only
+    be the model's hidden size: shortening a vector is only meaningful for models trained for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    input: Prompt
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    add_special_tokens: bool = True  # vLLM's: for text inputs (a Llama-style tokenizer's BOS)
+
+    def inputs(self) -> list[str | list[int]]:
+        """The input as a list of inputs (each a string or token ids)."""
+        return prompt_list(self.input)
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # a str: base64 of the little-endian float32 values
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage

@@ -45,6 +45,7 @@ class ServerState:
     model_aliases: set[str]  # other names a request may use for the one model (its path, --model)
     max_model_len: int
     tool_call_parser: str | None = None  # --tool-call-parser: how "auto" tool choice finds calls in text
+    hidden_size: int | None = None  # the model's: the length of an embedding
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name and name not in self.model_aliases:
