@@ -14,8 +14,10 @@ import re
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
+from helpers import PLOT_PARAMETERS, POINT_SCHEMA
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve.server.launch import ServerProcess
@@ -584,7 +586,7 @@ def test_bad_tool_requests_are_400s(server, extra, param, message):
         assert message in error["message"]
 
 
-def test_tokenizer_info_and_unimplemented_endpoints(server):
+def test_tokenizer_info(server):
     r = httpx.get(server.url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 200, r.text
     info = r.json()
@@ -592,8 +594,122 @@ def test_tokenizer_info_and_unimplemented_endpoints(server):
     assert info["model_max_length"] == MAX_MODEL_LEN and "<|im_start|>" in info["chat_template"]
     assert info["added_tokens_decoder"]["2"] == {"content": "<|im_end|>", "special": True}
     assert httpx.get(server.url + "/tokenizer_info").status_code == 401
-    error = _error(post(server, "/v1/responses", {"model": MODEL, "input": "hi"}), 404)
-    assert error["code"] == "not_implemented" and "/v1/responses" in error["message"]
+
+
+# ---------------------------------------------------------------- /v1/responses
+
+
+def _sse_events(r: httpx.Response) -> list[dict]:
+    """The typed events of a Responses stream; each `event:` line names its data's type."""
+    events = []
+    for block in r.text.strip().split("\n\n"):
+        kind, data = block.split("\n")
+        assert kind.startswith("event: ") and data.startswith("data: ")
+        events.append(json.loads(data[len("data: ") :]))
+        assert events[-1]["type"] == kind[len("event: ") :]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    return events
+
+
+def test_responses_is_the_chat_it_translates_to(server, client):
+    """instructions + input run as the chat with a system message would: the same text and token counts,
+    as the openai client's Response (checked strictly); streamed, the deltas add up to it; cut by
+    max_output_tokens, the response is incomplete."""
+    from openai.types.responses import Response as OpenAIResponse
+
+    messages = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of Italy?"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    body = {"model": MODEL, "instructions": "Answer in one word.", "max_output_tokens": 12, "temperature": 0}
+    body["input"] = [{"role": "user", "content": [{"type": "input_text", "text": "Capital of Italy?"}]}]
+    r = post(server, "/v1/responses", body)
+    assert r.status_code == 200, r.text
+    response = OpenAIResponse.model_validate(r.json())
+    assert response.output_text == chat.choices[0].message.content
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+    assert response.usage.output_tokens == chat.usage.completion_tokens
+    finished = chat.choices[0].finish_reason == "stop"
+    assert response.status == ("completed" if finished else "incomplete")
+    assert (response.incomplete_details is None) == finished
+
+    events = _sse_events(post(server, "/v1/responses", {**body, "stream": True}))
+    kinds = [e["type"] for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed" if finished else "response.incomplete",
+    ]
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert deltas == events[-4]["text"] == response.output_text
+    assert OpenAIResponse.model_validate(events[-1]["response"]).output_text == response.output_text
+
+    short = client.responses.create(model=MODEL, input="Tell me a long story.", max_output_tokens=3, temperature=0)
+    assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+    assert short.usage.output_tokens == 3
+    wait_idle(server)
+
+
+def test_responses_tools_and_text_format(server, client):
+    """Flat function tools: a required call validates against its schema, streamed or not; the call and
+    its output passed back as input items get an answer; text.format json_schema gives valid JSON."""
+    tool = {"type": "function", "name": "plot", "parameters": PLOT_PARAMETERS}
+    ask = "Plot the point x=3."
+    called = client.responses.create(model=MODEL, input=ask, tools=[tool], tool_choice="required", temperature=0)
+    (call,) = called.output
+    assert call.type == "function_call" and call.name == "plot" and called.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), PLOT_PARAMETERS)
+    named = {"type": "function", "name": "plot"}
+    streamed = post(
+        server,
+        "/v1/responses",
+        {"model": MODEL, "input": ask, "tools": [tool], "tool_choice": named, "temperature": 0, "stream": True},
+    )
+    done = [e for e in _sse_events(streamed) if e["type"] == "response.function_call_arguments.done"]
+    assert len(done) == 1 and done[0]["name"] == "plot"
+    jsonschema.validate(json.loads(done[0]["arguments"]), PLOT_PARAMETERS)
+
+    history = [{"role": "user", "content": ask}, call.model_dump(exclude_none=True)]
+    history.append({"type": "function_call_output", "call_id": call.call_id, "output": "plotted"})
+    answer = client.responses.create(model=MODEL, input=history, tools=[tool], max_output_tokens=16, temperature=0)
+    assert answer.output[0].type == "message" and answer.output_text
+
+    fmt = {"type": "json_schema", "name": "point", "schema": POINT_SCHEMA, "strict": True}
+    shaped = client.responses.create(
+        model=MODEL, input="A point, please.", text={"format": fmt}, temperature=0, max_output_tokens=40
+    )
+    jsonschema.validate(json.loads(shaped.output_text), POINT_SCHEMA)
+    wait_idle(server)
+
+
+def test_responses_errors(server):
+    base = {"model": MODEL, "input": "hi"}
+    assert (
+        _error(post(server, "/v1/responses", {**base, "store": True}), 400, "store")["code"] == "unsupported_parameter"
+    )
+    _error(post(server, "/v1/responses", {**base, "previous_response_id": "resp_1"}), 400, "previous_response_id")
+    _error(post(server, "/v1/responses", {**base, "include": ["message.output_text.logprobs"]}), 400, "include")
+    _error(post(server, "/v1/responses", {**base, "reasoning": {"effort": "low"}}), 400, "reasoning")
+    _error(post(server, "/v1/responses", {**base, "truncation": "auto"}), 400, "truncation")
+    for bad_input in (
+        [],
+        [{"type": "reasoning", "summary": []}],
+        [{"role": "robot", "content": "hi"}],
+        [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}],
+        [{"role": "user", "content": "hi", "name": "someone"}],
+        [{"type": "function_call_output", "call_id": "c1"}],
+    ):
+        _error(post(server, "/v1/responses", {**base, "input": bad_input}), 400, "input")
+    _error(post(server, "/v1/responses", {**base, "text": {"format": {"type": "json_schema"}}}), 400, "text.format")
+    _error(post(server, "/v1/responses", {**base, "input": "x " * (MAX_MODEL_LEN + 10)}), 400, "input")
+    _error(post(server, "/v1/responses", {**base, "model": "gpt-4"}), 404, "model")
+    assert post(server, "/v1/responses", {**base, "store": False, "max_output_tokens": 2}).status_code == 200
+    wait_idle(server)
 
 
 def test_embeddings(server, client):

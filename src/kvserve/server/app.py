@@ -31,6 +31,7 @@ from kvserve.server.embeddings import create_embeddings
 from kvserve.server.errors import APIError, install_handlers
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.protocol import ModelCard, ModelList
+from kvserve.server.responses import create_response
 from kvserve.server.serving import ServerState
 from kvserve.server.tokenize import detokenize, tokenize, tokenizer_info
 
@@ -132,18 +133,11 @@ def create_app(state: ServerState, metrics: ServerMetrics, api_key: str | None, 
     async def embeddings(request: Request) -> Response:
         return await create_embeddings(state, request)
 
-    # OpenAI endpoints kvserve does not serve (yet): a clear error naming the endpoint, not a bare 404
-    for path, hint in (("/v1/responses", ": use /v1/chat/completions"),):
-        app.add_api_route(path, _not_implemented(path, hint), methods=["POST"], dependencies=auth)
+    @app.post("/v1/responses", dependencies=auth)
+    async def responses(request: Request) -> Response:
+        return await create_response(state, request)
 
     return app
-
-
-def _not_implemented(path: str, hint: str):
-    async def route() -> Response:
-        raise APIError(404, f"{path} is not implemented by this server{hint}", code="not_implemented")
-
-    return route
 
 
 def default_model_name(config: EngineConfig, model_path: str) -> str:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from kvserve.async_engine import RequestChannel, Submission
-from kvserve.sampling_params import StructuredOutputsParams
+from kvserve.sampling_params import SamplingParams, StructuredOutputsParams
 from kvserve.server.errors import APIError
 from kvserve.server.protocol import (
     ChatChoice,
@@ -65,8 +66,19 @@ def _chat_logprobs(
     return ChatLogprobs(content=content)
 
 
-async def create_chat_completion(state: ServerState, request: Request) -> Response:
-    req = await parse_body(request, ChatCompletionRequest)
+@dataclass
+class PreparedChat:
+    """A chat request turned into what the engine takes: the rendered prompt's ids, the sampling params
+    (with a tool constraint, if any), how tool calls are found (`plan`), and top logprobs (None: off)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    plan: ToolPlan | None
+    top_n: int | None
+
+
+def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> PreparedChat:
+    """Checks and renders a chat request (also /v1/responses', translated into one); APIError on bad input."""
     state.check_model(req.model)
     tokenizer = state.need_tokenizer("chat")
     if not tokenizer.has_chat_template:
@@ -82,13 +94,24 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
             message = "tool_choice required or a named function cannot be combined with another output constraint"
             raise APIError(400, message, param="tool_choice", code="invalid_value")
         params.structured_outputs = StructuredOutputsParams(**plan.constraint)
-    request_id = new_id("chatcmpl")
+    return PreparedChat(prompt_ids, params, plan, top_n)
+
+
+async def submit_chat(state: ServerState, chat: PreparedChat, request_id: str) -> RequestChannel:
     try:
-        channel = await submit(state, [Submission(request_id, prompt_ids, params)])
+        return await submit(state, [Submission(request_id, chat.prompt_ids, chat.params)])
     except APIError as exc:
         if exc.param == "prompt":  # the prompt is the rendered conversation
             exc.param = "messages"
         raise
+
+
+async def create_chat_completion(state: ServerState, request: Request) -> Response:
+    req = await parse_body(request, ChatCompletionRequest)
+    chat = prepare_chat(state, req)
+    prompt_ids, plan, top_n = chat.prompt_ids, chat.plan, chat.top_n
+    request_id = new_id("chatcmpl")
+    channel = await submit_chat(state, chat, request_id)
     if req.stream:
         return SSEResponse(_stream(state, req, request_id, channel, len(prompt_ids), top_n, plan))
     try:
@@ -98,7 +121,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     out = outputs[request_id]
     choices = []
     for seq in out.outputs:
-        message, finish_reason = _message(plan, seq.text, seq.finish_reason)
+        message, finish_reason = assistant_message(plan, seq.text, seq.finish_reason)
         choices.append(
             ChatChoice(
                 index=seq.index,
@@ -118,7 +141,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     return JSONResponse(body.model_dump())
 
 
-def _message(plan: ToolPlan | None, text: str, finish_reason: str | None) -> tuple[ChatMessage, str | None]:
+def assistant_message(plan: ToolPlan | None, text: str, finish_reason: str | None) -> tuple[ChatMessage, str | None]:
     """The assistant message of a finished choice: its tool calls found or enforced, if any."""
     if plan is None or plan.mode == "none":
         return ChatMessage(content=text), finish_reason
@@ -166,7 +189,7 @@ async def _stream(
                     texts[delta.index] += delta.text
                     message = DeltaMessage()
                     if finish_reason is not None:
-                        whole, finish_reason = _message(plan, texts[delta.index], finish_reason)
+                        whole, finish_reason = assistant_message(plan, texts[delta.index], finish_reason)
                         calls = [DeltaToolCall(index=i, **c.model_dump()) for i, c in enumerate(whole.tool_calls or [])]
                         message = DeltaMessage(content=whole.content, tool_calls=calls or None)
                 if message.content or message.tool_calls or logprobs is not None or finish_reason is not None:

@@ -440,3 +440,70 @@ class EmbeddingResponse(BaseModel):
     model: str
     data: list[EmbeddingData]
     usage: EmbeddingUsage
+
+
+# ---------------------------------------------------------------- /v1/responses (stateless)
+
+
+class ResponsesFunctionTool(BaseModel):
+    """A Responses API function tool: the chat API's function definition, flat."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # required and named calls always follow the schema here
+
+
+class ResponsesNamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    name: str
+
+
+class ResponsesTextFormat(BaseModel):
+    """text.format: the chat API's response_format, flat (name, schema and strict beside the type)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponsesText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: ResponsesTextFormat | None = None
+
+
+class ResponsesRequest(BaseModel):
+    """POST /v1/responses, stateless: the whole conversation comes in `input` (a string, or message,
+    function_call and function_call_output items); nothing is stored, so `store` may only be false and
+    `previous_response_id` is refused. `metadata` and `user` come back as given and change nothing;
+    `truncation` may only be "disabled" (too long an input is a 400) and `include` only empty."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = None
+    stream: bool = False
+    tools: list[ResponsesFunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesNamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    text: ResponsesText | None = None
+    store: bool | None = None
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    truncation: Literal["disabled"] | None = None
+    include: list[str] | None = None
