@@ -550,8 +550,17 @@ def test_tool_calls_required_and_named(server, client):
     ]
     answer = client.chat.completions.create(model=MODEL, messages=conversation, max_tokens=12, temperature=0)
     assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
-    auto = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=12, temperature=0)
-    assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")  # hermes parses whatever came
+    auto_kwargs = dict(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=24, temperature=0)
+    auto = client.chat.completions.create(**auto_kwargs).choices[0]
+    assert auto.finish_reason in ("stop", "length", "tool_calls")  # hermes parses whatever came
+    chunks = list(client.chat.completions.create(**auto_kwargs, stream=True))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == (auto.message.content or "")
+    if auto.message.content and len(auto.message.content.strip()) > 10:
+        assert len(pieces) > 2  # the content streamed as it came, not held to the end
+    streamed, finish = _streamed_calls(iter(chunks))
+    assert finish == auto.finish_reason
+    assert streamed == [(c.function.name, c.function.arguments) for c in auto.message.tool_calls or []]
     wait_idle(server)
 
 

@@ -1,5 +1,6 @@
 """Tool calling's pure parts (server/tools.py): the hermes and llama3_json parsers on text with zero, one or
-two calls and text before a call, the enforced forms' constraints, and the plan's refusals."""
+two calls and text before a call, streaming "auto" answers, the enforced forms' constraints, and the
+plan's refusals."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from helpers import PLOT_PARAMETERS, PLOT_TOOL, POINT_SCHEMA
 
 from kvserve.server.errors import APIError
 from kvserve.server.protocol import ChatCompletionRequest
-from kvserve.server.tools import ToolPlan, parse_hermes, parse_llama3_json, plan_tools, template_messages
+from kvserve.server.tools import (
+    ToolCallStream,
+    ToolPlan,
+    parse_hermes,
+    parse_llama3_json,
+    plan_tools,
+    template_messages,
+)
 
 WEATHER = {
     "type": "function",
@@ -118,3 +126,51 @@ def test_template_messages_turn_argument_text_into_objects():
     assert out[0]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
     assert messages[0]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'  # the request is not changed
     assert out[1] == messages[1]
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+STREAMED_TEXTS = {
+    "hermes": [
+        "No tools needed, the sky is blue.",
+        CALL,
+        "Let me check the weather.\n\n" + CALL + "\n" + CALL.replace("Paris", "Oslo"),
+        "  \n" + CALL,
+        "I will write <tool_ca but no call. <tool_call>{not json}</tool_call> trailing  ",
+        "Ends with spaces and half a tag   <tool_",
+    ],
+    "llama3_json": [
+        "Hello there, no call.",
+        '  <|python_tag|>{"name": "get_weather", "parameters": {"city": "Rome"}}',
+        '{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}',
+        '{"city": "Rome"}',
+        "<|python",
+    ],
+}
+
+
+@pytest.mark.parametrize("parser", sorted(STREAMED_TEXTS))
+@pytest.mark.parametrize("piece", [1, 3, 7, 1000])
+def test_auto_stream_sends_content_early_and_equals_the_parse(parser, piece):
+    """Whatever the deltas, the streamed content plus finish()'s remainder is the content the parser finds
+    in the whole text, the calls are its calls, and nothing from a call's tag on is sent early."""
+    plan = ToolPlan("auto", [WEATHER], parser=parser)
+    for text in STREAMED_TEXTS[parser]:
+        stream = ToolCallStream(parser)
+        sent = "".join(stream.add(text[i : i + piece]) for i in range(0, len(text), piece))
+        rest, calls = stream.finish(plan)
+        content, expected_calls = plan.calls(text)
+        assert sent + rest == (content or ""), text
+        assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in expected_calls]
+        assert "<tool_call>" not in sent and "<|python_tag|>" not in sent
+        if calls and content:  # the text before a call went out before the answer ended
+            assert sent == content
+
+
+def test_auto_stream_holds_only_what_may_become_a_call():
+    stream = ToolCallStream("hermes")
+    assert stream.add("  ") == ""  # blank so far: a call may follow, leaving no content
+    assert stream.add("Let me") == "  Let me"
+    assert stream.add(" check. <tool") == " check."  # the space and the half tag wait
+    assert stream.add("_call>{") == ""
+    json_stream = ToolCallStream("llama3_json")
+    assert json_stream.add(" {") == "" and ToolCallStream("llama3_json").add(" Sure") == " Sure"

@@ -49,7 +49,7 @@ from kvserve.server.serving import (
     submit,
     usage,
 )
-from kvserve.server.tools import ToolPlan, plan_tools, template_messages
+from kvserve.server.tools import ToolCallStream, ToolCallText, ToolPlan, plan_tools, template_messages
 
 
 def _chat_logprobs(
@@ -148,10 +148,16 @@ def assistant_message(plan: ToolPlan | None, text: str, finish_reason: str | Non
     content, calls = plan.calls(text)
     if not calls:
         return ChatMessage(content=content), finish_reason
-    tool_calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
-    return ChatMessage(
-        content=content, tool_calls=tool_calls
-    ), "tool_calls" if finish_reason == "stop" else finish_reason
+    return ChatMessage(content=content, tool_calls=_tool_calls(calls)), _calls_finish(finish_reason)
+
+
+def _tool_calls(calls: list[ToolCallText]) -> list[ToolCall]:
+    return [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+
+
+def _calls_finish(finish_reason: str | None) -> str | None:
+    """A choice that ended on its own after calling tools finishes with "tool_calls" (OpenAI's)."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 async def _stream(
@@ -165,7 +171,9 @@ async def _stream(
 ) -> AsyncIterator[str]:
     created = int(time.time())
     num_completion = 0
-    held = plan is not None and plan.mode != "none"  # a choice that may call tools is sent when it ends
+    # "auto": content streams while it cannot be a call; required and named calls are sent when they end
+    streams = [ToolCallStream(plan.parser) for _ in range(req.n)] if plan is not None and plan.mode == "auto" else None
+    held = plan is not None and plan.mode in ("required", "named")
     texts = [""] * req.n
 
     def chunk(choices: list[ChatStreamChoice], **extra) -> str:
@@ -185,7 +193,18 @@ async def _stream(
                     logprobs = _chat_logprobs(state, delta.token_ids, delta.logprobs, top_n)
                 finish_reason = delta.finish_reason
                 message = DeltaMessage(content=delta.text) if delta.text else DeltaMessage()
-                if held:
+                if streams is not None:
+                    stream = streams[delta.index]
+                    content = stream.add(delta.text)
+                    message = DeltaMessage(content=content or None)
+                    if finish_reason is not None:
+                        rest, calls = stream.finish(plan)
+                        deltas_calls = [
+                            DeltaToolCall(index=i, **c.model_dump()) for i, c in enumerate(_tool_calls(calls))
+                        ]
+                        message = DeltaMessage(content=(content + rest) or None, tool_calls=deltas_calls or None)
+                        finish_reason = _calls_finish(finish_reason) if calls else finish_reason
+                elif held:
                     texts[delta.index] += delta.text
                     message = DeltaMessage()
                     if finish_reason is not None:

@@ -10,9 +10,10 @@
   </tool_call>`, Qwen2.5/3 and SmolLM-style templates) or `llama3_json` (a JSON object, or several
   separated by `;`, optionally after `<|python_tag|>`). `"none"`: plain text.
 - A reply with calls has `message.tool_calls` (ids, JSON-string arguments) and `finish_reason:
-  "tool_calls"`. Streamed, a choice that may call tools is held until it ends (the text is not known
-  to be a call or not before then), then sent as one delta with its content and calls, so the
-  streamed arguments are the non-streamed ones.
+  "tool_calls"`. Streamed, "auto" sends the content as it is generated and holds back only what may
+  still become a call (ToolCallStream); the calls come in the choice's last delta, whole, so the
+  streamed content and arguments are the non-streamed ones. Required and named calls (all JSON) come
+  in the last delta too.
 """
 
 from __future__ import annotations
@@ -152,8 +153,8 @@ def parse_hermes(text: str) -> tuple[str | None, list[ToolCallText]]:
         if call is None:
             return text, []  # not what it claimed to be: all of it is content
         calls.append(call)
-    content = text[:start].strip()
-    return content or None, calls
+    content = text[:start].rstrip()  # leading space kept: a stream has sent it before a call could show
+    return (content if content.strip() else None), calls
 
 
 def parse_llama3_json(text: str) -> tuple[str | None, list[ToolCallText]]:
@@ -195,3 +196,58 @@ def _call_from(value: Any, key: str) -> ToolCallText | None:
 
 
 PARSERS = {"hermes": parse_hermes, "llama3_json": parse_llama3_json}
+
+
+_HERMES_START = "<tool_call>"
+_PYTHON_TAG = "<|python_tag|>"
+
+
+def _partial_tag_len(text: str, tag: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of tag (a tag still arriving)."""
+    for length in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-length:]):
+            return length
+    return 0
+
+
+@dataclass
+class ToolCallStream:
+    """Streams the content of an answer that may call tools ("auto") while it is generated, holding back
+    only what may still turn out to be a call. Invariant: what was sent is a prefix of the content the
+    parser finds in the whole text at the end (and nothing was sent when it finds no content), so the
+    streamed deltas plus `finish`'s remainder equal the non-streamed message.
+
+    hermes: everything before `<tool_call>` (a tag half-arrived is held), but not trailing whitespace
+    (the parser drops it before a call) nor a text so far blank (a call may follow, leaving no content).
+    llama3_json: a call is the whole answer, so an answer that starts (after whitespace) with `{` or
+    `<|python_tag|>` is held to the end; any other is content from its first character."""
+
+    parser: str
+    text: str = ""
+    sent: int = 0  # characters of text sent as content
+
+    def add(self, delta: str) -> str:
+        """The content that can be sent now."""
+        self.text += delta
+        end = self._safe_end()
+        if end <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent : end], end
+        return out
+
+    def finish(self, plan: ToolPlan) -> tuple[str, list[ToolCallText]]:
+        """(the content not sent yet, the calls) once the answer is complete."""
+        content, calls = plan.calls(self.text)
+        return (content or "")[self.sent :], calls
+
+    def _safe_end(self) -> int:
+        text = self.text
+        if self.parser == "hermes":
+            start = text.find(_HERMES_START)
+            end = start if start >= 0 else len(text) - _partial_tag_len(text, _HERMES_START)
+            head = text[:end].rstrip()
+            return len(head) if head.strip() else 0
+        body = text.lstrip()
+        if not body or body.startswith(("{", _PYTHON_TAG)) or _PYTHON_TAG.startswith(body):
+            return 0
+        return len(text)
