@@ -666,7 +666,10 @@ def test_responses_is_the_chat_it_translates_to(server, client):
 
 def test_responses_tools_and_text_format(server, client):
     """Flat function tools: a required call validates against its schema, streamed or not; the call and
-    its output passed back as input items get an answer; text.format json_schema gives valid JSON."""
+    its output passed back as input items get an answer; "auto" streams what the whole answer holds;
+    text.format json_schema gives valid JSON."""
+    from openai.types.responses import Response as OpenAIResponse
+
     tool = {"type": "function", "name": "plot", "parameters": PLOT_PARAMETERS}
     ask = "Plot the point x=3."
     called = client.responses.create(model=MODEL, input=ask, tools=[tool], tool_choice="required", temperature=0)
@@ -687,6 +690,15 @@ def test_responses_tools_and_text_format(server, client):
     history.append({"type": "function_call_output", "call_id": call.call_id, "output": "plotted"})
     answer = client.responses.create(model=MODEL, input=history, tools=[tool], max_output_tokens=16, temperature=0)
     assert answer.output[0].type == "message" and answer.output_text
+
+    auto = {"model": MODEL, "input": ask, "tools": [tool], "max_output_tokens": 16, "temperature": 0}
+    whole = OpenAIResponse.model_validate(post(server, "/v1/responses", auto).json())
+    events = _sse_events(post(server, "/v1/responses", {**auto, "stream": True}))
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == whole.output_text
+    final = OpenAIResponse.model_validate(events[-1]["response"])
+    assert [(o.type, getattr(o, "arguments", None)) for o in final.output] == [
+        (o.type, getattr(o, "arguments", None)) for o in whole.output
+    ]
 
     fmt = {"type": "json_schema", "name": "point", "schema": POINT_SCHEMA, "strict": True}
     shaped = client.responses.create(

@@ -13,8 +13,8 @@ Streaming sends the API's typed events (`event:` + `data:`, numbered by `sequenc
 `[DONE]`): response.created, response.in_progress, then per output item output_item.added,
 content_part.added, output_text.delta..., output_text.done, content_part.done, output_item.done (a
 function call: function_call_arguments.delta / .done), and response.completed, or response.incomplete
-when max_output_tokens cut the answer. As on the chat endpoint, an answer that may call tools is sent
-when it ends.
+when max_output_tokens cut the answer. As on the chat endpoint, text that may still become a tool call
+is held back (tools.ToolCallStream) and the calls come whole when the answer ends.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from kvserve.server.chat import PreparedChat, assistant_message, prepare_chat, s
 from kvserve.server.errors import APIError, from_validation_error
 from kvserve.server.protocol import ChatCompletionRequest, ChatMessage, ResponsesRequest
 from kvserve.server.serving import ClientGone, ServerState, SSEResponse, collect, new_id, parse_body
+from kvserve.server.tools import ToolCallStream
 
 _REFUSED = "unsupported_parameter"  # the code of a field refused by name, as for undeclared fields
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -276,60 +277,57 @@ async def _stream(
         number += 1
         return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
 
-    def text_events(index: int, item_id: str, text: str | None, done: bool) -> list[str]:
-        """A message item's opening events (done=False), or its closing ones with the whole text."""
-        at = {"item_id": item_id, "output_index": index, "content_index": 0}
-        if not done:
-            return [event("response.content_part.added", **at, part=response.text_part(""))]
+    # The message is output item 0 (items() puts it first); it opens with the first text sent.
+    at = {"item_id": response.message_id, "output_index": 0, "content_index": 0}
+
+    def open_message() -> list[str]:
         return [
-            event("response.output_text.done", **at, text=text, logprobs=[]),
-            event("response.content_part.done", **at, part=response.text_part(text)),
+            event("response.output_item.added", output_index=0, item=response.message_item(None, "in_progress")),
+            event("response.content_part.added", **at, part=response.text_part("")),
         ]
 
-    held = chat.plan is not None and chat.plan.mode != "none"  # an answer that may call tools comes whole
-    text, finish_reason, num_output = "", None, 0
+    plan = chat.plan
+    # "auto" streams content while it cannot be a call (ToolCallStream); required and named calls are
+    # JSON to the end; without tools the text is the content.
+    stream = ToolCallStream(plan.parser) if plan is not None and plan.mode == "auto" else None
+    held = plan is not None and plan.mode in ("required", "named")
+    text, sent, finish_reason, num_output, opened = "", "", None, 0, False
     try:
         yield event("response.created", response=response.body("in_progress", []))
         yield event("response.in_progress", response=response.body("in_progress", []))
-        if not held:
-            yield event("response.output_item.added", output_index=0, item=response.message_item(None, "in_progress"))
-            for line in text_events(0, response.message_id, None, done=False):
-                yield line
         async for _, deltas in channel:
             for delta in deltas:
                 num_output += len(delta.token_ids)
                 finish_reason = delta.finish_reason or finish_reason
                 text += delta.text
-                if delta.text and not held:
-                    at = {"item_id": response.message_id, "output_index": 0, "content_index": 0}
-                    yield event("response.output_text.delta", **at, delta=delta.text, logprobs=[])
-        message, finish_reason = assistant_message(chat.plan, text, finish_reason)
+                piece = stream.add(delta.text) if stream is not None else "" if held else delta.text
+                if piece:
+                    if not opened:
+                        for line in open_message():
+                            yield line
+                        opened = True
+                    sent += piece
+                    yield event("response.output_text.delta", **at, delta=piece, logprobs=[])
+        message, finish_reason = assistant_message(plan, text, finish_reason)
         status = _status(finish_reason)
         items = response.items(message, status)
         for index, item in enumerate(items):
             if item["type"] == "message":
-                if held:
-                    yield event(
-                        "response.output_item.added",
-                        output_index=index,
-                        item=response.message_item(None, "in_progress"),
-                    )
-                    for line in text_events(index, item["id"], None, done=False):
+                whole = item["content"][0]["text"]
+                if not opened:
+                    for line in open_message():
                         yield line
-                    at = {"item_id": item["id"], "output_index": index, "content_index": 0}
-                    yield event("response.output_text.delta", **at, delta=item["content"][0]["text"], logprobs=[])
-                for line in text_events(index, item["id"], item["content"][0]["text"], done=True):
-                    yield line
+                if len(whole) > len(sent):  # what was held back (sent is a prefix of the content)
+                    yield event("response.output_text.delta", **at, delta=whole[len(sent) :], logprobs=[])
+                yield event("response.output_text.done", **at, text=whole, logprobs=[])
+                yield event("response.content_part.done", **at, part=response.text_part(whole))
             else:
+                added = {**item, "arguments": "", "status": "in_progress"}
+                yield event("response.output_item.added", output_index=index, item=added)
+                call_at = {"item_id": item["id"], "output_index": index}
+                yield event("response.function_call_arguments.delta", **call_at, delta=item["arguments"])
                 yield event(
-                    "response.output_item.added",
-                    output_index=index,
-                    item={**item, "arguments": "", "status": "in_progress"},
-                )
-                at = {"item_id": item["id"], "output_index": index}
-                yield event("response.function_call_arguments.delta", **at, delta=item["arguments"])
-                yield event(
-                    "response.function_call_arguments.done", **at, name=item["name"], arguments=item["arguments"]
+                    "response.function_call_arguments.done", **call_at, name=item["name"], arguments=item["arguments"]
                 )
             yield event("response.output_item.done", output_index=index, item=item)
         final = response.body(status, items, num_output)
