@@ -774,6 +774,24 @@ def test_embedding_errors(server):
     wait_idle(server)
 
 
+def test_fuzzing_findings_stay_fixed(server):
+    """What schemathesis found (tests/test_fuzz.py): a 405 without Allow, lax booleans, and chat messages
+    whose extra or mistyped fields were accepted (or, with tool_calls, replaced by "")."""
+    r = httpx.request("TRACE", server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
+    _error(post(server, "/v1/responses", {"model": MODEL, "input": "hi", "store": 0}), 400, "store")
+    _error(post(server, "/v1/completions", {**COMPLETION, "echo": 1}), 400, "echo")
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for message in (
+        {"role": "tool", "content": "x", "tool_call_id": {}},
+        {"role": "user", "content": [{"type": "text", "text": "x", "extra": 1}]},
+        {"role": "assistant", "content": None, "tool_calls": [{**call, "type": "other"}]},
+        {"role": "assistant", "content": {}, "tool_calls": [call]},
+        {"role": "system", "content": None, "tool_calls": []},
+    ):
+        _error(post(server, "/v1/chat/completions", {**CHAT, "messages": [message]}), 400, "messages")
+
+
 def test_user_field_is_accepted(server):
     """OpenAI's `user` only identifies the caller's end user: accepted, no effect."""
     assert post(server, "/v1/chat/completions", {**CHAT, "user": "someone"}).status_code == 200

@@ -364,17 +364,37 @@ def _normalize_messages(messages: Any) -> list[dict]:
         if isinstance(content, (list, tuple)):
             texts = []
             for part in content:
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                is_text = isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                if not is_text or len(part) != 2:  # nothing beside type and text: no field is ignored
                     raise ValueError(f"message {i}: only text content parts ({{'type': 'text', 'text': ...}}) work")
                 texts.append(part["text"])
             content = "\n".join(texts)
         elif content is None:
-            if "tool_calls" not in message:  # an assistant turn that only calls tools may have no content
+            if not message.get("tool_calls"):  # an assistant turn that only calls tools may have no content
                 raise ValueError(f"message {i} ({role}) has no 'content'")
         elif not isinstance(content, str):
             raise ValueError(f"message {i} content must be a string or a list of text parts")
+        for key in ("name", "tool_call_id"):
+            if key in message and not isinstance(message[key], str):
+                raise ValueError(f"message {i}: '{key}' must be a string")
+        calls = message.get("tool_calls", [])
+        if not isinstance(calls, list) or not all(_is_tool_call(call) for call in calls):
+            raise ValueError(f"message {i}: 'tool_calls' must be a list of {{'function': {{'name', 'arguments'}}}}")
         out.append({**message, "content": content})
     return out
+
+
+def _is_tool_call(call: Any) -> bool:
+    """An earlier assistant turn's call: {"function": {"name": str, "arguments": JSON text or an object}},
+    with an optional "id" (a string) and "type" ("function")."""
+    function = call.get("function") if isinstance(call, dict) else None
+    return (
+        isinstance(function, dict)
+        and call.get("type", "function") == "function"
+        and isinstance(call.get("id", ""), str)
+        and isinstance(function.get("name"), str)
+        and isinstance(function.get("arguments"), (str, dict))
+    )
 
 
 # ---------------------------------------------------------------- incremental detokenization

@@ -30,7 +30,17 @@ from kvserve.server.completions import create_completion
 from kvserve.server.embeddings import create_embeddings
 from kvserve.server.errors import APIError, install_handlers
 from kvserve.server.metrics import ServerMetrics
-from kvserve.server.protocol import ModelCard, ModelList
+from kvserve.server.openapi import ERROR_RESPONSES, GENERATION_RESPONSES, build_openapi, json_body
+from kvserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    ModelCard,
+    ModelList,
+    ResponsesRequest,
+    TokenizeRequest,
+)
 from kvserve.server.responses import create_response
 from kvserve.server.serving import ServerState
 from kvserve.server.tokenize import detokenize, tokenize, tokenizer_info
@@ -92,50 +102,84 @@ def create_app(state: ServerState, metrics: ServerMetrics, api_key: str | None, 
 
     auth = [Depends(authorize)]
 
-    @app.get("/health")
+    public = {"security": []}  # no API key needed, whatever --api-key says
+
+    @app.get("/health", responses={503: ERROR_RESPONSES[503]}, openapi_extra=public)
     async def health() -> Response:
         if state.engine.is_alive:
             return JSONResponse({"status": "ok"})
         return APIError(503, "the engine loop is not running", code="engine_unavailable").response()
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+        openapi_extra=public,
+    )
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, responses=ERROR_RESPONSES)
     async def models() -> JSONResponse:
         card = ModelCard(
             id=state.model_name, root=next(iter(sorted(state.model_aliases)), None), max_model_len=state.max_model_len
         )
         return JSONResponse(ModelList(data=[card]).model_dump())
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post(
+        "/v1/completions", dependencies=auth, openapi_extra=json_body(CompletionRequest), responses=GENERATION_RESPONSES
+    )
     async def completions(request: Request) -> Response:
         return await create_completion(state, request)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=auth,
+        openapi_extra=json_body(ChatCompletionRequest),
+        responses=GENERATION_RESPONSES,
+    )
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(state, request)
 
-    @app.post("/tokenize", dependencies=auth)
+    @app.post("/tokenize", dependencies=auth, openapi_extra=json_body(TokenizeRequest), responses=ERROR_RESPONSES)
     async def tokenize_route(request: Request) -> Response:
         return await tokenize(state, request)
 
-    @app.post("/detokenize", dependencies=auth)
+    @app.post("/detokenize", dependencies=auth, openapi_extra=json_body(DetokenizeRequest), responses=ERROR_RESPONSES)
     async def detokenize_route(request: Request) -> Response:
         return await detokenize(state, request)
 
-    @app.get("/tokenizer_info", dependencies=auth)
+    @app.get("/tokenizer_info", dependencies=auth, responses=ERROR_RESPONSES)
     async def tokenizer_info_route() -> Response:
         return await tokenizer_info(state)
 
-    @app.post("/v1/embeddings", dependencies=auth)
+    @app.post("/v1/embeddings", dependencies=auth, openapi_extra=json_body(EmbeddingRequest), responses=ERROR_RESPONSES)
     async def embeddings(request: Request) -> Response:
         return await create_embeddings(state, request)
 
-    @app.post("/v1/responses", dependencies=auth)
+    @app.post(
+        "/v1/responses", dependencies=auth, openapi_extra=json_body(ResponsesRequest), responses=GENERATION_RESPONSES
+    )
     async def responses(request: Request) -> Response:
         return await create_response(state, request)
+
+    body_models = [
+        CompletionRequest,
+        ChatCompletionRequest,
+        TokenizeRequest,
+        DetokenizeRequest,
+        EmbeddingRequest,
+        ResponsesRequest,
+    ]
+
+    @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        if app.openapi_schema is None:
+            fixed = {
+                "model": {"anyOf": [{"enum": [state.model_name, *sorted(state.model_aliases)]}, {"type": "null"}]},
+                "dimensions": {"anyOf": [{"enum": [state.hidden_size]}, {"type": "null"}]},
+            }
+            app.openapi_schema = build_openapi(app, body_models, expected is not None, fixed, state.vocab_size)
+        return JSONResponse(app.openapi_schema)
 
     return app
 
@@ -170,6 +214,7 @@ def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
         max_model_len=engine.config.max_model_len,
         tool_call_parser=getattr(args, "tool_call_parser", None),
         hidden_size=engine.model_config.hidden_size,
+        vocab_size=engine.model_config.vocab_size,
     )
     api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
     app = create_app(state, metrics, api_key, args.max_request_bytes)

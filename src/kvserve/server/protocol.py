@@ -1,6 +1,7 @@
 """OpenAI API request and response models (completions, chat completions, embeddings, models, errors).
 
-Requests refuse every field they do not declare (`tools`, `tool_choice`, ...): a
+Requests are strict (a boolean is true or false, not 0; a number is not a string) and refuse every
+field they do not declare (`tools`, `tool_choice`, ...): a
 field accepted and ignored would let a client believe it got what it asked for, so the 400 names it
 (errors.from_validation_error). `user` is declared and has no effect, as in OpenAI's API, where it only
 identifies the end user. Every declared field is type-checked; a ValidationError becomes a 400 whose
@@ -22,7 +23,7 @@ from kvserve.sampling_params import SamplingParams
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
 
@@ -30,7 +31,7 @@ class StreamOptions(BaseModel):
 class JsonSchemaFormat(BaseModel):
     """OpenAI's response_format.json_schema: the schema under `schema` (a Python keyword in pydantic)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
@@ -39,7 +40,7 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
@@ -48,7 +49,7 @@ class ResponseFormat(BaseModel):
 class StructuredOutputsRequest(BaseModel):
     """vLLM's structured_outputs: exactly one constraint (SamplingParams checks that)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     json_: dict[str, Any] | str | None = Field(None, alias="json")
     regex: str | None = None
@@ -61,7 +62,7 @@ class StructuredOutputsRequest(BaseModel):
 class SamplingRequest(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     user: str | None = None  # an end-user id for the client's own records; changes nothing
@@ -184,7 +185,7 @@ class CompletionRequest(SamplingRequest):
 
 
 class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
     description: str | None = None
@@ -193,20 +194,20 @@ class FunctionDefinition(BaseModel):
 
 
 class ChatTool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["function"]
     function: FunctionDefinition
 
 
 class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str
 
 
 class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["function"]
     function: NamedFunction
@@ -371,7 +372,7 @@ class ErrorResponse(BaseModel):
 class TokenizeRequest(BaseModel):
     """POST /tokenize: a prompt, or chat messages rendered by the chat template, exactly one of them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     prompt: str | None = None
@@ -391,7 +392,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     tokens: list[StrictInt]
@@ -408,7 +409,7 @@ class EmbeddingRequest(BaseModel):
     """POST /v1/embeddings. `user` changes nothing (as on the other endpoints); `dimensions` may only
     be the model's hidden size: shortening a vector is only meaningful for models trained for it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     input: Prompt
@@ -448,7 +449,7 @@ class EmbeddingResponse(BaseModel):
 class ResponsesFunctionTool(BaseModel):
     """A Responses API function tool: the chat API's function definition, flat."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["function"]
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
@@ -458,7 +459,7 @@ class ResponsesFunctionTool(BaseModel):
 
 
 class ResponsesNamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["function"]
     name: str
@@ -467,7 +468,7 @@ class ResponsesNamedToolChoice(BaseModel):
 class ResponsesTextFormat(BaseModel):
     """text.format: the chat API's response_format, flat (name, schema and strict beside the type)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
@@ -477,7 +478,7 @@ class ResponsesTextFormat(BaseModel):
 
 
 class ResponsesText(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     format: ResponsesTextFormat | None = None
 
@@ -488,7 +489,7 @@ class ResponsesRequest(BaseModel):
     `previous_response_id` is refused. `metadata` and `user` come back as given and change nothing;
     `truncation` may only be "disabled" (too long an input is a 400) and `include` only empty."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     input: str | list[dict[str, Any]]

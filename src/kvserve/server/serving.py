@@ -46,6 +46,7 @@ class ServerState:
     max_model_len: int
     tool_call_parser: str | None = None  # --tool-call-parser: how "auto" tool choice finds calls in text
     hidden_size: int | None = None  # the model's: the length of an embedding
+    vocab_size: int = 0  # the model's: token ids are below it
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name and name not in self.model_aliases:

@@ -122,7 +122,7 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for message in messages:
         calls = message.get("tool_calls")
-        if isinstance(calls, list):
+        if isinstance(calls, list) and calls:  # an empty list calls nothing: the content must stand alone
             fixed = []
             for call in calls:
                 function = call.get("function") if isinstance(call, dict) else None
@@ -133,7 +133,8 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         pass  # left as text: the template decides
                     call = {**call, "function": function}
                 fixed.append(call)
-            message = {**message, "tool_calls": fixed, "content": message.get("content") or ""}
+            content = message.get("content")
+            message = {**message, "tool_calls": fixed, "content": "" if content is None else content}
         out.append(message)
     return out
 
