@@ -298,3 +298,33 @@ def test_restarted_server_serves_a_long_prefix_from_disk(tmp_path):
         if sample.name == "kvserve:kv_offload_hits_total" and sample.labels["tier"] == "disk"
     ]
     assert disk_hits == [cached]
+
+
+def test_disk_tier_that_cannot_write_turns_itself_off_and_serving_goes_on(tiny, tmp_path, caplog, monkeypatch):
+    """The disk fills up mid-run: one warning, the tier holds and finds nothing more, the engine
+    computes instead, and the answers do not change."""
+    import kvserve.kv.tiers as tiers
+
+    llm = tiered_llm(tiny[0], tmp_path, device_blocks=16, host_blocks=None)
+    work = prompts(4, 70, seed=5)
+    first = llm.generate(work[:2], GREEDY)
+    disk = llm.engine.kv.offload.disk
+    llm.engine.kv.offload.flush()
+    disk._writer.submit(lambda: None).result()  # the writes so far are done
+    assert disk.used_bytes > 0 and disk.off_reason is None
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tiers.os, "replace", full)
+    with caplog.at_level(logging.WARNING, logger="kvserve.kv.tiers"):
+        more = llm.generate(work[2:], GREEDY)
+        disk._writer.submit(lambda: None).result()
+        again = llm.generate(work, GREEDY)
+    assert caplog.text.count("turned off") == 1 and "No space left" in disk.off_reason
+    assert disk.used_bytes == 0 and not disk.index
+    reference = LLM(tiny[0], kv_cache_memory=64 * BLOCK_BYTES, max_model_len=128).generate(work, GREEDY)
+    answers = [o.outputs[0].token_ids for o in first + more]
+    assert answers == [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in reference]
+    llm.engine.check_idle()
+    llm.engine.close()

@@ -38,12 +38,17 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvserve.engine import Engine
+from kvserve.engine import Engine, StepFailed
 from kvserve.outputs import RequestOutput, SequenceDelta
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.stats_log import EngineObserver, PeriodicStats, RequestRecord, log_request
 
 logger = logging.getLogger("kvserve.async_engine")
+
+
+# Engine steps that may fail in a row (each failing only its own requests) before the engine is declared
+# broken: one bad request fails one step; a broken model or device fails every step.
+MAX_FAILED_STEPS = 3
 
 
 class EngineDeadError(RuntimeError):
@@ -125,6 +130,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._prompt_tokens_added = 0  # of accepted requests, for the prompt-token counter and stats line
         self._stats: PeriodicStats | None = None
+        self._failed_steps = 0  # engine steps that raised, in a row
 
     # ------------------------------------------------------------------ asyncio side
 
@@ -249,7 +255,7 @@ class AsyncEngine:
                 self._deliver(events)  # answers to adds go out before the step (which may raise)
                 events = []
                 if self.engine.has_unfinished():
-                    self._publish(self.engine.step(), events)
+                    self._publish(self._step(events), events)
                     self._stats.busy = True
                     if not self.engine.has_unfinished():
                         self._check_idle()
@@ -262,6 +268,35 @@ class AsyncEngine:
         except BaseException as exc:  # noqa: BLE001 - anything that kills the loop must fail every request
             logger.exception("engine loop died")
             self._die(exc)
+
+    def _step(self, events: list) -> list[SequenceDelta]:
+        """engine.step(); a StepFailed fails that step's requests alone. MAX_FAILED_STEPS failures in a row
+        mean the engine itself is broken (not one request): the loop stops, /health turns 503, every
+        request fails, rather than failing each new request one step at a time."""
+        try:
+            deltas = self.engine.step()
+        except StepFailed as exc:
+            self._failed_steps += 1
+            logger.error(
+                "engine step failed (%d in a row), failing its %d requests: %s",
+                self._failed_steps,
+                len(exc.outputs),
+                exc.cause,
+                exc_info=exc.cause,
+            )
+            now = time.monotonic()
+            for request_id, output in exc.outputs.items():
+                live = self._live.pop(request_id, None)
+                if live is not None:
+                    self._record(request_id, live, output, "error", now)
+                    events.append((live.channel, "error", request_id, exc))
+            if self._failed_steps >= MAX_FAILED_STEPS:
+                self._deliver(events[:])  # this step's failures first: _die answers only the requests still live
+                events.clear()  # (a copy went out: dispatch reads the list later, on the loop's thread)
+                raise RuntimeError(f"{self._failed_steps} engine steps in a row failed; the last: {exc.cause}") from exc
+            return []
+        self._failed_steps = 0
+        return deltas
 
     def _check_idle(self) -> None:
         """The DESIGN invariant, checked whenever the engine falls idle: no request left, every block free or

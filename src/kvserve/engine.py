@@ -32,7 +32,7 @@ from kvserve.request import Request, RequestStatus
 from kvserve.runner import ModelRunner, default_kv_cache_memory, load_model
 from kvserve.sampler import Sampler, SamplingRow
 from kvserve.sampling_params import SamplingParams, StructuredOutputsParams
-from kvserve.scheduler import Scheduler
+from kvserve.scheduler import Scheduler, SchedulerOutput
 from kvserve.structured_outputs import GrammarCache, fill_bitmask
 from kvserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -56,6 +56,17 @@ class EngineStats:
     num_generated_tokens: int = 0
     num_computed_prefill_tokens: int = 0  # prompt (and recomputed) tokens actually run through the model
     num_steps: int = 0
+
+
+class StepFailed(RuntimeError):
+    """A step raised; its requests were aborted and the engine can go on."""
+
+    def __init__(self, outputs: dict[str, RequestOutput], cause: BaseException) -> None:
+        super().__init__(
+            f"the engine step running this request failed ({type(cause).__name__}: {cause}); other requests go on"
+        )
+        self.outputs = outputs  # request id -> its output up to the failed step
+        self.cause = cause
 
 
 class Engine:
@@ -275,9 +286,23 @@ class Engine:
     # ------------------------------------------------------------------ the step
 
     def step(self) -> list[SequenceDelta]:
+        """One engine step: schedule, run the model, sample, detokenize. If anything after scheduling
+        raises (the model, the sampler, a detokenizer, a grammar), the requests of this step are aborted,
+        their blocks freed, and StepFailed names them: the engine stays consistent and can step on, the
+        requests that were not in the step untouched."""
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
+        try:
+            return self._run(batch)
+        except Exception as exc:
+            failed = sorted({request.request_id for request, _ in batch.scheduled} & self.groups.keys())
+            outputs = {request_id: self.request_output(request_id) for request_id in failed}  # as far as they got
+            for request_id in failed:
+                self.abort(request_id)
+            raise StepFailed(outputs, exc) from exc
+
+    def _run(self, batch: SchedulerOutput) -> list[SequenceDelta]:
         self.stats.num_steps += 1
         result = self.runner.execute(batch)
         for request, num_new in batch.scheduled:

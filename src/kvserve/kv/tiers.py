@@ -151,7 +151,12 @@ class _PendingWrite:
 class DiskTier(KVTier):
     """Local disk: <dir>/<hh>/<hash hex>.kvb, written in the background (temp file + rename, so a
     reader never sees half a file), verified by crc32 on every load, LRU by last use (file mtime
-    across restarts). A block queued for writing is served from memory until its file exists."""
+    across restarts). A block queued for writing is served from memory until its file exists.
+
+    A write that fails (the folder became unwritable, the disk is full) turns the tier off for the
+    rest of the run, with one warning: it then holds nothing and finds nothing, and the engine
+    computes what it would have loaded. Serving goes on; one failed write per block, each warned, on a
+    full disk would slow every step for nothing."""
 
     name = "disk"
 
@@ -165,6 +170,7 @@ class DiskTier(KVTier):
         self._pending: dict[bytes, _PendingWrite] = {}
         self._lock = threading.Lock()  # index, _used and _pending are shared with the writer thread
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvserve-disk-tier")  # one thread: FIFO order
+        self.off_reason: str | None = None  # why the tier turned itself off, once it has
         os.makedirs(directory, exist_ok=True)
         self._scan()
 
@@ -216,6 +222,8 @@ class DiskTier(KVTier):
             )
 
     def contains(self, block_hash: bytes, token_ids: tuple[int, ...]) -> bool:
+        if self.off_reason is not None:
+            return False
         with self._lock:
             pending = self._pending.get(block_hash)
             if pending is not None:
@@ -235,10 +243,14 @@ class DiskTier(KVTier):
 
     def has(self, block_hash: bytes) -> bool:
         """In the index or queued (no file-system access)."""
+        if self.off_reason is not None:
+            return False
         with self._lock:
             return block_hash in self.index or block_hash in self._pending
 
     def load(self, block_hash: bytes, token_ids: tuple[int, ...]) -> torch.Tensor | None:
+        if self.off_reason is not None:
+            return None
         with self._lock:
             pending = self._pending.get(block_hash)
         if pending is not None:
@@ -295,7 +307,7 @@ class DiskTier(KVTier):
 
     def store(self, block_hash: bytes, token_ids: tuple[int, ...], row: torch.Tensor, ready=None) -> None:
         size = _HEADER.size + 4 * len(token_ids) + self.row_nbytes
-        if size > self._capacity:
+        if size > self._capacity or self.off_reason is not None:
             return
         with self._lock:
             if block_hash in self._pending:
@@ -344,14 +356,25 @@ class DiskTier(KVTier):
                 f.write(row)
             os.replace(tmp, path)
         except OSError as exc:
-            logger.warning("disk KV tier: could not write %s: %s", path, exc)
             _remove(tmp)
-            with self._lock:
-                if self._pending.get(block_hash) is pending:
-                    self._forget_locked(block_hash)
+            self._turn_off(f"could not write {path}: {exc}")
+            return
         with self._lock:
             if self._pending.get(block_hash) is pending:
                 del self._pending[block_hash]
+
+    def _turn_off(self, reason: str) -> None:
+        """Writer thread: the tier holds and finds nothing from now on (see the class docstring)."""
+        with self._lock:
+            if self.off_reason is not None:
+                return
+            self.off_reason = reason
+            self._pending.clear()
+            self.index.clear()
+            self._used = 0
+        logger.warning(
+            "disk KV tier %s turned off for this run (%s); serving goes on without it", self.directory, reason
+        )
 
     def _forget_locked(self, block_hash: bytes) -> None:
         size = self.index.pop(block_hash, None)

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from kvserve.async_engine import EngineDeadError, RequestChannel
+from kvserve.engine import StepFailed
 from kvserve.server.chat import PreparedChat, assistant_message, prepare_chat, submit_chat
 from kvserve.server.errors import APIError, from_validation_error
 from kvserve.server.protocol import ChatCompletionRequest, ChatMessage, ResponsesRequest
@@ -334,6 +335,7 @@ async def _stream(
         yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
     except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, then end the stream
         code = "engine_unavailable" if isinstance(exc, EngineDeadError) else "internal_error"
+        code = "engine_step_failed" if isinstance(exc, StepFailed) else code
         yield event("error", code=code, message=str(exc), param=None)
     finally:
         if not channel.finished:

@@ -23,6 +23,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from kvserve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestChannel, Submission
+from kvserve.engine import StepFailed
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.errors import APIError, from_validation_error, from_value_error
@@ -152,6 +153,9 @@ async def collect(state: ServerState, channel: RequestChannel, request: Request)
         work.result()
     except EngineDeadError as exc:
         raise APIError(503, str(exc), code="engine_unavailable") from None
+    except StepFailed as exc:
+        state.engine.abort(channel)  # the channel's other prompts: their answer cannot be whole any more
+        raise APIError(500, str(exc), code="engine_step_failed") from None
     return channel.outputs
 
 
@@ -174,8 +178,10 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 def sse_error(exc: Exception) -> str:
-    status = 503 if isinstance(exc, EngineDeadError) else 500
-    return sse(APIError(status, str(exc), code="engine_unavailable" if status == 503 else "internal_error").body())
+    if isinstance(exc, EngineDeadError):
+        return sse(APIError(503, str(exc), code="engine_unavailable").body())
+    code = "engine_step_failed" if isinstance(exc, StepFailed) else "internal_error"
+    return sse(APIError(500, str(exc), code=code).body())
 
 
 class SSEResponse(StreamingResponse):
