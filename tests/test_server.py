@@ -774,6 +774,28 @@ def test_embedding_errors(server):
     wait_idle(server)
 
 
+def test_hostile_input_limits(server):
+    """Per-request limits hostile input hits, each a 400 naming the field, and the server unharmed."""
+    nested = '{"prompt": ' + "[" * 5000 + "]" * 5000 + "}"  # 10 KB, past Python's JSON recursion limit
+    assert _error(post(server, "/v1/completions", nested), 400)["code"] == "invalid_json"
+    cases = [
+        ({"n": 129}, "n"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": MAX_MODEL_LEN}, "prompt"),  # prompt + max_tokens past the context
+        ({"prompt": [5] * (MAX_MODEL_LEN + 1)}, "prompt"),
+        ({"stop": [f"s{i}" for i in range(65)]}, "stop"),
+        ({"stop": ["x" * 1025]}, "stop"),
+        ({"logit_bias": {"49152": 1}}, "logit_bias"),
+    ]
+    for fields, param in cases:
+        assert "message" in _error(post(server, "/v1/completions", {**COMPLETION, **fields}), 400, param)
+    at_the_limits = {**COMPLETION, "stop": [f"{i:02d}" for i in range(63)] + ["x" * 1024]}
+    assert post(server, "/v1/completions", at_the_limits).status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200
+    wait_idle(server)
+
+
 def test_fuzzing_findings_stay_fixed(server):
     """What schemathesis found (tests/test_fuzz.py): a 405 without Allow, lax booleans, and chat messages
     whose extra or mistyped fields were accepted (or, with tool_calls, replaced by "")."""

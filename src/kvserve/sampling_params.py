@@ -79,6 +79,10 @@ class StructuredOutputsParams:
         return kind, text
 
 
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -171,6 +175,16 @@ class SamplingParams:
             f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
         )
         need(all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them")
+        # Every generated token is checked against every stop string: bounded, so one request cannot slow
+        # every step (OpenAI allows 4 strings; vLLM does not bound them).
+        need(
+            len(self.stop) <= MAX_STOP_STRINGS,
+            f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}",
+        )
+        need(
+            all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop),
+            f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters long",
+        )
         need(
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids must be non-negative integers",

@@ -68,6 +68,8 @@ async def parse_body(request: Request, model: type[M]) -> M:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"invalid JSON body: {exc}", code="invalid_json") from None
+    except RecursionError:  # thousands of nested arrays: Python's parser gives up before the body limit
+        raise APIError(400, "invalid JSON body: nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:
