@@ -142,6 +142,8 @@ class Soak:
                 r = await (asyncio.wait_for(request, leave_after) if leave_after is not None else request)
             except asyncio.TimeoutError:
                 return Outcome("disconnected")
+            except httpx.HTTPError as exc:
+                return Outcome("lost", detail=f"{type(exc).__name__}: {exc!r}"[:160])
             return self.judge_json(r)
         ttft = None
         finished = done = False
@@ -168,7 +170,7 @@ class Soak:
                     if slow:
                         await asyncio.sleep(0.05)
         except httpx.HTTPError as exc:
-            return Outcome("lost", detail=f"{type(exc).__name__}: {exc}"[:160])
+            return Outcome("lost", detail=f"{type(exc).__name__}: {exc!r}"[:160])
         if done and finished:
             return Outcome("completed", 200, ttft)
         return Outcome("lost", 200, ttft, f"stream ended without {'[DONE]' if finished else 'a finish reason'}")
@@ -236,7 +238,11 @@ class Soak:
 
     async def run(self) -> None:
         self.deadline = time.monotonic() + self.args.duration
-        limits = httpx.Limits(max_connections=self.args.concurrency + self.args.max_waiting_requests + 32)
+        # Idle connections are dropped after 2 s, before uvicorn's 5 s keep-alive timeout closes them from
+        # its side: a request sent on a connection the server is closing at that instant fails with a
+        # ReadError that no server can prevent (httpx does not retry a POST), which is not the server's loss.
+        connections = self.args.concurrency + self.args.max_waiting_requests + 32
+        limits = httpx.Limits(max_connections=connections, keepalive_expiry=2.0)
         timeout = httpx.Timeout(self.args.request_timeout)
         async with httpx.AsyncClient(base_url=self.url, limits=limits, timeout=timeout) as client:
             await self.canary(client)
@@ -248,7 +254,8 @@ def server_args(args: argparse.Namespace, folder: str) -> list[str]:
     out = ["--max-model-len", str(args.max_model_len), "--kv-cache-memory", args.kv_cache_memory]
     out += ["--max-waiting-requests", str(args.max_waiting_requests), "--log-stats-interval", "10"]
     if args.tiers_int8:
-        out += ["--kv-cache-dtype", "int8", "--kv-offload-memory", "64MiB", "--kv-offload-dir", folder]
+        out += ["--kv-cache-dtype", "int8", "--kv-offload-memory", "64MiB"]
+        out += ["--kv-offload-dir", folder, "--kv-offload-disk", "256MiB"]
     return out
 
 
