@@ -446,16 +446,10 @@ class EmbeddingResponse(BaseModel):
 # ---------------------------------------------------------------- /v1/responses (stateless)
 
 
-class ResponsesFunctionTool(BaseModel):
-    """A Responses API function tool: the chat API's function definition, flat."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
+class ResponsesFunctionTool(FunctionDefinition):
+    """A Responses API function tool: the chat API's function definition, flat, with its type beside it."""
 
     type: Literal["function"]
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None  # required and named calls always follow the schema here
 
 
 class ResponsesNamedToolChoice(BaseModel):
