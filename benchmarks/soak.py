@@ -11,7 +11,7 @@ another, drawn at random:
 - prompts from 1 token to near max_model_len, a third of them behind one of a few shared prefixes;
 - 10% of the clients leave at a random point (mid-stream, or before a non-streamed answer);
 - 5% of the streams are read slowly (a pause after every chunk);
-- every 15 s a burst of requests past --max-waiting-requests (the overflow must get clean 503s);
+- every 30 s a burst of 16 requests more than the waiting queue has room for (clean 503s expected);
 - a greedy "canary" request, repeated through the run: its text must never change.
 
 Every request ends as exactly one of: completed (a whole answer: [DONE] after a finish reason, or a
@@ -42,7 +42,7 @@ from kvserve.server.launch import ServerProcess
 
 WORDS = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "words.txt")).read().split()
 CANARY = {"prompt": "The three primary colors are", "max_tokens": 24, "temperature": 0}
-BURST_EVERY_S = 15.0
+BURST_EVERY_S = 30.0
 
 
 @dataclass
@@ -222,10 +222,12 @@ class Soak:
         self.outcomes.append(await self.timed(run()))
 
     async def bursts(self, client: httpx.AsyncClient) -> None:
-        """Every BURST_EVERY_S: more requests at once than the waiting queue holds."""
+        """Every BURST_EVERY_S: 16 requests more than the waiting queue has room for, all at once (so that
+        the overflow must get clean 503s without the bursts alone keeping the queue full)."""
         while time.monotonic() + BURST_EVERY_S < self.deadline:
             await asyncio.sleep(BURST_EVERY_S)
-            size = self.args.max_waiting_requests + 16
+            waiting = (await asyncio.to_thread(metrics, self.url))["kvserve:num_requests_waiting"]
+            size = max(0, self.args.max_waiting_requests - int(waiting)) + 16
             bodies = [{"prompt": [100 + i, 200, 300], "max_tokens": 4} for i in range(size)]
             results = await asyncio.gather(
                 *(self.timed(self.send(client, "/v1/completions", b, None, False)) for b in bodies)
