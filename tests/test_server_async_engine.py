@@ -167,3 +167,41 @@ def test_dead_engine_fails_requests_and_health():
             await ae.submit([sub("y")])
 
     asyncio.run(main())
+
+
+def test_client_gone_mid_upload_is_no_server_error(caplog):
+    """A client that leaves before its body has arrived (seen in the soak): a 499 for nobody, no 500, no
+    traceback in the log."""
+    import logging
+
+    from kvserve.server.app import create_app
+    from kvserve.server.metrics import ServerMetrics
+    from kvserve.server.serving import ServerState
+
+    async def main():
+        ae = await started(FakeEngine())
+        app = create_app(ServerState(ae, None, "fake", set(), 128), ServerMetrics("fake"), None, 1 << 20)
+        incoming = [
+            {"type": "http.request", "body": b'{"prompt": [1, 2', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+        sent = []
+
+        async def receive():
+            return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b""}
+        await app(
+            {**scope, "http_version": "1.1", "scheme": "http", "server": ("t", 80), "root_path": ""}, receive, send
+        )
+        await ae.shutdown()
+        return sent
+
+    caplog.set_level(logging.INFO, logger="kvserve.server")
+    sent = asyncio.run(main())
+    assert sent[0]["status"] == 499
+    server_log = [r for r in caplog.records if r.name == "kvserve.server"]  # other tests' engine threads log too
+    assert server_log and all(r.levelname == "INFO" and r.exc_info is None for r in server_log)

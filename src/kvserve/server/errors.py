@@ -26,6 +26,7 @@ _TYPES = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    499: "invalid_request_error",  # nginx's "client closed request": the client left before it was read
     503: "server_error",
 }
 

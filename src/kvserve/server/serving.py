@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -63,7 +64,11 @@ class ServerState:
 
 
 async def parse_body(request: Request, model: type[M]) -> M:
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect:  # gone mid-upload: nobody to answer, nothing to log as a server error
+        message = "the client closed the connection before sending its whole request"
+        raise APIError(499, message, code="client_closed") from None
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
