@@ -45,7 +45,8 @@ def test_schemathesis_finds_nothing(tmp_path):
         # a time limit is no correctness check: a constrained answer of max_model_len tokens on a busy
         # 2-core machine took 14.6 s once, past schemathesis' default 10 s
         command += ["--request-timeout", "300", "--max-response-time", "300", "--report-dir", str(tmp_path)]
-        run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        # cwd: schemathesis keeps a .schemathesis/ cache in its working directory, not in the checkout
+        run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
         assert run.returncode == 0, run.stdout[-6000:]
     finally:
         code = server.stop()
