@@ -21,6 +21,7 @@ import signal
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvserve.async_engine import AsyncEngine
@@ -103,6 +104,12 @@ def create_app(state: ServerState, metrics: ServerMetrics, api_key: str | None, 
     auth = [Depends(authorize)]
 
     public = {"security": []}  # no API key needed, whatever --api-key says
+    body_models: list[type[BaseModel]] = []  # every route's request model, for /openapi.json's components
+
+    def body(model: type[BaseModel]) -> dict:
+        """A route's request body, declared in /openapi.json (the routes parse their bodies themselves)."""
+        body_models.append(model)
+        return json_body(model)
 
     @app.get("/health", responses={503: ERROR_RESPONSES[503]}, openapi_extra=public)
     async def health() -> Response:
@@ -126,7 +133,7 @@ def create_app(state: ServerState, metrics: ServerMetrics, api_key: str | None, 
         return JSONResponse(ModelList(data=[card]).model_dump())
 
     @app.post(
-        "/v1/completions", dependencies=auth, openapi_extra=json_body(CompletionRequest), responses=GENERATION_RESPONSES
+        "/v1/completions", dependencies=auth, openapi_extra=body(CompletionRequest), responses=GENERATION_RESPONSES
     )
     async def completions(request: Request) -> Response:
         return await create_completion(state, request)
@@ -134,17 +141,17 @@ def create_app(state: ServerState, metrics: ServerMetrics, api_key: str | None, 
     @app.post(
         "/v1/chat/completions",
         dependencies=auth,
-        openapi_extra=json_body(ChatCompletionRequest),
+        openapi_extra=body(ChatCompletionRequest),
         responses=GENERATION_RESPONSES,
     )
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(state, request)
 
-    @app.post("/tokenize", dependencies=auth, openapi_extra=json_body(TokenizeRequest), responses=ERROR_RESPONSES)
+    @app.post("/tokenize", dependencies=auth, openapi_extra=body(TokenizeRequest), responses=ERROR_RESPONSES)
     async def tokenize_route(request: Request) -> Response:
         return await tokenize(state, request)
 
-    @app.post("/detokenize", dependencies=auth, openapi_extra=json_body(DetokenizeRequest), responses=ERROR_RESPONSES)
+    @app.post("/detokenize", dependencies=auth, openapi_extra=body(DetokenizeRequest), responses=ERROR_RESPONSES)
     async def detokenize_route(request: Request) -> Response:
         return await detokenize(state, request)
 
@@ -152,24 +159,13 @@ def create_app(state: ServerState, metrics: ServerMetrics, api_key: str | None, 
     async def tokenizer_info_route() -> Response:
         return await tokenizer_info(state)
 
-    @app.post("/v1/embeddings", dependencies=auth, openapi_extra=json_body(EmbeddingRequest), responses=ERROR_RESPONSES)
+    @app.post("/v1/embeddings", dependencies=auth, openapi_extra=body(EmbeddingRequest), responses=ERROR_RESPONSES)
     async def embeddings(request: Request) -> Response:
         return await create_embeddings(state, request)
 
-    @app.post(
-        "/v1/responses", dependencies=auth, openapi_extra=json_body(ResponsesRequest), responses=GENERATION_RESPONSES
-    )
+    @app.post("/v1/responses", dependencies=auth, openapi_extra=body(ResponsesRequest), responses=GENERATION_RESPONSES)
     async def responses(request: Request) -> Response:
         return await create_response(state, request)
-
-    body_models = [
-        CompletionRequest,
-        ChatCompletionRequest,
-        TokenizeRequest,
-        DetokenizeRequest,
-        EmbeddingRequest,
-        ResponsesRequest,
-    ]
 
     @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
     async def openapi() -> JSONResponse:

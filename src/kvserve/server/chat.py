@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from kvserve.async_engine import RequestChannel, Submission
 from kvserve.sampling_params import SamplingParams, StructuredOutputsParams
-from kvserve.server.errors import APIError
+from kvserve.server.errors import APIError, param_renamed
 from kvserve.server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -49,7 +49,7 @@ from kvserve.server.serving import (
     submit,
     usage,
 )
-from kvserve.server.tools import ToolCallStream, ToolCallText, ToolPlan, plan_tools, template_messages
+from kvserve.server.tools import ToolCallText, ToolPlan, plan_tools, template_messages, tool_call_stream
 
 
 def _chat_logprobs(
@@ -98,12 +98,8 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> PreparedChat
 
 
 async def submit_chat(state: ServerState, chat: PreparedChat, request_id: str) -> RequestChannel:
-    try:
+    with param_renamed("prompt", "messages"):  # the prompt is the rendered conversation
         return await submit(state, [Submission(request_id, chat.prompt_ids, chat.params)])
-    except APIError as exc:
-        if exc.param == "prompt":  # the prompt is the rendered conversation
-            exc.param = "messages"
-        raise
 
 
 async def create_chat_completion(state: ServerState, request: Request) -> Response:
@@ -171,10 +167,9 @@ async def _stream(
 ) -> AsyncIterator[str]:
     created = int(time.time())
     num_completion = 0
-    # "auto": content streams while it cannot be a call; required and named calls are sent when they end
-    streams = [ToolCallStream(plan.parser) for _ in range(req.n)] if plan is not None and plan.mode == "auto" else None
-    held = plan is not None and plan.mode in ("required", "named")
-    texts = [""] * req.n
+    # a choice that may call tools: "auto" content streams while it cannot be a call; required and named
+    # calls (JSON to the end) are held whole; the calls come in the choice's last delta
+    streams = [tool_call_stream(plan) for _ in range(req.n)] if plan is not None and plan.mode != "none" else None
 
     def chunk(choices: list[ChatStreamChoice], **extra) -> str:
         return sse(
@@ -204,13 +199,6 @@ async def _stream(
                         ]
                         message = DeltaMessage(content=(content + rest) or None, tool_calls=deltas_calls or None)
                         finish_reason = _calls_finish(finish_reason) if calls else finish_reason
-                elif held:
-                    texts[delta.index] += delta.text
-                    message = DeltaMessage()
-                    if finish_reason is not None:
-                        whole, finish_reason = assistant_message(plan, texts[delta.index], finish_reason)
-                        calls = [DeltaToolCall(index=i, **c.model_dump()) for i, c in enumerate(whole.tool_calls or [])]
-                        message = DeltaMessage(content=whole.content, tool_calls=calls or None)
                 if message.content or message.tool_calls or logprobs is not None or finish_reason is not None:
                     choices.append(
                         ChatStreamChoice(

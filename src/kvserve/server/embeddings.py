@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 
 from kvserve.async_engine import Submission
 from kvserve.sampling_params import SamplingParams
-from kvserve.server.errors import APIError
+from kvserve.server.errors import APIError, param_renamed
 from kvserve.server.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from kvserve.server.serving import ClientGone, ServerState, collect, new_id, parse_body, submit
 
@@ -39,19 +39,12 @@ async def create_embeddings(state: ServerState, request: Request) -> Response:
         )
         if not ids:
             raise APIError(400, "input contains an empty string or token list", param="input")
-        if len(ids) > state.max_model_len:
-            message = f"an input has {len(ids)} tokens; this model's maximum context length is {state.max_model_len}"
-            raise APIError(400, message, param="input", code="context_length_exceeded")
         encoded.append(list(ids))
     base = new_id("embd")
     params = SamplingParams(max_tokens=0, embed=True)
     submissions = [Submission(f"{base}-{i}", ids, params) for i, ids in enumerate(encoded)]
-    try:
+    with param_renamed("prompt", "input"):  # the engine checks each input as a prompt (length, token ids)
         channel = await submit(state, submissions)
-    except APIError as exc:  # the engine's checks name the prompt: here it is the input
-        if exc.param == "prompt":
-            exc.param = "input"
-        raise
     try:
         outputs = await collect(state, channel, request)
     except ClientGone:

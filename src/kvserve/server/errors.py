@@ -7,8 +7,10 @@ traceback and never dies of one request.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import typing
+from collections.abc import Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,6 +50,18 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+@contextlib.contextmanager
+def param_renamed(old: str, new: str) -> Iterator[None]:
+    """An APIError raised inside that names `old` names `new`: the engine's checks speak of the prompt, which
+    an endpoint receives as its own field (a chat's messages, an embedding's input)."""
+    try:
+        yield
+    except APIError as exc:
+        if exc.param == old:
+            exc.param = new
+        raise
 
 
 def from_validation_error(

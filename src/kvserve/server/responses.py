@@ -31,10 +31,10 @@ from pydantic import ValidationError
 from kvserve.async_engine import EngineDeadError, RequestChannel
 from kvserve.engine import StepFailed
 from kvserve.server.chat import PreparedChat, assistant_message, prepare_chat, submit_chat
-from kvserve.server.errors import APIError, from_validation_error
+from kvserve.server.errors import APIError, from_validation_error, param_renamed
 from kvserve.server.protocol import ChatCompletionRequest, ChatMessage, ResponsesRequest
 from kvserve.server.serving import ClientGone, ServerState, SSEResponse, collect, new_id, parse_body
-from kvserve.server.tools import ToolCallStream
+from kvserve.server.tools import tool_call_stream
 
 _REFUSED = "unsupported_parameter"  # the code of a field refused by name, as for undeclared fields
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -185,7 +185,14 @@ class _Response:
     def text_part(text: str) -> dict[str, Any]:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
-    def body(self, status: str, output: list[dict[str, Any]], num_output_tokens: int | None = None) -> dict[str, Any]:
+    def body(
+        self,
+        status: str,
+        output: list[dict[str, Any]],
+        num_output_tokens: int | None = None,
+        num_cached_tokens: int = 0,
+    ) -> dict[str, Any]:
+        """The response object; usage once the answer is complete (num_output_tokens given)."""
         req = self.req
         tool_choice = (
             req.tool_choice.model_dump()
@@ -201,8 +208,8 @@ class _Response:
         if num_output_tokens is not None:
             usage = {
                 "input_tokens": self.num_input_tokens,
-                # cached_tokens: prefix-cache hits (set by the caller); cache writes are not billed here
-                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                # cached_tokens: prefix-cache hits; cache writes are not billed here
+                "input_tokens_details": {"cached_tokens": num_cached_tokens, "cache_write_tokens": 0},
                 "output_tokens": num_output_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": self.num_input_tokens + num_output_tokens,
@@ -239,32 +246,22 @@ def _status(finish_reason: str | None) -> str:
 
 async def create_response(state: ServerState, request: Request) -> Response:
     req = await parse_body(request, ResponsesRequest)
-    chat_req = chat_request(req)
-    try:
-        chat = prepare_chat(state, chat_req)
-    except APIError as exc:
-        if exc.param == "messages":
-            exc.param = "input"
-        raise
-    response = _Response(state, req, len(chat.prompt_ids))
-    try:
+    with param_renamed("messages", "input"):  # the chat's messages are this request's input
+        chat = prepare_chat(state, chat_request(req))
+        response = _Response(state, req, len(chat.prompt_ids))
         channel = await submit_chat(state, chat, response.id)
-    except APIError as exc:
-        if exc.param == "messages":
-            exc.param = "input"
-        raise
     if req.stream:
         return SSEResponse(_stream(state, chat, response, channel))
     try:
         outputs = await collect(state, channel, request)
     except ClientGone:
         return Response(status_code=499)
-    (seq,) = outputs[response.id].outputs
+    output = outputs[response.id]
+    (seq,) = output.outputs
     message, finish_reason = assistant_message(chat.plan, seq.text, seq.finish_reason)
     status = _status(finish_reason)
-    body = response.body(status, response.items(message, status), len(seq.token_ids))
-    body["usage"]["input_tokens_details"]["cached_tokens"] = outputs[response.id].num_cached_tokens
-    return JSONResponse(body)
+    items = response.items(message, status)
+    return JSONResponse(response.body(status, items, len(seq.token_ids), output.num_cached_tokens))
 
 
 async def _stream(
@@ -288,10 +285,9 @@ async def _stream(
         ]
 
     plan = chat.plan
-    # "auto" streams content while it cannot be a call (ToolCallStream); required and named calls are
-    # JSON to the end; without tools the text is the content.
-    stream = ToolCallStream(plan.parser) if plan is not None and plan.mode == "auto" else None
-    held = plan is not None and plan.mode in ("required", "named")
+    # An answer that may call tools streams what cannot be a call (tools.ToolCallStream); without tools
+    # the text is the content.
+    stream = tool_call_stream(plan) if plan is not None and plan.mode != "none" else None
     text, sent, finish_reason, num_output, opened = "", "", None, 0, False
     try:
         yield event("response.created", response=response.body("in_progress", []))
@@ -301,7 +297,7 @@ async def _stream(
                 num_output += len(delta.token_ids)
                 finish_reason = delta.finish_reason or finish_reason
                 text += delta.text
-                piece = stream.add(delta.text) if stream is not None else "" if held else delta.text
+                piece = stream.add(delta.text) if stream is not None else delta.text
                 if piece:
                     if not opened:
                         for line in open_message():
@@ -331,7 +327,7 @@ async def _stream(
                     "response.function_call_arguments.done", **call_at, name=item["name"], arguments=item["arguments"]
                 )
             yield event("response.output_item.done", output_index=index, item=item)
-        final = response.body(status, items, num_output)
+        final = response.body(status, items, num_output, channel.outputs[response.id].num_cached_tokens)
         yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
     except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, then end the stream
         code = "engine_unavailable" if isinstance(exc, EngineDeadError) else "internal_error"

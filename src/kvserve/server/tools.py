@@ -221,9 +221,10 @@ class ToolCallStream:
     hermes: everything before `<tool_call>` (a tag half-arrived is held), but not trailing whitespace
     (the parser drops it before a call) nor a text so far blank (a call may follow, leaving no content).
     llama3_json: a call is the whole answer, so an answer that starts (after whitespace) with `{` or
-    `<|python_tag|>` is held to the end; any other is content from its first character."""
+    `<|python_tag|>` is held to the end; any other is content from its first character. No parser
+    (required and named calls: the answer is JSON to its end): everything is held."""
 
-    parser: str
+    parser: str | None
     text: str = ""
     sent: int = 0  # characters of text sent as content
 
@@ -243,6 +244,8 @@ class ToolCallStream:
 
     def _safe_end(self) -> int:
         text = self.text
+        if self.parser is None:
+            return 0
         if self.parser == "hermes":
             start = text.find(_HERMES_START)
             end = start if start >= 0 else len(text) - _partial_tag_len(text, _HERMES_START)
@@ -252,3 +255,8 @@ class ToolCallStream:
         if not body or body.startswith(("{", _PYTHON_TAG)) or _PYTHON_TAG.startswith(body):
             return 0
         return len(text)
+
+
+def tool_call_stream(plan: ToolPlan) -> ToolCallStream:
+    """The stream of a choice that may call tools: "auto" parses as it goes, the enforced forms hold all."""
+    return ToolCallStream(plan.parser if plan.mode == "auto" else None)
