@@ -12,6 +12,8 @@ another, drawn at random:
 - 10% of the clients leave at a random point (mid-stream, or before a non-streamed answer);
 - 5% of the streams are read slowly (a pause after every chunk);
 - every 30 s a burst of 16 requests more than the waiting queue has room for (clean 503s expected);
+- the server runs with --max-queue-time under the clients' timeout: a request the overloaded server
+  cannot start in time gets a clean 503 (queue_timeout, in-band when streamed), not a hang;
 - a greedy "canary" request, repeated through the run: its text must never change.
 
 Every request ends as exactly one of: completed (a whole answer: [DONE] after a finish reason, or a
@@ -69,6 +71,7 @@ class Report:
     preemptions: float = 0.0
     canary_texts: int = 0
     lost_examples: list[str] = field(default_factory=list)
+    fuzz: str = "off"  # schemathesis alongside the load (--fuzz-examples): off, passed, or its failures
 
     @property
     def rss_growth(self) -> float:
@@ -86,6 +89,8 @@ class Report:
             problems.append(f"RSS grew {self.rss_growth:.1%} (limit {max_rss_growth:.0%})")
         if self.canary_texts > 1:
             problems.append(f"the greedy canary gave {self.canary_texts} different texts")
+        if self.fuzz not in ("off", "passed"):
+            problems.append(f"schemathesis found failures: {self.fuzz}")
         return problems
 
 
@@ -110,6 +115,7 @@ class Soak:
         self.prefixes = [[rng.randrange(100, 30000) for _ in range(rng.randrange(32, 200))] for _ in range(4)]
         self.deadline = 0.0
         self.rss_warm: float | None = None
+        self.fuzz_result = "off"
         self.pid = 0
 
     # ---- requests
@@ -161,6 +167,8 @@ class Soak:
                         break
                     payload = json.loads(line[len("data: ") :])
                     if "error" in payload:
+                        if payload["error"].get("code") == "queue_timeout":  # waited past --max-queue-time
+                            return Outcome("rejected", 503)
                         return Outcome("lost", 200, detail=f"in-band error: {payload['error']['message'][:120]}")
                     ttft = ttft if ttft is not None else time.monotonic() - start
                     finished = finished or any(c.get("finish_reason") for c in payload.get("choices", []))
@@ -238,6 +246,22 @@ class Soak:
         await asyncio.sleep(self.args.duration * 0.2)
         self.rss_warm = rss_mib(self.pid)
 
+    async def fuzz(self) -> None:
+        """schemathesis against /openapi.json while the load runs (the test suite's short run, longer, on a
+        server under pressure): every check but positive_data_acceptance (see tests/test_fuzz.py)."""
+        command = [sys.executable, "-m", "schemathesis.cli", "run", self.url + "/openapi.json", "--checks", "all"]
+        command += ["--exclude-checks", "positive_data_acceptance", "--max-examples", str(self.args.fuzz_examples)]
+        command += ["--seed", str(self.args.seed), "--phases", "examples,coverage,fuzzing", "--workers", "2"]
+        timeout = str(self.args.request_timeout)
+        command += ["--request-timeout", timeout, "--max-response-time", timeout]
+        with tempfile.TemporaryDirectory(prefix="kvserve-fuzz-") as cwd:  # its .schemathesis/ cache goes there
+            proc = await asyncio.create_subprocess_exec(
+                *command, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            )
+            output, _ = await proc.communicate()
+        text = output.decode(errors="replace")
+        self.fuzz_result = "passed" if proc.returncode == 0 else text[-2000:]
+
     async def run(self) -> None:
         self.deadline = time.monotonic() + self.args.duration
         # Idle connections are dropped after 2 s, before uvicorn's 5 s keep-alive timeout closes them from
@@ -249,12 +273,14 @@ class Soak:
         async with httpx.AsyncClient(base_url=self.url, limits=limits, timeout=timeout) as client:
             await self.canary(client)
             clients = (self.client(client, i) for i in range(self.args.concurrency))
-            await asyncio.gather(self.warm_up(), self.bursts(client), *clients)
+            fuzz = [self.fuzz()] if self.args.fuzz_examples else []
+            await asyncio.gather(self.warm_up(), self.bursts(client), *fuzz, *clients)
 
 
 def server_args(args: argparse.Namespace, folder: str) -> list[str]:
     out = ["--max-model-len", str(args.max_model_len), "--kv-cache-memory", args.kv_cache_memory]
     out += ["--max-waiting-requests", str(args.max_waiting_requests), "--log-stats-interval", "10"]
+    out += ["--max-queue-time", str(args.max_queue_time)]
     if args.tiers_int8:
         out += ["--kv-cache-dtype", "int8", "--kv-offload-memory", "64MiB"]
         out += ["--kv-offload-dir", folder, "--kv-offload-disk", "256MiB"]
@@ -297,6 +323,7 @@ def soak(args: argparse.Namespace) -> Report:
             preemptions=m.get("kvserve:num_preemptions_total", 0.0),
             canary_texts=len(run.canary_texts),
             lost_examples=[o.detail for o in run.outcomes if o.kind == "lost"][:10],
+            fuzz=run.fuzz_result,
         )
         if code != 0 or "Traceback" in server.output():
             report.lost_examples.append(f"server exit {code}; traceback in its log: {'Traceback' in server.output()}")
@@ -313,6 +340,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-waiting-requests", type=int, default=None, help="default: 2x concurrency")
     parser.add_argument("--tiers-int8", action="store_true", help="int8 KV and host + disk tiers")
     parser.add_argument("--request-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--max-queue-time", type=float, default=150.0, help="the server's: a request never waits out the client"
+    )
+    parser.add_argument(
+        "--fuzz-examples", type=int, default=0, help="run schemathesis with this many examples per operation alongside"
+    )
     parser.add_argument("--max-rss-growth", type=float, default=0.10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the report here")

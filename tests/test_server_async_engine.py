@@ -20,7 +20,7 @@ class FakeEngine:
     """One token per running request per step; token i of a request is i. `fail_on_step` makes step raise."""
 
     def __init__(self, max_waiting: int = 100) -> None:
-        self.config = SimpleNamespace(log_stats_interval=0, max_waiting_requests=max_waiting)
+        self.config = SimpleNamespace(log_stats_interval=0, max_waiting_requests=max_waiting, max_queue_time=None)
         self.requests: dict[str, dict] = {}
         self.aborted: list[str] = []
         self.steps = 0

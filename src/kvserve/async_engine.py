@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvserve.engine import Engine, StepFailed
+from kvserve.engine import Engine, StepFailed, return_freed_memory
 from kvserve.outputs import RequestOutput, SequenceDelta
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.stats_log import EngineObserver, PeriodicStats, RequestRecord, log_request
@@ -57,6 +57,10 @@ class EngineDeadError(RuntimeError):
 
 class QueueFullError(RuntimeError):
     """More requests are waiting than --max-waiting-requests allows."""
+
+
+class QueueTimeoutError(RuntimeError):
+    """A request waited longer than --max-queue-time without being scheduled."""
 
 
 @dataclass
@@ -228,13 +232,15 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
-            self.engine = self.engine_factory()
+            engine = self.engine_factory()
+            self._stats = PeriodicStats(engine.config.log_stats_interval)
+            self.max_waiting_requests = engine.config.max_waiting_requests
+            self.max_queue_time = engine.config.max_queue_time
+            self.engine = engine
         except BaseException as exc:  # noqa: BLE001 - launch() re-raises it on the caller's thread
             self._error = exc
             self._ready.set()
             return
-        self._stats = PeriodicStats(self.engine.config.log_stats_interval)
-        self.max_waiting_requests = self.engine.config.max_waiting_requests
         self._ready.set()
         try:
             while True:
@@ -252,6 +258,8 @@ class AsyncEngine:
                     elif kind == "abort":
                         for request_id in payload:
                             self._abort(request_id, "abort")
+                if self.max_queue_time is not None:
+                    self._expire_waiting(events)
                 self._deliver(events)  # answers to adds go out before the step (which may raise)
                 events = []
                 if self.engine.has_unfinished():
@@ -298,9 +306,26 @@ class AsyncEngine:
         self._failed_steps = 0
         return deltas
 
+    def _expire_waiting(self, events: list) -> None:
+        """Ends the requests that have waited longer than --max-queue-time without running: an answer the
+        client can act on (503, retry elsewhere) instead of a wait past its own timeout."""
+        for request_id in self.engine.waiting_since(time.monotonic() - self.max_queue_time):
+            live = self._live.get(request_id)
+            if live is None:
+                continue
+            self._abort(request_id, "queue_timeout")
+            error = QueueTimeoutError(
+                f"the request waited {self.max_queue_time:g} s without being scheduled (--max-queue-time); "
+                "the server is overloaded: retry later"
+            )
+            events.append((live.channel, "error", request_id, error))
+
     def _check_idle(self) -> None:
         """The DESIGN invariant, checked whenever the engine falls idle: no request left, every block free or
-        cached-and-evictable. A violation is an engine bug: logged loudly, but the server keeps serving."""
+        cached-and-evictable. A violation is an engine bug: logged loudly, but the server keeps serving.
+        Then the heap's free pages go back to the OS (malloc_trim, ~1 ms): what a busy spell freed would
+        otherwise stay resident (glibc keeps it in its arenas), and an idle server's RSS is what it holds."""
+        return_freed_memory()
         check = getattr(self.engine, "check_idle", None)
         if check is None:
             return

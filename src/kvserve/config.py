@@ -68,6 +68,8 @@ HELP = {
     "kv_offload_disk": "size limit of the disk tier (e.g. 50GiB)",
     "seed": "seed for requests that give none",
     "max_waiting_requests": "queue length past which the server answers 503",
+    "max_queue_time": "seconds a request may wait before it first runs; past it, it ends with 503 queue_timeout "
+    "(default: no bound)",
     "log_stats_interval": "seconds between periodic engine stats lines (0: off)",
     "num_threads": "CPU threads for torch (0: torch's default)",
     "chat_template": "a Jinja chat template (a file, or the template itself) replacing the model's own; for "
@@ -93,6 +95,7 @@ class EngineConfig:
     kv_offload_disk: int | str | None = None
     seed: int = 0
     max_waiting_requests: int = 1024
+    max_queue_time: float | None = None
     log_stats_interval: float = 10.0
     num_threads: int = 0
     chat_template: str | None = None
@@ -124,6 +127,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_queue_time is not None and not self.max_queue_time > 0:
+            raise ValueError(f"max_queue_time must be a positive number of seconds, got {self.max_queue_time!r}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
 

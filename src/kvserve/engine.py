@@ -283,6 +283,15 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def waiting_since(self, before: float) -> list[str]:
+        """Ids of the requests that have waited since before `before` (time.monotonic()) without ever being
+        scheduled (a preempted request has run, and is not counted). Oldest first."""
+        return [
+            r.request_id
+            for r in self.scheduler.waiting
+            if r.status is RequestStatus.WAITING and r.arrival_time < before
+        ]
+
     # ------------------------------------------------------------------ the step
 
     def step(self) -> list[SequenceDelta]:

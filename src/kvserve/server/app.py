@@ -4,9 +4,9 @@ Threads: the asyncio loop (uvicorn, this module, the handlers) and the engine th
 The engine is built before the socket is bound, so a bad model path fails at once with exit 2, and
 a client that sees /health 200 can be served.
 
-Shutdown on SIGINT/SIGTERM (uvicorn): stop accepting connections, let in-flight requests finish for
-up to --shutdown-timeout seconds, cancel the rest (their streams abort their engine requests), then
-stop the engine thread, and exit 0.
+Shutdown on SIGINT/SIGTERM (drain.py): new requests get 503 while in-flight ones finish, for up to
+--shutdown-timeout seconds; then the engine stops, the rest end with an error saying so, and the
+process exits 0.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from kvserve.async_engine import AsyncEngine
 from kvserve.config import EngineConfig
 from kvserve.server.chat import create_chat_completion
 from kvserve.server.completions import create_completion
+from kvserve.server.drain import SHUTDOWN_GRACE, Drain, DrainingServer, DrainMiddleware
 from kvserve.server.embeddings import create_embeddings
 from kvserve.server.errors import APIError, install_handlers
 from kvserve.server.metrics import ServerMetrics
@@ -82,7 +83,9 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-def create_app(state: ServerState, metrics: ServerMetrics, api_key: str | None, max_request_bytes: int) -> FastAPI:
+def create_app(
+    state: ServerState, metrics: ServerMetrics, api_key: str | None, max_request_bytes: int, drain: Drain | None = None
+) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         state.engine.attach_loop()  # the engine thread was launched (and the model loaded) before the server
@@ -92,6 +95,8 @@ def create_app(state: ServerState, metrics: ServerMetrics, api_key: str | None, 
     app = FastAPI(title="kvserve", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     install_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
+    if drain is not None:
+        app.add_middleware(DrainMiddleware, drain=drain)  # added last: the outermost, so it sees every request
     expected = f"Bearer {api_key}".encode() if api_key else None
 
     def authorize(request: Request) -> None:
@@ -213,16 +218,17 @@ def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
         vocab_size=engine.model_config.vocab_size,
     )
     api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
-    app = create_app(state, metrics, api_key, args.max_request_bytes)
+    drain = Drain(timeout=getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT), cut=async_engine.shutdown)
+    app = create_app(state, metrics, api_key, args.max_request_bytes, drain)
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=logging.getLevelName(logging.getLogger().level).lower(),
         access_log=False,  # one line per request comes from the engine thread, with its token counts
-        timeout_graceful_shutdown=getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT),
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, drain)
     # uvicorn re-raises the signal it caught once it has shut down, through the handler that was installed
     # before it started: make that a no-op so a graceful shutdown exits 0 rather than dying of the signal.
     for sig in (signal.SIGINT, signal.SIGTERM):

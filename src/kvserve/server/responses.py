@@ -28,12 +28,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from kvserve.async_engine import EngineDeadError, RequestChannel
-from kvserve.engine import StepFailed
+from kvserve.async_engine import RequestChannel
 from kvserve.server.chat import PreparedChat, assistant_message, prepare_chat, submit_chat
 from kvserve.server.errors import APIError, from_validation_error, param_renamed
 from kvserve.server.protocol import ChatCompletionRequest, ChatMessage, ResponsesRequest
-from kvserve.server.serving import ClientGone, ServerState, SSEResponse, collect, new_id, parse_body
+from kvserve.server.serving import ClientGone, ServerState, SSEResponse, collect, new_id, parse_body, stream_error
 from kvserve.server.tools import tool_call_stream
 
 _REFUSED = "unsupported_parameter"  # the code of a field refused by name, as for undeclared fields
@@ -330,9 +329,8 @@ async def _stream(
         final = response.body(status, items, num_output, channel.outputs[response.id].num_cached_tokens)
         yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
     except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, then end the stream
-        code = "engine_unavailable" if isinstance(exc, EngineDeadError) else "internal_error"
-        code = "engine_step_failed" if isinstance(exc, StepFailed) else code
-        yield event("error", code=code, message=str(exc), param=None)
+        error = stream_error(exc)
+        yield event("error", code=error.code, message=error.message, param=None)
     finally:
         if not channel.finished:
             state.engine.abort(channel)

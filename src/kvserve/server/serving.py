@@ -23,7 +23,14 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from kvserve.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestChannel, Submission
+from kvserve.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    QueueFullError,
+    QueueTimeoutError,
+    RequestChannel,
+    Submission,
+)
 from kvserve.engine import StepFailed
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
@@ -163,6 +170,9 @@ async def collect(state: ServerState, channel: RequestChannel, request: Request)
     except StepFailed as exc:
         state.engine.abort(channel)  # the channel's other prompts: their answer cannot be whole any more
         raise APIError(500, str(exc), code="engine_step_failed") from None
+    except QueueTimeoutError as exc:
+        state.engine.abort(channel)
+        raise APIError(503, str(exc), code="queue_timeout") from None
     return channel.outputs
 
 
@@ -184,11 +194,18 @@ def sse(payload: BaseModel | dict) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def sse_error(exc: Exception) -> str:
+def stream_error(exc: Exception) -> APIError:
+    """What an exception out of a channel means to the client, once a stream's headers are sent."""
     if isinstance(exc, EngineDeadError):
-        return sse(APIError(503, str(exc), code="engine_unavailable").body())
+        return APIError(503, str(exc), code="engine_unavailable")
+    if isinstance(exc, QueueTimeoutError):
+        return APIError(503, str(exc), code="queue_timeout")
     code = "engine_step_failed" if isinstance(exc, StepFailed) else "internal_error"
-    return sse(APIError(500, str(exc), code=code).body())
+    return APIError(500, str(exc), code=code)
+
+
+def sse_error(exc: Exception) -> str:
+    return sse(stream_error(exc).body())
 
 
 class SSEResponse(StreamingResponse):
