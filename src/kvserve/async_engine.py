@@ -266,9 +266,9 @@ class AsyncEngine:
                     self._publish(self._step(events), events)
                     self._stats.busy = True
                     if not self.engine.has_unfinished():
-                        self._check_idle()
+                        self._fell_idle()
                 elif commands:
-                    self._check_idle()  # e.g. the last request was just aborted
+                    self._fell_idle()  # e.g. the last request was just aborted
                 self._deliver(events)
                 if self.observer is not None:
                     self.observer.on_loop(self.engine, self._prompt_tokens_added)
@@ -320,11 +320,11 @@ class AsyncEngine:
             )
             events.append((live.channel, "error", request_id, error))
 
-    def _check_idle(self) -> None:
-        """The DESIGN invariant, checked whenever the engine falls idle: no request left, every block free or
-        cached-and-evictable. A violation is an engine bug: logged loudly, but the server keeps serving.
-        Then the heap's free pages go back to the OS (malloc_trim, ~1 ms): what a busy spell freed would
-        otherwise stay resident (glibc keeps it in its arenas), and an idle server's RSS is what it holds."""
+    def _fell_idle(self) -> None:
+        """Whenever the engine falls idle. The heap's free pages go back to the OS (malloc_trim, ~1 ms): what a
+        busy spell freed would otherwise stay resident (glibc keeps it in its arenas), and an idle server's
+        RSS is what it holds. And the DESIGN invariant is checked: no request left, every block free or
+        cached-and-evictable; a violation is an engine bug, logged loudly, but the server keeps serving."""
         return_freed_memory()
         check = getattr(self.engine, "check_idle", None)
         if check is None:

@@ -32,7 +32,7 @@ from kvserve.async_engine import RequestChannel
 from kvserve.server.chat import PreparedChat, assistant_message, prepare_chat, submit_chat
 from kvserve.server.errors import APIError, from_validation_error, param_renamed
 from kvserve.server.protocol import ChatCompletionRequest, ChatMessage, ResponsesRequest
-from kvserve.server.serving import ClientGone, ServerState, SSEResponse, collect, new_id, parse_body, stream_error
+from kvserve.server.serving import ClientGone, ServerState, SSEResponse, channel_error, collect, new_id, parse_body
 from kvserve.server.tools import tool_call_stream
 
 _REFUSED = "unsupported_parameter"  # the code of a field refused by name, as for undeclared fields
@@ -329,7 +329,7 @@ async def _stream(
         final = response.body(status, items, num_output, channel.outputs[response.id].num_cached_tokens)
         yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
     except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, then end the stream
-        error = stream_error(exc)
+        error = channel_error(exc)
         yield event("error", code=error.code, message=error.message, param=None)
     finally:
         if not channel.finished:

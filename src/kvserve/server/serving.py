@@ -165,14 +165,9 @@ async def collect(state: ServerState, channel: RequestChannel, request: Request)
         raise ClientGone()
     try:
         work.result()
-    except EngineDeadError as exc:
-        raise APIError(503, str(exc), code="engine_unavailable") from None
-    except StepFailed as exc:
+    except (EngineDeadError, StepFailed, QueueTimeoutError) as exc:
         state.engine.abort(channel)  # the channel's other prompts: their answer cannot be whole any more
-        raise APIError(500, str(exc), code="engine_step_failed") from None
-    except QueueTimeoutError as exc:
-        state.engine.abort(channel)
-        raise APIError(503, str(exc), code="queue_timeout") from None
+        raise channel_error(exc) from None
     return channel.outputs
 
 
@@ -194,8 +189,9 @@ def sse(payload: BaseModel | dict) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def stream_error(exc: Exception) -> APIError:
-    """What an exception out of a channel means to the client, once a stream's headers are sent."""
+def channel_error(exc: Exception) -> APIError:
+    """What an exception out of a channel means to the client: the status of a whole answer, or the error
+    a stream reports in-band once its headers are sent."""
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), code="engine_unavailable")
     if isinstance(exc, QueueTimeoutError):
@@ -205,7 +201,7 @@ def stream_error(exc: Exception) -> APIError:
 
 
 def sse_error(exc: Exception) -> str:
-    return sse(stream_error(exc).body())
+    return sse(channel_error(exc).body())
 
 
 class SSEResponse(StreamingResponse):
