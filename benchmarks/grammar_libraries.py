@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from kvserve.models.loader import resolve_model_path
+from kvserve.models.paths import resolve_model_path
 from kvserve.tokenizer import Tokenizer
 
 VOCAB = 49152

@@ -74,7 +74,7 @@ def load_hf():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvserve.models.loader import default_model_path
+    from kvserve.models.paths import default_model_path
 
     folder, file = os.path.split(default_model_path())
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)

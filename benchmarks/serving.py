@@ -78,7 +78,7 @@ def hf_folder() -> str:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvserve.models.loader import default_model_path
+    from kvserve.models.paths import default_model_path
 
     directory, file = os.path.split(default_model_path())
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file)

@@ -179,7 +179,7 @@ def assert_same_or_near_tie(
 
 
 def default_gguf() -> str:
-    from kvserve.models.loader import default_model_path
+    from kvserve.models.paths import default_model_path
 
     return default_model_path()
 

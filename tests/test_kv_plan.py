@@ -166,7 +166,7 @@ def test_cli_compare(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_default_model_is_smollm2_gguf(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
-    from kvserve.models.loader import default_model_path
+    from kvserve.models.paths import default_model_path
 
     try:
         default_model_path()

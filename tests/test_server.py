@@ -20,6 +20,7 @@ import pytest
 from helpers import PLOT_PARAMETERS, POINT_SCHEMA
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvserve.kv.prefix_hash import extend_block_hashes
 from kvserve.server.launch import ServerProcess
 
 KEY = "test-key"
@@ -603,6 +604,19 @@ def test_tokenizer_info(server):
     assert info["model_max_length"] == MAX_MODEL_LEN and "<|im_start|>" in info["chat_template"]
     assert info["added_tokens_decoder"]["2"] == {"content": "<|im_end|>", "special": True}
     assert httpx.get(server.url + "/tokenizer_info").status_code == 401
+
+
+def test_kv_cache_info_gives_a_router_the_hash_chain_and_the_blocks(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    info = httpx.get(server.url + "/kv_cache", headers=auth).json()
+    assert info["block_size"] == 16 and info["prefix_caching"] and info["kv_events"] is None and info["tiers"] == []
+    prompt = list(range(1000, 1040))  # 2 full blocks + 8 tokens
+    assert post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1}).status_code == 200
+    chain: list[bytes] = []
+    extend_block_hashes(chain, bytes.fromhex(info["root_hash"]), lambda a, b: prompt[a:b], len(prompt), 16)
+    blocks = httpx.get(server.url + "/kv_cache/blocks", headers=auth).json()
+    assert {h.hex() for h in chain} <= set(blocks["device"]) and set(blocks) == {"device"}
+    assert httpx.get(server.url + "/kv_cache").status_code == 401
 
 
 # ---------------------------------------------------------------- /v1/responses

@@ -54,3 +54,19 @@ def test_queue_full_503(server):
         time.sleep(0.05)
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers=HEADERS, timeout=30)
     assert r.status_code == 200
+
+
+def test_an_event_whose_text_holds_unicode_line_separators_stays_one_line():
+    """Regression (found by the soak): JSON keeps U+2028, U+2029 and U+0085 raw inside strings, and line
+    readers built on str.splitlines (httpx's aiter_lines) cut lines at them; sse() escapes them."""
+    import json
+
+    from httpx._decoders import LineDecoder  # what aiter_lines uses
+
+    from kvserve.server.protocol import CompletionChoice, CompletionResponse
+    from kvserve.server.serving import sse
+
+    text = "a\u2028b\u2029c\x85d é"
+    event = CompletionResponse(id="x", model="m", choices=[CompletionChoice(index=0, text=text)])
+    lines = [line for line in LineDecoder().decode(sse(event)) if line]
+    assert len(lines) == 1 and json.loads(lines[0][len("data: ") :])["choices"][0]["text"] == text

@@ -30,6 +30,7 @@ when it leaves the engine (popped when finished, or aborted).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -183,6 +184,13 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
         await asyncio.to_thread(self.engine.compile_grammar, spec)
 
+    async def inspect(self, read: Callable[[Engine], Any]) -> Any:
+        """`read(engine)`, run on the engine thread between steps (the engine is not thread-safe): for reads of
+        its state, such as the prefix cache's block hashes. Raises EngineDeadError, or what `read` raised."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._put(("inspect", (read, future)))
+        return await asyncio.wrap_future(future)
+
     def abort(self, channel: RequestChannel) -> None:
         """Aborts whatever of the channel's requests is unfinished; blocks are freed on the engine's next turn."""
         pending = [r for r in channel.request_ids if r not in channel.outputs]
@@ -258,6 +266,12 @@ class AsyncEngine:
                     elif kind == "abort":
                         for request_id in payload:
                             self._abort(request_id, "abort")
+                    elif kind == "inspect":
+                        read, future = payload
+                        try:
+                            future.set_result(read(self.engine))
+                        except Exception as exc:  # noqa: BLE001 - the caller gets it
+                            future.set_exception(exc)
                 if self.max_queue_time is not None:
                     self._expire_waiting(events)
                 self._deliver(events)  # answers to adds go out before the step (which may raise)
@@ -448,6 +462,8 @@ class AsyncEngine:
                 break
             if kind == "add":
                 events.append((payload[0], "rejected", "", error))
+            elif kind == "inspect":
+                payload[1].set_exception(error)
         self._deliver(events)
 
     # ------------------------------------------------------------------ logging

@@ -305,7 +305,7 @@ def add_bench_parser(subparsers) -> None:
 def load_tokenizer(spec: str | None):
     if spec is None:
         return None
-    from kvserve.models.loader import resolve_model_path
+    from kvserve.models.paths import resolve_model_path
     from kvserve.tokenizer import Tokenizer
 
     return Tokenizer.load(resolve_model_path(None if spec == "default" else spec))

@@ -1,4 +1,4 @@
-"""kvserve serve | generate | chat | bench | kv-plan.
+"""kvserve serve | generate | chat | bench | kv-plan | router.
 
 Engine flags are generated from EngineConfig's fields (max_num_seqs -> --max-num-seqs),
 so the CLI, the Python keywords and the server share one set of names.
@@ -16,6 +16,7 @@ import typing
 from kvserve.bench import add_bench_parser
 from kvserve.config import HELP, EngineConfig
 from kvserve.kv_plan import add_kv_plan_parser
+from kvserve.router.main import add_router_args, add_router_parser
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -147,6 +148,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.data_parallel_size > 1:
+        from kvserve.router.replicas import run_replicas
+
+        return run_replicas(args)
     from kvserve.server.app import run_server
 
     return run_server(args, engine_config_from_args(args))
@@ -186,9 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM"
     )
+    serve.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="N > 1: N engine processes (each its own KV cache, the threads split between them) behind the "
+        "KV-cache-aware router on --port",
+    )
+    add_router_args(serve)
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
+    add_router_parser(sub)
     add_bench_parser(sub)
     add_kv_plan_parser(sub)
     return parser

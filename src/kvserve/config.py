@@ -66,6 +66,9 @@ HELP = {
     "kv_offload_memory": "host RAM tier for prefix blocks evicted from the KV cache (e.g. 8GiB; default off)",
     "kv_offload_dir": "folder of the disk tier for prefix blocks, kept across restarts (needs --kv-offload-disk)",
     "kv_offload_disk": "size limit of the disk tier (e.g. 50GiB)",
+    "kv_events_endpoint": "publish KV cache events (blocks stored and removed, vLLM's schema: ZMQ PUB, msgpack) on this "
+    "address, e.g. tcp://127.0.0.1:5557 (default off)",
+    "kv_events_replay_endpoint": "the KV events' replay socket (default: the events port + 1)",
     "seed": "seed for requests that give none",
     "max_waiting_requests": "queue length past which the server answers 503",
     "max_queue_time": "seconds a request may wait before it first runs; past it, it ends with 503 queue_timeout "
@@ -93,6 +96,8 @@ class EngineConfig:
     kv_offload_memory: int | str | None = None
     kv_offload_dir: str | None = None
     kv_offload_disk: int | str | None = None
+    kv_events_endpoint: str | None = None
+    kv_events_replay_endpoint: str | None = None
     seed: int = 0
     max_waiting_requests: int = 1024
     max_queue_time: float | None = None
@@ -127,6 +132,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.kv_events_replay_endpoint is not None and self.kv_events_endpoint is None:
+            raise ValueError("kv_events_replay_endpoint needs kv_events_endpoint")
+        if self.kv_events_endpoint is not None and not self.enable_prefix_caching:
+            raise ValueError("KV events report the prefix cache's blocks: they need prefix caching enabled")
         if self.max_queue_time is not None and not self.max_queue_time > 0:
             raise ValueError(f"max_queue_time must be a positive number of seconds, got {self.max_queue_time!r}")
         if self.num_threads < 0:

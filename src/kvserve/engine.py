@@ -22,11 +22,13 @@ import torch
 
 from kvserve.config import EngineConfig
 from kvserve.kv.block_io import BlockIO
+from kvserve.kv.events import KVEventLog, KVEventPublisher
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.offload import TieredKVStore
 from kvserve.kv.prefix_hash import root_hash
 from kvserve.kv.quant import QUANTIZED_FORMAT, num_open_slots, plain_kv_dtype
-from kvserve.models.loader import load_model_config, resolve_model_path
+from kvserve.models.loader import load_model_config
+from kvserve.models.paths import resolve_model_path
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, SequenceDelta
 from kvserve.request import Request, RequestStatus
 from kvserve.runner import ModelRunner, default_kv_cache_memory, load_model
@@ -150,6 +152,9 @@ class Engine:
                 ", ".join(f"{t.name} {t.capacity_bytes / 2**20:.0f} MiB" for t in self.kv.offload.tiers),
                 block_io.row_nbytes,
             )
+        self.kv_events: KVEventPublisher | None = None
+        if config.kv_events_endpoint is not None:
+            self._start_kv_events(config)
         self.sampler = Sampler()
         vocab = self.model_config.vocab_size
         self.grammars = GrammarCache(self.tokenizer, vocab, self.eos_token_ids) if self.tokenizer else None
@@ -301,6 +306,7 @@ class Engine:
         requests that were not in the step untouched."""
         batch = self.scheduler.schedule()
         if batch.empty:
+            self.publish_kv_events()
             return []
         try:
             return self._run(batch)
@@ -310,6 +316,8 @@ class Engine:
             for request_id in failed:
                 self.abort(request_id)
             raise StepFailed(outputs, exc) from exc
+        finally:
+            self.publish_kv_events()
 
     def _run(self, batch: SchedulerOutput) -> list[SequenceDelta]:
         self.stats.num_steps += 1
@@ -487,9 +495,30 @@ class Engine:
         return all(self.groups[request_id].finished)
 
     def close(self) -> None:
-        """Waits for background work (disk-tier writes); the engine must not step after it."""
+        """Waits for background work (disk-tier writes, KV events); the engine must not step after it."""
         if self.kv.offload is not None:
             self.kv.offload.close()
+        if self.kv_events is not None:
+            self.publish_kv_events()
+            self.kv_events.close()
+
+    # ------------------------------------------------------------------ KV events
+
+    def _start_kv_events(self, config: EngineConfig) -> None:
+        """Binds the publisher (ValueError if it cannot) and opens with AllBlocksCleared, then what the
+        disk tier holds from earlier runs: a consumer that knew an earlier process starts over."""
+        self.kv_events = KVEventPublisher(config.kv_events_endpoint, config.kv_events_replay_endpoint)
+        log = KVEventLog(config.block_size)
+        log.cleared()
+        self.kv.pool.events = log
+        if self.kv.offload is not None:
+            self.kv.offload.attach_events(log)
+        self.publish_kv_events()
+
+    def publish_kv_events(self) -> None:
+        """Hands the events gathered since the last call to the publisher (never blocks)."""
+        if self.kv_events is not None:
+            self.kv_events.publish(self.kv.pool.events.take())
 
     def check_idle(self) -> None:
         """Asserts the idle invariant: no request left, every block free or cached-and-evictable."""

@@ -322,7 +322,8 @@ def cmd_kv_plan(args: argparse.Namespace) -> int:
     plans = []
     for name in names:
         if name is None:
-            from kvserve.models.loader import load_model_config, resolve_model_path
+            from kvserve.models.loader import load_model_config
+            from kvserve.models.paths import resolve_model_path
 
             path = resolve_model_path(args.model)
             config, name = load_model_config(path), os.path.basename(path.rstrip("/"))

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from kvserve.kv.events import MEDIUM_DEVICE, KVEventLog
+
 
 @dataclass(eq=False, slots=True)
 class Block:
@@ -91,6 +93,7 @@ class BlockPool:
         self.cached: dict[bytes, Block] = {}  # block hash -> block holding that content
         self.num_evictions = 0
         self.observer: BlockObserver | None = None
+        self.events: KVEventLog | None = None  # KV events (kv/events.py): blocks cached and evicted here
 
     @property
     def num_free_blocks(self) -> int:
@@ -108,14 +111,21 @@ class BlockPool:
         evicted = []
         for _ in range(count):
             block = self.free_queue.popleft()
-            if block.block_hash is not None and self.observer is not None:
+            if block.block_hash is not None:
                 evicted.append((block.block_hash, block.token_ids, block.block_id))
             self._evict(block)
             block.ref_count = 1
             out.append(block)
-        if evicted:  # a block queued by on_cached and since freed comes back here first, with its hash
-            self.observer.on_evict(evicted)
+        self._report_evictions(evicted)
         return out
+
+    def _report_evictions(self, evicted: list[tuple[bytes, tuple[int, ...], int]]) -> None:
+        if not evicted:
+            return
+        if self.events is not None:
+            self.events.removed([block_hash for block_hash, _, _ in evicted], MEDIUM_DEVICE)
+        if self.observer is not None:  # a block queued by on_cached and since freed comes back here first
+            self.observer.on_evict(evicted)
 
     def lookup(self, block_hash: bytes, token_ids: tuple[int, ...]) -> Block | None:
         """The cached block with this content, or None. Token ids are compared, so a hash collision is a miss."""
@@ -146,8 +156,11 @@ class BlockPool:
             if block.ref_count == 0:
                 self.free_queue.append(block)
 
-    def cache_block(self, block: Block, block_hash: bytes, token_ids: tuple[int, ...]) -> None:
-        """Registers a full, computed block under its hash. An existing entry for the same content
+    def cache_block(
+        self, block: Block, block_hash: bytes, token_ids: tuple[int, ...], parent_hash: bytes | None = None
+    ) -> None:
+        """Registers a full, computed block under its hash (`parent_hash`: the block before it in its
+        sequence, None for the first; only KV events use it). An existing entry for the same content
         wins: two requests that computed the same block in the same step keep one cached copy."""
         if not self.enable_caching or block.block_hash is not None:
             return
@@ -156,6 +169,8 @@ class BlockPool:
         block.block_hash = block_hash
         block.token_ids = token_ids
         self.cached[block_hash] = block
+        if self.events is not None:
+            self.events.stored(block_hash, parent_hash, token_ids, MEDIUM_DEVICE)
         if self.observer is not None:
             self.observer.on_cached(block_hash, token_ids, block.block_id)
 
@@ -175,8 +190,7 @@ class BlockPool:
                 if block.block_hash is not None:
                     evicted.append((block.block_hash, block.token_ids, block.block_id))
                 self._evict(block)
-        if evicted and self.observer is not None:
-            self.observer.on_evict(evicted)
+        self._report_evictions(evicted)
 
     def check_idle(self) -> None:
         """The idle invariant: every block free (plain or cached) and no reference held."""

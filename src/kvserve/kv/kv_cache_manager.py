@@ -165,10 +165,10 @@ class KVCacheManager:
         self.update_hashes(request)
         table = self.block_tables[key]
         bs = self.block_size
+        hashes = request.block_hashes
         for index in range(start, num_full):
-            self.pool.cache_block(
-                table[index], request.block_hashes[index], tuple(request.tokens(index * bs, (index + 1) * bs))
-            )
+            tokens = tuple(request.tokens(index * bs, (index + 1) * bs))
+            self.pool.cache_block(table[index], hashes[index], tokens, hashes[index - 1] if index else None)
         self.num_cached_blocks[key] = num_full
 
     def fork(self, parent: Request, child: Request) -> tuple[int, int] | None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.kv.block_io import BlockIO
+from kvserve.kv.events import KVEventLog
 from kvserve.kv.tiers import DiskTier, HostTier, KVTier
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,14 @@ class TieredKVStore:
         self.tiers: list[KVTier] = [t for t in (self.host, self.disk) if t is not None]
         self._write_through: list[tuple[bytes, tuple[int, ...], int]] = []  # (hash, tokens, device block id)
         self.num_skipped_writes = 0
+
+    def attach_events(self, events: KVEventLog) -> None:
+        """KV events from here on: every tier reports what it stores and drops; the disk tier first
+        announces what it holds already (an earlier run's blocks)."""
+        for tier in self.tiers:
+            tier.events = events
+        if self.disk is not None:
+            self.disk.announce()
 
     # ------------------------------------------------------------------ lookups and loads
 

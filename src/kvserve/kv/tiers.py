@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvserve.kv.events import KVEventLog
+
 logger = logging.getLogger(__name__)
 
 
@@ -48,11 +50,20 @@ class KVTier(ABC):
       recently used blocks, handing them to `next_tier` if there is one and it lacks them.
     """
 
-    name: str
+    name: str  # also the medium of its KV events
     next_tier: KVTier | None = None
+    events: KVEventLog | None = None  # KV events (kv/events.py): blocks stored here and dropped from here
 
     def __init__(self) -> None:
         self.stats = TierStats()
+
+    def _stored(self, block_hash: bytes, token_ids: tuple[int, ...]) -> None:
+        if self.events is not None:  # a lower tier does not know a block's parent
+            self.events.stored(block_hash, None, token_ids, self.name)
+
+    def _removed(self, block_hashes: list[bytes]) -> None:
+        if self.events is not None:
+            self.events.removed(block_hashes, self.name)
 
     @abstractmethod
     def contains(self, block_hash: bytes, token_ids: tuple[int, ...]) -> bool: ...
@@ -70,6 +81,10 @@ class KVTier(ABC):
     @property
     @abstractmethod
     def capacity_bytes(self) -> int: ...
+
+    @abstractmethod
+    def block_hashes(self) -> list[bytes]:
+        """The hashes of every block held now."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most tiers have nothing to wait for
         """Waits for background work (pending writes)."""
@@ -99,6 +114,9 @@ class HostTier(KVTier):
     def capacity_bytes(self) -> int:
         return self.rows.shape[0] * self.row_nbytes
 
+    def block_hashes(self) -> list[bytes]:
+        return list(self.index)
+
     def contains(self, block_hash: bytes, token_ids: tuple[int, ...]) -> bool:
         entry = self.index.get(block_hash)
         return entry is not None and entry[1] == token_ids
@@ -117,6 +135,7 @@ class HostTier(KVTier):
         if not self.free_slots:
             old_hash, (slot, old_tokens) = self.index.popitem(last=False)
             self.stats.evictions += 1
+            self._removed([old_hash])
             if self.next_tier is not None and not self.next_tier.contains(old_hash, old_tokens):
                 self._wait_copies()  # the CPU reads the row: its device -> host copy must be done
                 self.next_tier.store(old_hash, old_tokens, self.rows[slot].clone())
@@ -128,6 +147,7 @@ class HostTier(KVTier):
             self._last_copy.record()
         self.index[block_hash] = (slot, token_ids)
         self.stats.bytes_in += self.row_nbytes
+        self._stored(block_hash, token_ids)
 
     def _wait_copies(self) -> None:
         if self._last_copy is not None:
@@ -235,11 +255,19 @@ class DiskTier(KVTier):
         except OSError:
             return False
         with self._lock:
-            if block_hash not in self.index:
+            new = block_hash not in self.index
+            if new:
                 self.index[block_hash] = size
                 self._used += size
                 self._evict_down_to(self._capacity)
-        return block_hash in self.index
+            found = block_hash in self.index
+        if new and found:
+            self._stored(block_hash, token_ids)
+        return found
+
+    def block_hashes(self) -> list[bytes]:
+        with self._lock:
+            return list(self.index)
 
     def has(self, block_hash: bytes) -> bool:
         """In the index or queued (no file-system access)."""
@@ -320,6 +348,7 @@ class DiskTier(KVTier):
             self._used += size
             self._pending[block_hash] = _PendingWrite(token_ids, row, ready)
         self.stats.bytes_in += self.row_nbytes
+        self._stored(block_hash, token_ids)  # findable from now on (from memory until its file exists)
         self._writer.submit(self._write, block_hash)
 
     def _evict_down_to(self, limit: int) -> None:
@@ -329,6 +358,7 @@ class DiskTier(KVTier):
             self._used -= size
             self.stats.evictions += 1
             self._pending.pop(block_hash, None)  # a write still queued is skipped
+            self._removed([block_hash])
             self._writer.submit(_remove, self.path(block_hash))  # runs after any write of it in progress (FIFO)
 
     def _forget(self, block_hash: bytes) -> None:
@@ -370,6 +400,7 @@ class DiskTier(KVTier):
                 return
             self.off_reason = reason
             self._pending.clear()
+            self._removed(list(self.index))
             self.index.clear()
             self._used = 0
         logger.warning(
@@ -380,6 +411,30 @@ class DiskTier(KVTier):
         size = self.index.pop(block_hash, None)
         if size is not None:
             self._used -= size
+            self._removed([block_hash])
+
+    def stored_token_ids(self, block_hash: bytes) -> tuple[int, ...] | None:
+        """The token ids a block file holds (its header only), or None if it cannot be read."""
+        try:
+            with open(self.path(block_hash), "rb") as f:
+                header = f.read(_HEADER.size)
+                if len(header) != _HEADER.size or header[:8] != _MAGIC:
+                    return None
+                num_tokens = _HEADER.unpack(header)[2]
+                return tuple(array("i", f.read(4 * num_tokens)))
+        except OSError:
+            return None
+
+    def announce(self) -> None:
+        """Reports every block held (those an earlier run left included) as stored: called once when
+        KV events start, so that a consumer knows what this tier holds from the start."""
+        with self._lock:
+            held = list(self.index)  # queued writes included
+        for block_hash in held:
+            pending = self._pending.get(block_hash)
+            tokens = pending.token_ids if pending is not None else self.stored_token_ids(block_hash)
+            if tokens is not None:
+                self._stored(block_hash, tokens)
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)

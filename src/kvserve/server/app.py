@@ -31,6 +31,7 @@ from kvserve.server.completions import create_completion
 from kvserve.server.drain import SHUTDOWN_GRACE, Drain, DrainingServer, DrainMiddleware
 from kvserve.server.embeddings import create_embeddings
 from kvserve.server.errors import APIError, install_handlers
+from kvserve.server.kv_info import kv_cache_blocks, kv_cache_info
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.openapi import ERROR_RESPONSES, GENERATION_RESPONSES, build_openapi, json_body
 from kvserve.server.protocol import (
@@ -171,6 +172,14 @@ def create_app(
     @app.post("/v1/responses", dependencies=auth, openapi_extra=body(ResponsesRequest), responses=GENERATION_RESPONSES)
     async def responses(request: Request) -> Response:
         return await create_response(state, request)
+
+    @app.get("/kv_cache", dependencies=auth, responses=ERROR_RESPONSES)
+    async def kv_cache_route() -> Response:
+        return await kv_cache_info(state)
+
+    @app.get("/kv_cache/blocks", dependencies=auth, responses=ERROR_RESPONSES)
+    async def kv_cache_blocks_route() -> Response:
+        return await kv_cache_blocks(state)
 
     @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
     async def openapi() -> JSONResponse:

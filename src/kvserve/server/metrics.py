@@ -58,6 +58,18 @@ class ServerMetrics:
         )
         self.offload_used = Gauge(P + "kv_offload_used_bytes", "Bytes held by a KV tier", tier, registry=r)
         self.offload_capacity = Gauge(P + "kv_offload_capacity_bytes", "Size limit of a KV tier", tier, registry=r)
+        self.kv_events_published = Counter(
+            P + "kv_events_batches_published",
+            "Batches of KV cache events sent (--kv-events-endpoint)",
+            labels,
+            registry=r,
+        )
+        self.kv_events_dropped = Counter(
+            P + "kv_events_batches_dropped",
+            "Batches of KV cache events dropped because the publisher's queue was full",
+            labels,
+            registry=r,
+        )
         self.requests = Counter(
             P + "request_success", "Finished requests by finish reason", labels + ["finished_reason"], registry=r
         )
@@ -109,6 +121,8 @@ class ServerMetrics:
             ("generation_tokens", self.generation_tokens),
             ("prefix_cache_queries", self.prefix_queries),
             ("prefix_cache_hits", self.prefix_hits),
+            ("kv_events_published", self.kv_events_published),
+            ("kv_events_dropped", self.kv_events_dropped),
         ):
             delta = s[key] - self._last.get(key, 0)
             if delta > 0:

@@ -180,9 +180,16 @@ def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens:
     )
 
 
+# Characters JSON leaves raw inside strings but that line readers built on str.splitlines split lines at
+# (httpx's aiter_lines among them: the soak met a generated one that cut an event in two). Escaped, every
+# event stays one line for every client; they can only occur inside JSON strings, where the escape means
+# the same character. (json.dumps escapes all non-ASCII already.)
+_LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: BaseModel | dict) -> str:
     if isinstance(payload, BaseModel):
-        return f"data: {payload.model_dump_json()}\n\n"
+        return f"data: {payload.model_dump_json().translate(_LINE_BREAKERS)}\n\n"
     return f"data: {json.dumps(payload)}\n\n"
 
 

@@ -52,6 +52,7 @@ class EngineObserver(Protocol):
 def stats_snapshot(engine: Engine) -> dict[str, float]:
     """Engine gauges and counters as plain numbers; read them on the engine thread only."""
     pool = engine.kv.pool
+    events = getattr(engine, "kv_events", None)
     return {
         "running": len(engine.scheduler.running),
         "waiting": len(engine.scheduler.waiting),
@@ -63,6 +64,8 @@ def stats_snapshot(engine: Engine) -> dict[str, float]:
         "prefix_cache_queries": engine.kv.stats.queries,
         "prefix_cache_hits": engine.kv.stats.hits,
         "offload": engine.kv.offload.stats() if engine.kv.offload is not None else {},
+        "kv_events_published": events.num_published if events is not None else 0,
+        "kv_events_dropped": events.num_dropped if events is not None else 0,
     }
 
 
