@@ -3,9 +3,10 @@
 `kvserve serve --data-parallel-size 2` (two workers, one core each, the default model) is started once per
 policy, with cold caches, and sent the same workload: 8 tenants, each with its own ~600-token system
 prompt, 8 questions each, arriving interleaved (tenant 0, 1, ..., 7, 0, 1, ...) at a fixed rate, as
-streaming completions. Each worker's KV budget holds about 6 of the 8 system prompts (--kv-cache-memory),
+streaming completions. Each worker's KV budget holds about 3.8 of the 8 system prompts (--kv-cache-memory),
 so a policy that sends every tenant to both workers makes each hold all 8 and evict them in turn, while
-one that keeps a tenant on one worker needs 4 per worker.
+one that keeps a tenant on one worker needs 4 per worker (a prompt whose tail blocks were evicted still hits
+with its head: the pool evicts tails first). The tenants come in a new random order each round.
 
 For each policy: the prefix-cache hit rate (cached / prompt tokens, from each answer's usage), TTFT p50 /
 p99, output tokens/s, and the split of requests between the workers.
@@ -44,7 +45,9 @@ class Result:
 
 
 def workload(tenants: int, questions: int, system_words: int, seed: int) -> list[tuple[int, str]]:
-    """(tenant, prompt) in arrival order: question j of every tenant before question j + 1 of any."""
+    """(tenant, prompt) in arrival order: question j of every tenant before question j + 1 of any, the tenants
+    in a new random order each round (in a fixed order, round-robin over an even number of workers would
+    send every tenant to one worker and be prefix-aware by accident)."""
     words = open(__file__.replace("router.py", "words.txt")).read().split()
     rng = random.Random(seed)
     systems = [
@@ -53,7 +56,9 @@ def workload(tenants: int, questions: int, system_words: int, seed: int) -> list
     ]
     out = []
     for q in range(questions):
-        for t in range(tenants):
+        order = list(range(tenants))
+        rng.shuffle(order)
+        for t in order:
             question = " ".join(rng.choice(words) for _ in range(12))
             out.append((t, f"{systems[t]}\n\nQuestion {q}: {question}?\nAnswer:"))
     return out
@@ -108,6 +113,8 @@ def percentile(values: list[float], q: float) -> float:
 def run_policy(policy: str, args: argparse.Namespace, work: list[tuple[int, str]]) -> dict:
     server_args = ["--data-parallel-size", "2", "--policy", policy, "--kv-cache-memory", args.kv_cache_memory]
     server_args += ["--kv-cache-dtype", "float16", "--max-model-len", "1024"]
+    if args.overlap_weight is not None:
+        server_args += ["--overlap-weight", str(args.overlap_weight)]
     with ServerProcess(server_args) as server:
         # one request per tenant-free prompt warms each worker's kernels without caching any system prompt
         asyncio.run(drive(server.url, [(-1, "Hello there, how are you today?")] * 4, 4.0, 4))
@@ -138,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--system-words", type=int, default=450, help="~600 tokens with the default tokenizer")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--kv-cache-memory", default="90MiB", help="per worker: ~6 of the 8 system prompts")
+    parser.add_argument("--kv-cache-memory", default="52MiB", help="per worker: ~3.8 of the 8 system prompts")
+    parser.add_argument("--overlap-weight", type=float, default=None, help="the cost policy's (default: its own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)

@@ -96,7 +96,7 @@ def test_policies_choose_exactly():
     b.in_flight = 6  # 6 - 0 > 4 and 6 > 1.5 x 0: load decides
     assert (prefix.choose([a, b], hit).worker, prefix.choose([a, b], hit).reason) == (a, "balance")
 
-    cost = make_policy("cost", index)
+    cost = make_policy("cost", index, overlap_weight=1.0)
     b.in_flight = 0
     # b: 5 blocks to compute - 4 held = 1 + 0 active; a: 5 + 0
     assert (cost.choose([a, b], hit).worker, cost.choose([a, b], hit).reason) == (b, "cost_prefix_hit")
@@ -104,6 +104,10 @@ def test_policies_choose_exactly():
     assert cost.choose([a, b], hit).worker is a
     b.active_blocks = 3  # 1 + 3 < 5 + 0
     assert cost.choose([a, b], hit).worker is b
+    b.active_blocks = 60  # the default weight, 16: 16 x 1 + 60 < 16 x 5 + 0, and 16 + 70 > 80
+    assert make_policy("cost", index).choose([a, b], hit).worker is b
+    b.active_blocks = 70
+    assert make_policy("cost", index).choose([a, b], hit).worker is a
     with pytest.raises(ValueError, match="policy must be one of"):
         make_policy("random", index)
 

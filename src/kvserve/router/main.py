@@ -13,7 +13,7 @@ import argparse
 import logging
 import signal
 
-from kvserve.router.policies import POLICIES
+from kvserve.router.policies import DEFAULT_OVERLAP_WEIGHT, POLICIES
 
 logger = logging.getLogger("kvserve.router")
 
@@ -34,8 +34,8 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overlap-weight",
         type=float,
-        default=1.0,
-        help="cost policy: weight of a block to compute against a block in use",
+        default=DEFAULT_OVERLAP_WEIGHT,
+        help="cost policy: what computing one prompt block costs, in blocks held by requests in flight",
     )
 
 
