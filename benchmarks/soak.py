@@ -266,7 +266,7 @@ class Soak:
         # takes minutes (its queue time, then hundreds of steps at batch ~100): schemathesis waits for it, up to
         # 3x the clients' bound. A hang still fails: the soak's own clients, whose answers are short, bound it.
         timeout = str(3 * self.args.request_timeout)
-        command += ["--request-timeout", timeout]
+        command += ["--request-timeout", timeout, "--max-response-time", timeout]  # (the check's default: 10 s)
         with tempfile.TemporaryDirectory(prefix="kvserve-fuzz-") as cwd:  # its .schemathesis/ cache goes there
             proc = await asyncio.create_subprocess_exec(
                 *command, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT

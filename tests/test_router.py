@@ -301,3 +301,20 @@ def test_serve_with_data_parallel_size_runs_workers_behind_the_router(tiny):
     for w in state:  # the workers went with it
         with pytest.raises(httpx.HTTPError):
             httpx.get(w["url"] + "/health", timeout=1)
+
+
+def test_data_parallel_workers_die_with_a_killed_launcher(tiny):
+    args = ["--model", tiny, "--max-model-len", "128", "--kv-cache-memory", str(32 * BLOCK_BYTES)]
+    server = ServerProcess([*args, "--data-parallel-size", "2"]).start()
+    urls = [w["url"] for w in httpx.get(server.url + "/workers").json()]
+    server.signal(signal.SIGKILL)
+    server.stop()
+
+    def gone(url: str) -> bool:
+        try:
+            httpx.get(url + "/health", timeout=1)
+        except httpx.HTTPError:
+            return True
+        return False
+
+    wait_for(lambda: all(gone(u) for u in urls), timeout=30)

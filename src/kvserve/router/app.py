@@ -255,9 +255,12 @@ def create_router_app(router: Router) -> FastAPI:
 
         app.add_api_route(path, routed, methods=["POST"])
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        return await router.forward(request, "/v1/models")
+    for path in ("/v1/models", "/tokenizer_info"):  # the workers' answer (they serve one model)
+
+        async def read(request: Request, path: str = path) -> Response:
+            return await router.forward(request, path)
+
+        app.add_api_route(path, read, methods=["GET"])
 
     @app.get("/health")
     async def health() -> Response:

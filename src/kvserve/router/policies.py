@@ -100,14 +100,23 @@ class LeastLoad(Policy):
         return Decision(worker, "least_load", self._matched(worker, request))
 
 
-class PrefixAware(Policy):
-    name = "prefix"
+class KVAware(Policy):
+    """prefix and cost: the KV index decides, unless the load is out of balance."""
 
     def choose(self, workers: list[Worker], request: RoutedRequest) -> Decision:
         if self._unbalanced(workers):
             worker = least_loaded(workers)
             return Decision(worker, "balance", self._matched(worker, request))
-        matched = {w: self._matched(w, request) for w in workers}
+        return self.by_cache(workers, request, {w: self._matched(w, request) for w in workers})
+
+    def by_cache(self, workers: list[Worker], request: RoutedRequest, matched: dict[Worker, int]) -> Decision:
+        raise NotImplementedError
+
+
+class PrefixAware(KVAware):
+    name = "prefix"
+
+    def by_cache(self, workers: list[Worker], request: RoutedRequest, matched: dict[Worker, int]) -> Decision:
         best = max(matched.values())
         if best == 0:
             return Decision(least_loaded(workers), "no_prefix_hit")
@@ -115,15 +124,10 @@ class PrefixAware(Policy):
         return Decision(worker, "prefix_hit", best)
 
 
-class CostAware(Policy):
+class CostAware(KVAware):
     name = "cost"
 
-    def choose(self, workers: list[Worker], request: RoutedRequest) -> Decision:
-        if self._unbalanced(workers):
-            worker = least_loaded(workers)
-            return Decision(worker, "balance", self._matched(worker, request))
-        matched = {w: self._matched(w, request) for w in workers}
-
+    def by_cache(self, workers: list[Worker], request: RoutedRequest, matched: dict[Worker, int]) -> Decision:
         def cost(w: Worker) -> tuple[float, int]:
             to_compute = request.num_prompt_blocks - matched[w]
             return self.overlap_weight * to_compute + w.active_blocks, w.load

@@ -15,8 +15,10 @@ drains its requests (--shutdown-timeout) and exits.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -48,7 +50,22 @@ class WorkerProcess:
 
     def start(self) -> None:
         cores = set(self.cores)
-        self.proc = subprocess.Popen(self.command, preexec_fn=lambda: os.sched_setaffinity(0, cores))
+
+        def in_child() -> None:
+            os.sched_setaffinity(0, cores)
+            _exit_with_parent()
+
+        self.proc = subprocess.Popen(self.command, preexec_fn=in_child)
+
+
+def _exit_with_parent() -> None:
+    """In a worker, before exec: SIGTERM when the launcher dies, even of SIGKILL (Linux' PR_SET_PDEATHSIG),
+    so that no worker outlives it holding a port and memory."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux / glibc: the launcher's own shutdown still stops them
+        pass
 
 
 def split_cores(num_workers: int, num_threads: int) -> list[list[int]]:
