@@ -115,10 +115,17 @@ def run_policy(policy: str, args: argparse.Namespace, work: list[tuple[int, str]
     server_args += ["--kv-cache-dtype", "float16", "--max-model-len", "1024"]
     if args.overlap_weight is not None:
         server_args += ["--overlap-weight", str(args.overlap_weight)]
+    if args.balance_abs_threshold is not None:
+        server_args += ["--balance-abs-threshold", str(args.balance_abs_threshold)]
     with ServerProcess(server_args) as server:
         # one request per tenant-free prompt warms each worker's kernels without caching any system prompt
         asyncio.run(drive(server.url, [(-1, "Hello there, how are you today?")] * 4, 4.0, 4))
         results, elapsed = asyncio.run(drive(server.url, work, args.rate, args.max_tokens))
+        decisions = {
+            line.split('reason="')[1].split('"')[0]: float(line.split()[-1])
+            for line in httpx.get(server.url + "/metrics").text.splitlines()
+            if line.startswith("kvserve_router:decisions_total{")
+        }
     ok = [r for r in results if r.error is None]
     split = Counter(r.worker for r in ok)
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
@@ -133,6 +140,7 @@ def run_policy(policy: str, args: argparse.Namespace, work: list[tuple[int, str]
         "output_tok_s": sum(r.output_tokens for r in ok) / elapsed,
         "split": sorted(split.values(), reverse=True),
         "elapsed_s": elapsed,
+        "decisions": decisions,
         "results": [asdict(r) for r in results],
     }
 
@@ -147,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--kv-cache-memory", default="52MiB", help="per worker: ~3.8 of the 8 system prompts")
     parser.add_argument("--overlap-weight", type=float, default=None, help="the cost policy's (default: its own)")
+    parser.add_argument("--balance-abs-threshold", type=int, default=None, help="the router's (default: its own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
@@ -158,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         p50, p99 = r["ttft_p50_s"] or 0.0, r["ttft_p99_s"] or 0.0
         print(
             f"{r['policy']:<12} {r['hit_rate']:>8.1%} {p50:>8.2f}s {p99:>8.2f}s {r['output_tok_s']:>9.1f}  "
-            f"{split:<6} {r['errors']}"
+            f"{split:<6} {r['errors']}  {r['decisions']}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -93,7 +93,7 @@ def test_policies_choose_exactly():
     assert (decision.worker, decision.reason, decision.predicted_cached_blocks) == (b, "prefix_hit", 4)
     b.in_flight = 1
     assert (prefix.choose([a, b], miss).worker, prefix.choose([a, b], miss).reason) == (a, "no_prefix_hit")
-    b.in_flight = 6  # 6 - 0 > 4 and 6 > 1.5 x 0: load decides
+    b.in_flight = 9  # 9 - 0 > 8 and 9 > 1.5 x 0: load decides
     assert (prefix.choose([a, b], hit).worker, prefix.choose([a, b], hit).reason) == (a, "balance")
 
     cost = make_policy("cost", index, overlap_weight=1.0)

@@ -13,7 +13,7 @@ import argparse
 import logging
 import signal
 
-from kvserve.router.policies import DEFAULT_OVERLAP_WEIGHT, POLICIES
+from kvserve.router.policies import DEFAULT_BALANCE_ABS, DEFAULT_OVERLAP_WEIGHT, POLICIES
 
 logger = logging.getLogger("kvserve.router")
 
@@ -27,7 +27,7 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--balance-abs-threshold",
         type=int,
-        default=4,
+        default=DEFAULT_BALANCE_ABS,
         help="prefix/cost give way to load when the busiest worker has this many more requests than the idlest...",
     )
     parser.add_argument("--balance-rel-threshold", type=float, default=1.5, help="...and this many times as many")
