@@ -108,14 +108,12 @@ class Router:
     def _chat_ids(self, body: dict) -> list[int]:
         """The chat as the worker renders it (server/serving.py chat_prompt_ids), for the fields that decide the
         text; a request with tools is routed by its messages alone (its tools change the text the worker sees)."""
-        kwargs = chat_template_kwargs(body.get("chat_template_kwargs"))
-        text = self.tokenizer.render_chat(
+        return self.tokenizer.apply_chat_template(
             body.get("messages"),
             body.get("add_generation_prompt", True),
             body.get("continue_final_message", False),
-            **kwargs,
+            **chat_template_kwargs(body.get("chat_template_kwargs")),
         )
-        return self.tokenizer.encode(text, False)
 
     def routed_request(self, path: str, body: Any) -> tuple[RoutedRequest, int]:
         ids = self.prompt_ids(path, body)
@@ -248,24 +246,20 @@ def create_router_app(router: Router) -> FastAPI:
 
     app = FastAPI(title="kvserve router", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
 
-    for path in ROUTED_POSTS:
+    # the GETs: the workers' answer (they serve one model)
+    routes = [(path, "POST") for path in ROUTED_POSTS] + [("/v1/models", "GET"), ("/tokenizer_info", "GET")]
+    for path, method in routes:
 
         async def routed(request: Request, path: str = path) -> Response:
             return await router.forward(request, path)
 
-        app.add_api_route(path, routed, methods=["POST"])
-
-    for path in ("/v1/models", "/tokenizer_info"):  # the workers' answer (they serve one model)
-
-        async def read(request: Request, path: str = path) -> Response:
-            return await router.forward(request, path)
-
-        app.add_api_route(path, read, methods=["GET"])
+        app.add_api_route(path, routed, methods=[method])
 
     @app.get("/health")
     async def health() -> Response:
-        if router.pool.healthy():
-            return JSONResponse({"status": "ok", "workers": len(router.pool.healthy())})
+        healthy = router.pool.healthy()
+        if healthy:
+            return JSONResponse({"status": "ok", "workers": len(healthy)})
         return APIError(503, "no worker is healthy", code="no_healthy_worker").response()
 
     @app.get("/metrics")
