@@ -318,3 +318,12 @@ def test_data_parallel_workers_die_with_a_killed_launcher(tiny):
         return False
 
     wait_for(lambda: all(gone(u) for u in urls), timeout=30)
+
+
+def test_serve_refuses_routing_options_without_replicas(capsys):
+    from kvserve.cli import main
+
+    assert main(["serve", "--policy", "prefix", "--overlap-weight", "2"]) == 2
+    assert "--policy, --overlap-weight: routing options, for --data-parallel-size 2 or more" in capsys.readouterr().err
+    assert main(["serve", "--data-parallel-size", "0"]) == 2
+    assert "--data-parallel-size must be at least 1, got 0" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import typing
 from kvserve.bench import add_bench_parser
 from kvserve.config import HELP, EngineConfig
 from kvserve.kv_plan import add_kv_plan_parser
-from kvserve.router.main import add_router_args, add_router_parser
+from kvserve.router.main import add_router_args, add_router_parser, routing_options_given
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -148,6 +148,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.data_parallel_size < 1:
+        raise ValueError(f"--data-parallel-size must be at least 1, got {args.data_parallel_size}")
+    if args.data_parallel_size == 1 and (unused := routing_options_given(args)):
+        raise ValueError(f"{', '.join(unused)}: routing options, for --data-parallel-size 2 or more")
     if args.data_parallel_size > 1:
         from kvserve.router.replicas import run_replicas
 

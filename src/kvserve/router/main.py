@@ -39,6 +39,15 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def routing_options_given(args: argparse.Namespace) -> list[str]:
+    """The routing flags in `args` set to something other than their default: for `kvserve serve` without
+    replicas, which has no router to give them to and refuses them by name."""
+    parser = argparse.ArgumentParser()
+    add_router_args(parser)
+    defaults = vars(parser.parse_args([]))
+    return ["--" + name.replace("_", "-") for name, value in defaults.items() if getattr(args, name) != value]
+
+
 def add_router_parser(sub) -> None:
     router = sub.add_parser("router", help="KV-cache-aware router in front of kvserve servers")
     router.add_argument("--worker", action="append", required=True, help="a worker's URL (repeat for each)")
