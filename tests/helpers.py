@@ -10,9 +10,10 @@ import torch
 NEAR_TIE = 0.02  # logprob gap under which a greedy divergence counts as a genuine near-tie
 
 
-def save_tiny_model(folder: str, kind: str, seed: int = 0, shard: bool = False) -> torch.nn.Module:
+def save_tiny_model(folder: str, kind: str, seed: int = 0, shard: bool = False, **overrides) -> torch.nn.Module:
     """Builds a tiny random-weight transformers model ("llama" untied, "qwen2" with biases, "mistral")
-    and saves it as safetensors (sharded with an index when `shard`). Returns the HF model."""
+    and saves it as safetensors (sharded with an index when `shard`). `overrides` replace config
+    fields (num_key_value_heads=1, vocab_size=...). Returns the HF model."""
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
@@ -35,6 +36,7 @@ def save_tiny_model(folder: str, kind: str, seed: int = 0, shard: bool = False) 
         bos_token_id=1,
         eos_token_id=2,
     )
+    common.update(overrides)
     if kind == "llama":
         config = LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0)
         model = LlamaForCausalLM(config)
@@ -59,6 +61,85 @@ def save_tiny_model(folder: str, kind: str, seed: int = 0, shard: bool = False) 
     widen_random_init(model)
     model.eval()
     model.save_pretrained(folder, max_shard_size="200KB" if shard else "2GB")
+    return model
+
+
+_YARN = dict(
+    rope_type="yarn",
+    rope_theta=10000.0,
+    factor=4.0,
+    original_max_position_embeddings=128,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+    beta_fast=32,
+    beta_slow=1,
+)
+
+
+def save_tiny_deepseek(folder: str, kind: str, seed: int = 0) -> torch.nn.Module:
+    """Tiny DeepSeek-V2/V3 variants covering q LoRA on and off, greedy / group-limited / noaux_tc routing,
+    default and YaRN rope, interleaved and plain rope, attention biases, all-MoE and dense-first stacks."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        kv_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if kind == "v2":
+        model = DeepseekV2ForCausalLM(DeepseekV2Config(**common, q_lora_rank=None, topk_method="greedy"))
+    elif kind == "v2-group-yarn":
+        config = DeepseekV2Config(
+            **{**common, "num_hidden_layers": 4, "first_k_dense_replace": 0},
+            q_lora_rank=48,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+            rope_parameters=_YARN,
+        )
+        model = DeepseekV2ForCausalLM(config)
+    elif kind == "v3-yarn":
+        model = DeepseekV3ForCausalLM(
+            DeepseekV3Config(**common, q_lora_rank=48, n_group=2, topk_group=1, rope_parameters=_YARN)
+        )
+    elif kind == "v3-nolora":
+        config = DeepseekV3Config(
+            **common,
+            q_lora_rank=None,
+            n_group=2,
+            topk_group=1,
+            rope_interleave=False,
+            attention_bias=True,
+            norm_topk_prob=False,
+            routed_scaling_factor=1.0,
+        )
+        model = DeepseekV3ForCausalLM(config)
+    else:
+        raise ValueError(kind)
+    widen_random_init(model)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)  # non-zero, so choosing on biased scores is exercised
+    model.eval()
+    model.save_pretrained(folder)
     return model
 
 

@@ -14,7 +14,7 @@ import random
 
 import pytest
 import torch
-from helpers import hf_greedy, widen_random_init
+from helpers import hf_greedy, save_tiny_deepseek
 
 from kvserve import LLM, SamplingParams
 from kvserve.kv.quant import QuantizedLatentCache
@@ -26,83 +26,6 @@ from kvserve.models.loader import load_weights
 LOGIT_TOL = 1e-3
 BLOCK = 16
 KINDS = ["v2", "v2-group-yarn", "v3-yarn", "v3-nolora"]
-_YARN = dict(
-    rope_type="yarn",
-    rope_theta=10000.0,
-    factor=4.0,
-    original_max_position_embeddings=128,
-    mscale=1.0,
-    mscale_all_dim=1.0,
-    beta_fast=32,
-    beta_slow=1,
-)
-
-
-def save_tiny_deepseek(folder: str, kind: str, seed: int = 0) -> torch.nn.Module:
-    """Tiny DeepSeek-V2/V3 variants covering q LoRA on and off, greedy / group-limited / noaux_tc routing,
-    default and YaRN rope, interleaved and plain rope, attention biases, all-MoE and dense-first stacks."""
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
-
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
-        kv_lora_rank=32,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    if kind == "v2":
-        model = DeepseekV2ForCausalLM(DeepseekV2Config(**common, q_lora_rank=None, topk_method="greedy"))
-    elif kind == "v2-group-yarn":
-        config = DeepseekV2Config(
-            **{**common, "num_hidden_layers": 4, "first_k_dense_replace": 0},
-            q_lora_rank=48,
-            topk_method="group_limited_greedy",
-            n_group=4,
-            topk_group=2,
-            routed_scaling_factor=1.5,
-            rope_parameters=_YARN,
-        )
-        model = DeepseekV2ForCausalLM(config)
-    elif kind == "v3-yarn":
-        model = DeepseekV3ForCausalLM(
-            DeepseekV3Config(**common, q_lora_rank=48, n_group=2, topk_group=1, rope_parameters=_YARN)
-        )
-    elif kind == "v3-nolora":
-        config = DeepseekV3Config(
-            **common,
-            q_lora_rank=None,
-            n_group=2,
-            topk_group=1,
-            rope_interleave=False,
-            attention_bias=True,
-            norm_topk_prob=False,
-            routed_scaling_factor=1.0,
-        )
-        model = DeepseekV3ForCausalLM(config)
-    else:
-        raise ValueError(kind)
-    widen_random_init(model)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.1)  # non-zero, so choosing on biased scores is exercised
-    model.eval()
-    model.save_pretrained(folder)
-    return model
 
 
 @pytest.fixture(scope="module", autouse=True)

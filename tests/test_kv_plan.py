@@ -192,3 +192,28 @@ def test_quantized_plan_matches_the_engine_budget() -> None:
         kv = kv_bytes_per_token(preset_config("llama-3-8b"), "int8", block_size)
         assert block_size * kv.total == kv_bytes_per_block(32, 8, 128, block_size, torch.bfloat16, "int8")
     assert kv.total == 32 * 8 * (256 + 32 + 16)
+
+
+def test_tensor_parallel_plan_is_per_rank() -> None:
+    """Llama-3-70B's 8 KV heads: 2 ranks hold 4 each (half the bytes per token, twice the tokens per
+    budget); 16 ranks hold 1 each, every head on 2 ranks. DeepSeek-V3's latent is whole on every rank."""
+    one = plan(preset_config("llama-3-70b"), 8 * GIB, "bfloat16")
+    two = plan(preset_config("llama-3-70b"), 8 * GIB, "bfloat16", tensor_parallel_size=2)
+    assert two.kv.total == 80 * 4 * 128 * 2 * 2 == one.kv.total // 2
+    assert two.num_tokens == 2 * one.num_tokens and two.whole_model_bytes == one.kv.total
+    sixteen = plan(preset_config("llama-3-70b"), 8 * GIB, "bfloat16", tensor_parallel_size=16)
+    assert sixteen.kv.total == 80 * 1 * 128 * 2 * 2 and sixteen.whole_model_bytes == 2 * one.kv.total
+    mla = plan(preset_config("deepseek-v3"), 8 * GIB, "bfloat16", tensor_parallel_size=8)
+    assert mla.kv.total == 61 * 576 * 2 and mla.whole_model_bytes == 8 * 61 * 576 * 2
+    with pytest.raises(ValueError, match="does not divide the model's 9 attention heads"):
+        plan(preset_config("smollm2-135m"), GIB, "float32", tensor_parallel_size=2)
+
+
+def test_cli_tensor_parallel_report(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["kv-plan", "--preset", "llama-3-70b", "--tensor-parallel-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "40,960 in all (40.00 KiB) per rank" in out
+    assert "16 ranks, each: 1 of 8 KV heads, each replicated on 2 ranks; 655,360 B/token on all ranks" in out
+    assert main(["kv-plan", "--compare", "--tensor-parallel-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank of 2" in out and "not split: smollm2-135m" in out

@@ -24,20 +24,19 @@ def score(llm: LLM, ids: list[int]) -> tuple[torch.Tensor, list[int], float]:
     """All positions' logits [len(ids) - 1, V] (captured from the runner), their top-1 tokens and the
     text's perplexity under them."""
     captured: list[torch.Tensor] = []
-    model = llm.engine.runner.model
-    compute_logits = model.compute_logits
+    runner = llm.engine.runner
+    prompt_logprobs = runner._prompt_logprobs
 
-    def capture(hidden):
-        logits = compute_logits(hidden)
+    def capture(logits, request, first_pos):
         captured.append(logits)
-        return logits
+        return prompt_logprobs(logits, request, first_pos)
 
-    model.compute_logits = capture
+    runner._prompt_logprobs = capture
     try:
         llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
     finally:
-        model.compute_logits = compute_logits
-    logits = torch.cat([c for c in captured if c.shape[0] > 1])  # the prompt chunks' rows, in order
+        del runner._prompt_logprobs
+    logits = torch.cat(captured)  # the prompt chunks' rows, in order
     assert logits.shape[0] == len(ids) - 1
     logprobs = torch.log_softmax(logits.double(), dim=-1)
     nll = -logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean().item()

@@ -452,6 +452,10 @@ class AsyncEngine:
         self._live.clear()
         self._deliver(events)
         self._fail_inbox(error)
+        try:  # stops what runs beside the engine (tensor-parallel ranks, disk writes): it will not step again
+            self.engine.close()
+        except Exception:  # noqa: BLE001 - the loop is dead either way; the log says why this failed too
+            logger.exception("closing the dead engine failed")
 
     def _fail_inbox(self, error: Exception) -> None:
         events = []

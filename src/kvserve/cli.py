@@ -156,9 +156,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from kvserve.router.replicas import run_replicas
 
         return run_replicas(args)
+    config = engine_config_from_args(args)
+    if config.tensor_parallel_size > 1:
+        from kvserve.distributed.workers import is_worker_node, run_node_workers
+
+        if is_worker_node(config):  # another node's ranks, or a torchrun rank other than 0: compute only
+            return run_node_workers(config)
     from kvserve.server.app import run_server
 
-    return run_server(args, engine_config_from_args(args))
+    return run_server(args, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

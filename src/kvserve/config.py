@@ -75,6 +75,13 @@ HELP = {
     "(default: no bound)",
     "log_stats_interval": "seconds between periodic engine stats lines (0: off)",
     "num_threads": "CPU threads for torch (0: torch's default)",
+    "tensor_parallel_size": "split the model across N ranks (processes; devices on CUDA): each holds 1/N of every "
+    "layer and of the KV heads",
+    "nnodes": "machines the tensor-parallel ranks span (the same command on each, with its --node-rank)",
+    "node_rank": "this machine's index among --nnodes (0 serves; the others only compute)",
+    "master_addr": "address of node 0, where the ranks meet (tensor parallelism)",
+    "master_port": "port on --master-addr where the ranks meet (default on one machine: a free one; needed with "
+    "--nnodes > 1)",
     "chat_template": "a Jinja chat template (a file, or the template itself) replacing the model's own; for "
     "models whose tokenizer has none",
 }
@@ -104,6 +111,11 @@ class EngineConfig:
     log_stats_interval: float = 10.0
     num_threads: int = 0
     chat_template: str | None = None
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
     # Resolved by resolve(); not user options.
     torch_device: torch.device = field(default=torch.device("cpu"), repr=False)
     torch_dtype: torch.dtype = field(default=torch.float32, repr=False)
@@ -140,6 +152,33 @@ class EngineConfig:
             raise ValueError(f"max_queue_time must be a positive number of seconds, got {self.max_queue_time!r}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        for name in ("tensor_parallel_size", "nnodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(
+                f"tensor_parallel_size {self.tensor_parallel_size} must be a multiple of nnodes {self.nnodes}"
+            )
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError(
+                "tensor parallelism over several nodes needs master_port (and master_addr) for the ranks to meet"
+            )
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ValueError(f"master_port must be a TCP port, got {self.master_port}")
+        if self.tensor_parallel_size == 1:
+            given = [
+                name
+                for name, default in (("nnodes", 1), ("node_rank", 0), ("master_port", None))
+                if getattr(self, name) != default
+            ]
+            if given:
+                raise ValueError(f"{', '.join(given)}: tensor-parallel options, for tensor_parallel_size 2 or more")
 
     @property
     def offload_enabled(self) -> bool:

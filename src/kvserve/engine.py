@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from kvserve.config import EngineConfig
+from kvserve.distributed.group import RankFailed
+from kvserve.distributed.sharding import TensorShard
+from kvserve.distributed.workers import TensorParallelRanks, free_port, is_worker_node, start_ranks, under_torchrun
 from kvserve.kv.block_io import BlockIO
 from kvserve.kv.events import KVEventLog, KVEventPublisher
 from kvserve.kv.kv_cache_manager import KVCacheManager
@@ -83,7 +86,49 @@ class Engine:
         torch.manual_seed(config.seed)
 
         start = time.perf_counter()
-        self.model_config, model = load_model(path, config)
+        self.tp: TensorParallelRanks | None = None
+        if config.tensor_parallel_size > 1:
+            self.tp = self._start_tensor_parallel(config, path, model_config)
+        try:
+            self._load(config, path, model_config)
+        except BaseException:
+            if self.tp is not None:
+                self.tp.close()
+            raise
+        logger.info(
+            "model %s (%s) on %s/%s loaded in %.1fs; KV cache (%s): %d blocks x %d tokens = %d tokens, "
+            "%.0f B/token, %.1f MiB (+ %.1f MiB of recent windows)%s",
+            os.path.basename(path),
+            self.model_config.architecture,
+            config.torch_device,
+            config.dtype,
+            time.perf_counter() - start,
+            config.kv_cache_dtype if config.kv_cache_dtype != "auto" else config.dtype,
+            self.kv.pool.num_blocks,
+            config.block_size,
+            self.kv.pool.num_blocks * config.block_size,
+            self._bytes_per_block / config.block_size,
+            self.kv.pool.num_blocks * self._bytes_per_block / 2**20,
+            self.kv.num_open_slots * self._window_bytes / 2**20,
+            f", per rank of {config.tensor_parallel_size}" if self.tp is not None else "",
+        )
+
+    def _start_tensor_parallel(self, config: EngineConfig, path: str, model_config) -> TensorParallelRanks:
+        if is_worker_node(config):
+            raise ValueError("only rank 0 runs the engine; the other ranks run distributed.workers.run_node_workers")
+        if under_torchrun() and int(os.environ["WORLD_SIZE"]) != config.tensor_parallel_size:
+            raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes for tensor_parallel_size "
+                             f"{config.tensor_parallel_size}")  # fmt: skip
+        TensorShard(0, config.tensor_parallel_size, model_config)  # ValueError now if the model does not split
+        if config.offload_enabled:
+            raise ValueError("KV offload tiers with tensor parallelism are not implemented yet")
+        if config.master_port is None:
+            config.master_port = free_port(config.master_addr)
+        return start_ranks(config, path)
+
+    def _load(self, config: EngineConfig, path: str, model_config) -> None:
+        group = self.tp.group if self.tp is not None else None
+        self.model_config, model = load_model(path, config, group)
         self.tokenizer = Tokenizer.load(path)
         if config.chat_template is not None:
             if self.tokenizer is None:
@@ -93,26 +138,21 @@ class Engine:
         self.eos_token_ids |= self.model_config.eos_token_ids
 
         bs, dtype, kv_dtype = config.block_size, config.torch_dtype, config.kv_cache_dtype
-        bytes_per_block = model.kv_bytes_per_block(bs, dtype, kv_dtype)
-        budget = config.kv_cache_memory or default_kv_cache_memory(config.torch_device)
-        # A quantized cache keeps each running sequence's last two blocks in a 16-bit window too
-        # (kv/quant.py), charged to the same budget; at most half of it, or fewer sequences run.
-        window_bytes = model.window_bytes_per_slot(bs, dtype, kv_dtype)
-        open_slots = num_open_slots(config.max_num_seqs, budget, window_bytes) if window_bytes else 0
-        if window_bytes and open_slots < config.max_num_seqs:
+        num_blocks, open_slots, self._bytes_per_block, self._window_bytes = kv_budget(config, model)
+        if group is not None:  # every rank's budget must hold the blocks: the smallest count wins
+            num_blocks, open_slots = group.min_over_ranks([num_blocks, open_slots])
+        if self._window_bytes and open_slots < config.max_num_seqs:
             logger.warning(
                 "kv_cache_memory %d B: %s recent windows for %d sequences would take over half of it; "
                 "max_num_seqs lowered to %d",
-                budget,
+                kv_budget_bytes(config),
                 kv_dtype,
                 config.max_num_seqs,
                 open_slots,
             )
             config.max_num_seqs = open_slots
-        num_blocks = (budget - open_slots * window_bytes) // bytes_per_block
-        bytes_per_token = bytes_per_block / bs
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory {budget} B holds no {config.block_size}-token block")
+            raise ValueError(f"kv_cache_memory {kv_budget_bytes(config)} B holds no {config.block_size}-token block")
         capacity = num_blocks * config.block_size
         if config.max_model_len > capacity:
             if config.max_model_len != model_config.max_position_embeddings:
@@ -135,7 +175,7 @@ class Engine:
         )
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, root, open_slots)
         self.scheduler = Scheduler(config, self.kv)
-        self.runner = ModelRunner(config, self.model_config, model, self.kv)
+        self.runner = ModelRunner(config, model, num_blocks, open_slots, self.kv, group)
         if config.offload_enabled:
             block_io = BlockIO(self.runner.kv_caches)
             self.kv.attach_offload(
@@ -162,22 +202,6 @@ class Engine:
         self.stats = EngineStats()
         self._next_id = 0
         settle_heap()
-        logger.info(
-            "model %s (%s) on %s/%s loaded in %.1fs; KV cache (%s): %d blocks x %d tokens = %d tokens, "
-            "%.0f B/token, %.1f MiB (+ %.1f MiB of recent windows)",
-            os.path.basename(path),
-            self.model_config.architecture,
-            config.torch_device,
-            config.dtype,
-            time.perf_counter() - start,
-            config.kv_cache_dtype if config.kv_cache_dtype != "auto" else config.dtype,
-            num_blocks,
-            config.block_size,
-            capacity,
-            bytes_per_token,
-            num_blocks * bytes_per_block / 2**20,
-            open_slots * window_bytes / 2**20,
-        )
 
     # ------------------------------------------------------------------ requests
 
@@ -309,7 +333,13 @@ class Engine:
             self.publish_kv_events()
             return []
         try:
+            if self.tp is not None:
+                self.tp.alive()
             return self._run(batch)
+        except RankFailed:  # not this step's fault, and no step can run after it: the caller must stop
+            if self.tp is not None:
+                self.tp.failed = True
+            raise
         except Exception as exc:
             failed = sorted({request.request_id for request, _ in batch.scheduled} & self.groups.keys())
             outputs = {request_id: self.request_output(request_id) for request_id in failed}  # as far as they got
@@ -495,7 +525,10 @@ class Engine:
         return all(self.groups[request_id].finished)
 
     def close(self) -> None:
-        """Waits for background work (disk-tier writes, KV events); the engine must not step after it."""
+        """Waits for background work (disk-tier writes, KV events) and stops the tensor-parallel ranks;
+        the engine must not step after it."""
+        if self.tp is not None:
+            self.tp.close()
         if self.kv.offload is not None:
             self.kv.offload.close()
         if self.kv_events is not None:
@@ -526,6 +559,24 @@ class Engine:
         self.kv.pool.check_idle()
         assert not self.kv.block_tables, f"block tables left: {list(self.kv.block_tables)[:5]}"
         assert not self.kv.open_slots and len(self.kv.free_open_slots) == self.kv.num_open_slots
+
+
+def kv_budget_bytes(config: EngineConfig) -> int:
+    return config.kv_cache_memory or default_kv_cache_memory(config.torch_device)
+
+
+def kv_budget(config: EngineConfig, model: torch.nn.Module) -> tuple[int, int, int, int]:
+    """(KV blocks, recent-window slots, bytes per block, bytes per window slot) that this process's
+    budget holds for its model (a tensor-parallel rank's: its shard of the KV heads)."""
+    bs, dtype, kv_dtype = config.block_size, config.torch_dtype, config.kv_cache_dtype
+    bytes_per_block = model.kv_bytes_per_block(bs, dtype, kv_dtype)
+    budget = kv_budget_bytes(config)
+    # A quantized cache keeps each running sequence's last two blocks in a 16-bit window too
+    # (kv/quant.py), charged to the same budget; at most half of it, or fewer sequences run.
+    window_bytes = model.window_bytes_per_slot(bs, dtype, kv_dtype)
+    open_slots = num_open_slots(config.max_num_seqs, budget, window_bytes) if window_bytes else 0
+    num_blocks = (budget - open_slots * window_bytes) // bytes_per_block
+    return num_blocks, open_slots, bytes_per_block, window_bytes
 
 
 def settle_heap() -> None:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from kvserve.config import parse_size
+from kvserve.distributed.sharding import TensorShard
 from kvserve.kv.quant import num_open_slots, value_groups, window_bytes_per_slot, window_dtype
 from kvserve.models.model_config import ModelConfig
 
@@ -105,6 +106,12 @@ class Plan:
     dtype_note: str = ""  # why auto chose model_dtype
     window_bytes: int = 0  # budget kept for running sequences' recent windows (quantized GQA/MHA)
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS  # as the engine would run with this budget
+    # Tensor parallelism: the budget, kv and blocks above are one rank's (each holds its KV heads of every
+    # token; MLA's latent, which has no heads to split, whole); whole_model_bytes is one token's on all ranks
+    # (more than the model's own bytes where KV heads or the latent are replicated).
+    tensor_parallel_size: int = 1
+    model_kv_heads: int | None = None
+    whole_model_bytes: int = 0
 
 
 def attention_kind(config: ModelConfig) -> str:
@@ -170,12 +177,17 @@ def plan(
     name: str = "",
     model_dtype: str = "bfloat16",
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+    tensor_parallel_size: int = 1,
 ) -> Plan:
     """What `budget_bytes` of KV cache in `dtype` holds, paged in blocks vs contiguous per sequence.
     A quantized GQA/MHA cache first sets aside what the engine does (engine.py): a recent window (K and
     V of the last two blocks, kv/quant.py) per running sequence, at most half the budget (fewer
-    sequences otherwise)."""
+    sequences otherwise). With tensor_parallel_size N the budget is each rank's, and a rank caches its
+    share of the KV heads (distributed/sharding.py): ValueError for a model N does not split."""
     max_model_len = max_model_len or config.max_position_embeddings
+    whole_model = config
+    if tensor_parallel_size > 1:
+        config = TensorShard(0, tensor_parallel_size, config).local_config()  # every rank's KV is the same size
     if budget_bytes <= 0 or block_size <= 0 or max_model_len <= 0:
         raise ValueError("budget, block size and max_model_len must be positive")
     if seq_lens and any(n <= 0 or n > max_model_len for n in seq_lens):
@@ -200,7 +212,7 @@ def plan(
     return Plan(
         model=name or config.architecture,
         architecture=config.architecture,
-        attention=attention_kind(config),
+        attention=attention_kind(whole_model),
         layers=config.num_layers,
         kv_heads=None if config.is_mla else config.num_kv_heads,
         head_dim=kv_width(config),
@@ -216,6 +228,9 @@ def plan(
         model_dtype=model_dtype,
         window_bytes=window_bytes,
         max_num_seqs=max_num_seqs,
+        tensor_parallel_size=tensor_parallel_size,
+        model_kv_heads=None if whole_model.is_mla else whole_model.num_kv_heads,
+        whole_model_bytes=kv.total * tensor_parallel_size,  # every rank holds the same bytes per token
     )
 
 
@@ -252,12 +267,25 @@ def _human(n: float) -> str:
 
 def format_plan(p: Plan) -> str:
     kv = p.kv
+    per_rank = " per rank" if p.tensor_parallel_size > 1 else ""
     lines = [
         f"KV plan: {p.model} ({p.architecture}, {p.attention})",
         f"  dtype           model {p.model_dtype or p.kv_cache_dtype}{_note(p.dtype_note)}, KV cache {p.kv_cache_dtype}",
-        f"  bytes/token     {kv.per_layer:,} per layer, {kv.total:,} in all ({_human(kv.total)})",
+        f"  bytes/token     {kv.per_layer:,} per layer, {kv.total:,} in all ({_human(kv.total)}){per_rank}",
         f"  formula         {kv.formula}",
     ]
+    if p.tensor_parallel_size > 1:
+        n = p.tensor_parallel_size
+        if p.kv_heads is None:
+            split = "the latent has no heads to split: every rank holds all of it (replicated)"
+        elif p.model_kv_heads < n:
+            split = f"{p.kv_heads} of {p.model_kv_heads} KV heads, each replicated on {n // p.model_kv_heads} ranks"
+        else:
+            split = f"{p.kv_heads} of {p.model_kv_heads} KV heads"
+        lines.append(
+            f"  tensor parallel {n} ranks, each: {split}; {p.whole_model_bytes:,} B/token on all ranks together; "
+            "the budget below is each rank's"
+        )
     if p.attention != "MHA":
         lines.append(
             f"  {p.attention} vs {'expanded ' if p.attention == 'MLA' else ''}MHA: {kv.expanded_mha:,} B/token "
@@ -319,7 +347,8 @@ def cmd_kv_plan(args: argparse.Namespace) -> int:
 
     model_dtype, note = resolve_dtype(args.dtype, is_preset, torch.cuda.is_available())
     kv_dtype = model_dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
-    plans = []
+    plans: list[Plan] = []
+    unsplit: list[str] = []  # --compare: presets --tensor-parallel-size does not split
     for name in names:
         if name is None:
             from kvserve.models.loader import load_model_config
@@ -332,17 +361,30 @@ def cmd_kv_plan(args: argparse.Namespace) -> int:
         max_len = args.max_model_len
         if max_len and args.compare:  # one length for all presets, capped at each one's context
             max_len = min(max_len, config.max_position_embeddings)
-        p = plan(config, budget, kv_dtype, args.block_size, max_len, args.seq_len, name, model_dtype, args.max_num_seqs)
+        try:
+            p = plan(
+                config, budget, kv_dtype, args.block_size, max_len, args.seq_len, name, model_dtype,
+                args.max_num_seqs, args.tensor_parallel_size,
+            )  # fmt: skip
+        except ValueError as exc:
+            if not args.compare:
+                raise
+            unsplit.append(f"{name}: {exc}")
+            continue
         p.dtype_note = note
         plans.append(p)
     if args.json:
         data = [asdict(p) for p in plans]
         print(json.dumps(data if args.compare else data[0], indent=2))
     elif args.compare:
+        tp = f" per rank of {args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
         print(
-            f"model {model_dtype}{_note(note)}, KV cache {kv_dtype}, budget {_human(budget)}, block {args.block_size}"
+            f"model {model_dtype}{_note(note)}, KV cache {kv_dtype}, budget {_human(budget)}{tp}, "
+            f"block {args.block_size}"
         )
         print(format_compare(plans))
+        for line in unsplit:
+            print(f"not split: {line}")
     else:
         print(format_plan(plans[0]))
     return 0
@@ -362,6 +404,8 @@ def add_kv_plan_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="running sequences (int8/fp8 keep each one's last two blocks in a 16-bit window)")  # fmt: skip
     p.add_argument("--seq-len", type=int, action="append", default=None,
                    help="sequence length to fit (repeatable; default 512, 2048, 8192, max_model_len)")  # fmt: skip
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="N ranks: KV bytes and blocks per rank (each holds its share of the KV heads)")  # fmt: skip
     p.add_argument("--compare", action="store_true", help="all presets in one table")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_kv_plan)

@@ -22,6 +22,16 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_args) -> None:
         self.engine = Engine(EngineConfig(model=model, **engine_args))
 
+    def close(self) -> None:
+        """Stops the engine's background work and its tensor-parallel ranks; generate() cannot run after it."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -18,6 +18,8 @@ import torch
 
 from kvserve import kernels
 from kvserve.config import EngineConfig
+from kvserve.distributed.group import OP_COPY_BLOCKS, OP_COPY_WINDOW, ParallelGroup, RankFailed
+from kvserve.distributed.sharding import TensorShard
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.quant import as_bytes, block_tensors
 from kvserve.models.attention import (
@@ -50,6 +52,34 @@ class RunnerOutput:
     hidden_sums: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
 
+@dataclass
+class StepPlan:
+    """One step's flat batch as plain integers: everything a rank needs to run the forward. Rank 0 builds
+    it from the scheduled requests; tensor-parallel workers receive it (distributed/protocol.py) and hold
+    no request objects. Decodes come first, then prefill spans (attention.py)."""
+
+    input_ids: list[int] = field(default_factory=list)  # [T]
+    positions: list[int] = field(default_factory=list)  # [T]
+    slots: list[int] = field(default_factory=list)  # [T] cache slot of each token's new K/V
+    decode_tables: list[list[int]] = field(default_factory=list)  # per decode, its block table
+    decode_lens: list[int] = field(default_factory=list)  # per decode, its context with the new token
+    window_slots: list[int] = field(default_factory=list)  # quantized caches: per decode, its window slot ...
+    window_starts: list[int] = field(default_factory=list)  # ... and the first position it wrote there
+    key_spans: list[tuple[int, int, int, list[int], int, int]] = field(default_factory=list)  # KeyWrites.plan's
+    # per prefill: (flat start, first position, end position, blocks of its earlier context when it has
+    # some (else empty), window slot (-1 without windows), first position written into that slot)
+    prefills: list[tuple[int, int, int, list[int], int, int]] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # flat rows whose logits are sampled ...
+    logprob_rows: list[int] = field(default_factory=list)  # ... and then the prompt-logprob rows
+
+    @property
+    def logit_rows(self) -> list[int]:
+        return self.sample_rows + self.logprob_rows
+
+
+_Span = tuple[Request, int, int, int]  # (request, flat start, first position, count)
+
+
 def compute_kernels(config: EngineConfig) -> ModuleType | None:
     """The compiled forward kernels (kvserve/kernels) when they apply: they take fp32 on the CPU;
     anything else runs the PyTorch path."""
@@ -58,11 +88,13 @@ def compute_kernels(config: EngineConfig) -> ModuleType | None:
     return None
 
 
-def load_model(path: str, config: EngineConfig) -> tuple[ModelConfig, torch.nn.Module]:
+def load_model(path: str, config: EngineConfig, tp: ParallelGroup | None = None) -> tuple[ModelConfig, torch.nn.Module]:
     """The model with its weights, on config's device. Linear weights: a GGUF's quantized blocks stay
     quantized where the compiled kernels run them (quantization auto, fp32 on the CPU), else they are
     expanded to the dtype once at load (none; and auto on CUDA, in bf16, or without the kernels, where
-    expanding per product would be slow); int8 quantizes every float weight (models/quantized.py)."""
+    expanding per product would be slow); int8 quantizes every float weight (models/quantized.py).
+    With a tensor-parallel group, the model is this rank's shard (distributed/sharding.py); the
+    ModelConfig returned is the whole model's."""
     mla = load_model_config(path).is_mla
     if mla and config.quantization == "int8":
         raise ValueError(
@@ -76,17 +108,23 @@ def load_model(path: str, config: EngineConfig) -> tuple[ModelConfig, torch.nn.M
     ops = compute_kernels(config)
     keep_quantized = config.quantization == "auto" and ops is not None and not mla
     model_config, weights = load_weights(path, keep_quantized)
+    shard = None
+    if tp is not None:
+        shard = TensorShard(tp.rank, tp.world_size, model_config)
+        weights = shard.shard_weights(weights)
+        tp.vocab_size = model_config.vocab_size
+    built_config = shard.local_config() if shard is not None else model_config
     if mla:
         from kvserve.models.deepseek import DeepseekForCausalLM as model_class
     else:
         model_class = LlamaForCausalLM
-    max_positions = model_config.max_position_embeddings
+    max_positions = built_config.max_position_embeddings
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(config.torch_dtype)
     try:
         if mla:  # built on the meta device (no random init, no transient fp32 copy), then allocated for real
             with torch.device("meta"):
-                model = model_class(model_config, max_positions)
+                model = model_class(built_config, max_positions)
             model = model.to_empty(device=config.torch_device)
             model.init_non_persistent(config.torch_device)
         else:
@@ -94,7 +132,7 @@ def load_model(path: str, config: EngineConfig) -> tuple[ModelConfig, torch.nn.M
             # touch no memory until loaded, and a quantized weight's dense one never does. (The meta device
             # would cost ~75 MB of RSS in the machinery its first use imports.)
             with torch.device(config.torch_device):
-                model = model_class(model_config, max_positions)
+                model = model_class(built_config, max_positions)
     finally:
         torch.set_default_dtype(default_dtype)
     with torch.no_grad():
@@ -104,6 +142,8 @@ def load_model(path: str, config: EngineConfig) -> tuple[ModelConfig, torch.nn.M
             model.load_weights(weights, config.quantization)
     model.eval()
     use_cpu_kernels(model, ops)
+    if shard is not None:
+        model.set_tensor_parallel(tp, shard.vocab_rows[0])
     return model_config, model
 
 
@@ -111,82 +151,93 @@ class ModelRunner:
     cascade_attention = True  # decodes attend shared leading blocks once; False only to measure against
 
     def __init__(
-        self, config: EngineConfig, model_config: ModelConfig, model: torch.nn.Module, kv: KVCacheManager
+        self,
+        config: EngineConfig,
+        model: torch.nn.Module,
+        num_blocks: int,
+        num_open_slots: int,
+        kv: KVCacheManager | None = None,
+        tp: ParallelGroup | None = None,
     ) -> None:
+        """kv: rank 0's block manager, which plans steps (None on a tensor-parallel worker, which only
+        runs the plans it receives); tp: the tensor-parallel group, None without one."""
         self.config = config
-        self.model_config = model_config
         self.model = model
         self.kv = kv
+        self.tp = tp
         self.device = config.torch_device
         self.block_size = config.block_size
         self.kv_caches = model.allocate_kv_cache(
-            kv.pool.num_blocks, config.block_size, config.torch_dtype, config.kv_cache_dtype, kv.num_open_slots
+            num_blocks, config.block_size, config.torch_dtype, config.kv_cache_dtype, num_open_slots
         )
-        self.windows = kv.num_open_slots > 0  # a quantized cache, with a recent window per sequence
+        self.windows = num_open_slots > 0  # a quantized cache, with a recent window per sequence
         if config.kv_cache_dtype == "int8" and self.device.type == "cpu":
             kernels.cpu_ops()  # built (once per machine) or loaded now, not inside the first step
         self.compute_ops = compute_kernels(config)  # attention's compiled decode path
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> RunnerOutput:
+        plan, sample_requests, prompt_lp_spans, embed_spans = self.plan(batch)
+        hidden, logits = self.run(plan)
+        out = RunnerOutput(sample_requests=sample_requests)
+        num_sampled = len(sample_requests)
+        if num_sampled:
+            out.logits = logits[:num_sampled]
+        row = num_sampled  # logits rows of the prompt logprob spans follow the sampled ones, in order
+        for request, _, first_pos, count in prompt_lp_spans:
+            out.prompt_logprobs[id(request)] = self._prompt_logprobs(logits[row : row + count], request, first_pos)
+            row += count
+        for request, flat_start, first_pos, count in embed_spans:
+            out.hidden_sums[id(request)] = (first_pos, hidden[flat_start : flat_start + count].float().sum(0))
+        return out
+
+    def plan(self, batch: SchedulerOutput) -> tuple[StepPlan, list[Request], list[_Span], list[_Span]]:
+        """The step as a StepPlan, with what only rank 0 keeps: the requests that sample (one per
+        sampled logits row), and the (request, flat start, first position, count) spans of prompt
+        logprobs and of embeddings."""
         # Decodes (single-token queries) first, then prefill spans; see attention.py.
         decodes = [(r, n) for r, n in batch.scheduled if n == 1]
         prefills = [(r, n) for r, n in batch.scheduled if n > 1]
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
+        plan = StepPlan()
         sample_requests: list[Request] = []
-        prompt_lp_spans: list[tuple[Request, int, int, int]] = []  # (request, flat start, first pos, count)
-        embed_spans: list[tuple[Request, int, int, int]] = []  # the same, for embedding requests' positions
-
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        window_slots: list[int] = []  # decodes' window slots ...
-        window_starts: list[int] = []  # ... and the first positions they wrote there
-        key_spans: list[tuple[int, int, int, list[int], int, int]] = []  # KeyWrites.plan's input
+        prompt_lp_spans: list[_Span] = []
+        embed_spans: list[_Span] = []
         for request, _ in decodes:
             pos = request.num_computed_tokens
             table = self.kv.block_ids(request)
-            input_ids.append(request.token_at(pos))
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            decode_tables.append(table)
-            decode_lens.append(pos + 1)
+            plan.input_ids.append(request.token_at(pos))
+            plan.positions.append(pos)
+            plan.slots.append(table[pos // bs] * bs + pos % bs)
+            plan.decode_tables.append(table)
+            plan.decode_lens.append(pos + 1)
             if self.windows:
-                window_slots.append(self.kv.open_slot(request))
-                window_starts.append(self.kv.window_start(request, pos))
-                key_spans.append((len(input_ids) - 1, pos, pos + 1, table, window_slots[-1], window_starts[-1]))
+                plan.window_slots.append(self.kv.open_slot(request))
+                plan.window_starts.append(self.kv.window_start(request, pos))
+                flat = len(plan.input_ids) - 1
+                plan.key_spans.append((flat, pos, pos + 1, table, plan.window_slots[-1], plan.window_starts[-1]))
             if pos + 1 == request.num_tokens:
-                sample_rows.append(len(input_ids) - 1)
+                plan.sample_rows.append(len(plan.input_ids) - 1)
                 sample_requests.append(request)
             elif request.params.prompt_logprobs is not None and pos + 1 < request.num_prompt_tokens:
-                prompt_lp_spans.append((request, len(input_ids) - 1, pos, 1))
+                prompt_lp_spans.append((request, len(plan.input_ids) - 1, pos, 1))
             if request.params.embed:  # a one-token chunk of an embedding request's prompt
-                embed_spans.append((request, len(input_ids) - 1, pos, 1))
-
-        spans: list[PrefillSpan] = []
+                embed_spans.append((request, len(plan.input_ids) - 1, pos, 1))
         for request, n in prefills:
             start = request.num_computed_tokens
             end = start + n
-            flat_start = len(input_ids)
+            flat_start = len(plan.input_ids)
             table = self.kv.block_ids(request)
-            input_ids.extend(request.tokens(start, end))
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            span = PrefillSpan(start=flat_start, num_tokens=n, context_len=end)
-            if start > 0:
-                num_blocks = -(-end // bs)
-                span.block_ids = torch.tensor(table[:num_blocks], device=self.device)
-                q_pos = torch.arange(start, end, device=self.device)
-                span.mask = (torch.arange(end, device=self.device)[None, :] <= q_pos[:, None])[None, None]
+            plan.input_ids.extend(request.tokens(start, end))
+            plan.positions.extend(range(start, end))
+            plan.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            slot, first = (
+                (self.kv.open_slot(request), self.kv.window_start(request, start)) if self.windows else (-1, 0)
+            )
             if self.windows:
-                slot, first = self.kv.open_slot(request), self.kv.window_start(request, start)
-                key_spans.append((flat_start, start, end, table, slot, first))
-                if span.block_ids is not None:
-                    span.window = WindowBlocks.of_rows([end], [slot], [first], bs, self.device)
-            spans.append(span)
+                plan.key_spans.append((flat_start, start, end, table, slot, first))
+            context = table[: -(-end // bs)] if start > 0 else []  # earlier context: its blocks are gathered
+            plan.prefills.append((flat_start, start, end, context, slot, first))
             if request.params.prompt_logprobs is not None:
                 count = min(end, request.num_prompt_tokens - 1) - start
                 if count > 0:
@@ -194,47 +245,74 @@ class ModelRunner:
             if request.params.embed:
                 embed_spans.append((request, flat_start, start, n))
             if end == request.num_tokens:
-                sample_rows.append(len(input_ids) - 1)
+                plan.sample_rows.append(len(plan.input_ids) - 1)
                 sample_requests.append(request)
+        for _, flat_start, _, count in prompt_lp_spans:
+            plan.logprob_rows.extend(range(flat_start, flat_start + count))
+        return plan, sample_requests, prompt_lp_spans, embed_spans
 
+    def run(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward over the plan's tokens: the final hidden states [T, hidden] and the float32 logits
+        of plan.logit_rows (None when there are none, and on tensor-parallel ranks other than 0). With
+        tensor parallelism, rank 0 first sends the plan to the other ranks, which run this too."""
+        meta = self.metadata(plan)  # built before the plan goes out: an error here must not strand the workers
+        if self.tp is None:
+            return self._forward(plan, meta)
+        if self.tp.rank == 0:
+            self.tp.send_step(plan)
+        try:
+            return self._forward(plan, meta)
+        except RankFailed:
+            raise
+        except Exception as exc:  # the other ranks are in this step's collectives: they cannot be told apart
+            raise RankFailed(f"tensor-parallel rank {self.tp.rank} failed in a step: {exc!r}") from exc
+
+    def _forward(self, plan: StepPlan, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+        device = self.device
+        hidden = self.model(
+            torch.tensor(plan.input_ids, device=device),
+            torch.tensor(plan.positions, device=device),
+            self.kv_caches,
+            meta,
+        )
+        rows = plan.logit_rows
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=device)]) if rows else None
+        return hidden, logits
+
+    def metadata(self, plan: StepPlan) -> AttentionMetadata:
+        bs, device = self.block_size, self.device
+        spans: list[PrefillSpan] = []
+        for flat_start, start, end, context, slot, first in plan.prefills:
+            span = PrefillSpan(start=flat_start, num_tokens=end - start, context_len=end)
+            if context:
+                span.block_ids = torch.tensor(context, device=device)
+                q_pos = torch.arange(start, end, device=device)
+                span.mask = (torch.arange(end, device=device)[None, :] <= q_pos[:, None])[None, None]
+                if self.windows:
+                    span.window = WindowBlocks.of_rows([end], [slot], [first], bs, device)
+            spans.append(span)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=self.device),
-            num_decode_tokens=len(decodes),
+            slot_mapping=torch.tensor(plan.slots, device=device),
+            num_decode_tokens=len(plan.decode_lens),
             prefills=spans,
             compute_ops=self.compute_ops,
         )
         if self.windows:
-            meta.key_writes = KeyWrites.plan(key_spans, bs, self.device)
-        if decodes:
-            meta.decode_block_tables, meta.decode_mask = block_tables_and_mask(
-                decode_tables, decode_lens, bs, self.device
-            )
-            windows = (window_slots, window_starts) if self.windows else None
+            meta.key_writes = KeyWrites.plan(plan.key_spans, bs, device)
+        if plan.decode_lens:
+            tables, lens = plan.decode_tables, plan.decode_lens
+            meta.decode_block_tables, meta.decode_mask = block_tables_and_mask(tables, lens, bs, device)
+            windows = (plan.window_slots, plan.window_starts) if self.windows else None
             if windows is not None:
-                meta.decode_window = WindowBlocks.of_rows(decode_lens, *windows, bs, self.device)
+                meta.decode_window = WindowBlocks.of_rows(lens, *windows, bs, device)
             if self.cascade_attention:
-                meta.decode_cascade = DecodeCascade.build(decode_tables, decode_lens, bs, self.device, windows)
+                meta.decode_cascade = DecodeCascade.build(tables, lens, bs, device, windows)
+        return meta
 
-        hidden = self.model(
-            torch.tensor(input_ids, device=self.device),
-            torch.tensor(positions, device=self.device),
-            self.kv_caches,
-            meta,
-        )
-        out = RunnerOutput(sample_requests=sample_requests)
-        if sample_rows:
-            out.logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        for request, flat_start, first_pos, count in prompt_lp_spans:
-            out.prompt_logprobs[id(request)] = self._prompt_logprobs(hidden, request, flat_start, first_pos, count)
-        for request, flat_start, first_pos, count in embed_spans:
-            out.hidden_sums[id(request)] = (first_pos, hidden[flat_start : flat_start + count].float().sum(0))
-        return out
-
-    def _prompt_logprobs(
-        self, hidden: torch.Tensor, request: Request, flat_start: int, first_pos: int, count: int
-    ) -> list[dict[int, float] | None]:
-        """Logprobs of prompt tokens first_pos+1 .. first_pos+count, from the logits at the positions before them."""
-        logits = self.model.compute_logits(hidden[flat_start : flat_start + count])
+    def _prompt_logprobs(self, logits: torch.Tensor, request: Request, first_pos: int) -> list[dict[int, float] | None]:
+        """Logprobs of prompt tokens first_pos+1 .. first_pos+len(logits), from the logits at the positions
+        before them."""
+        count = logits.shape[0]
         targets = torch.tensor(request.prompt_token_ids[first_pos + 1 : first_pos + 1 + count], device=self.device)
         top_n = request.params.prompt_logprobs
         token_lp, top_lp, top_ids = compute_logprobs(logits, targets, top_n)
@@ -247,22 +325,28 @@ class ModelRunner:
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copies whole blocks src -> dst in every layer (forked parallel samples)."""
+        """Copies whole blocks src -> dst in every layer (forked parallel samples); every rank its shard."""
         if not pairs:
             return
+        if self.tp is not None and self.tp.rank == 0:
+            self.tp.send(OP_COPY_BLOCKS, torch.tensor([s for s, _ in pairs] + [d for _, d in pairs]))
         src = torch.tensor([s for s, _ in pairs], device=self.device)
         dst = torch.tensor([d for _, d in pairs], device=self.device)
         for cache in self.kv_caches:
             for tensor in map(as_bytes, block_tensors(cache)):
                 tensor[:, dst] = tensor[:, src]
 
-    @torch.inference_mode()
     def copy_window(self, kv: KVCacheManager, parent: Request, child: Request) -> None:
         """A forked sample reads its parent's last blocks from its own window: a copy of the parent's."""
         if self.windows:
-            src, dst = kv.open_slot(parent), kv.open_slot(child)
-            for cache in self.kv_caches:
-                cache.window[:, dst] = cache.window[:, src]
+            self.copy_window_slot(kv.open_slot(parent), kv.open_slot(child))
+
+    @torch.inference_mode()
+    def copy_window_slot(self, src: int, dst: int) -> None:
+        if self.tp is not None and self.tp.rank == 0:
+            self.tp.send(OP_COPY_WINDOW, torch.tensor([src, dst]))
+        for cache in self.kv_caches:
+            cache.window[:, dst] = cache.window[:, src]
 
 
 def default_kv_cache_memory(device: torch.device) -> int:

@@ -24,8 +24,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from kvserve.distributed.group import ParallelGroup
 from kvserve.models.attention import AttentionMetadata, KVCache
-from kvserve.models.layers import RMSNorm, SwiGLU
+from kvserve.models.layers import Embedding, RMSNorm, SwiGLU
 from kvserve.models.mla import MLAAttention, MLARotary, allocate_latent_cache, latent_bytes_per_token
 from kvserve.models.model_config import ModelConfig
 from kvserve.models.moe import DeepseekMoE, is_moe_layer
@@ -60,13 +61,14 @@ class DeepseekForCausalLM(nn.Module):
         if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
             raise ValueError("kvserve's DeepSeek supports hidden_act silu without MLP biases")
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = MLARotary(config, max_positions)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.tp: ParallelGroup | None = None  # tensor parallelism: set_tensor_parallel
 
     @property
     def latent_width(self) -> int:
@@ -111,14 +113,31 @@ class DeepseekForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden], final-normed
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids, self.norm.weight.dtype)
         cos, sin = self.rotary.tables(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv_cache, meta)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[S, hidden] -> [S, V] float32; with tensor parallelism the whole V on rank 0, None elsewhere."""
+        logits = self.lm_head(hidden).float()
+        return logits if self.tp is None else self.tp.gather_vocab(logits)
+
+    def set_tensor_parallel(self, tp: ParallelGroup, first_vocab_id: int) -> None:
+        """This model is rank tp.rank's shard (distributed/sharding.py): each rank runs its heads of MLA
+        (the latent cache, one "head" for all, is replicated) and its rows of every MLP and expert; the
+        attention's and the MLP's partial outputs are summed across the group (an MoE layer's routed
+        and shared experts in one all-reduce); the embedding is vocabulary-parallel."""
+        self.tp = tp
+        self.embed_tokens.first_id = first_vocab_id
+        self.embed_tokens.reduce = tp
+        for layer in self.layers:
+            layer.self_attn.tp = tp
+            if isinstance(layer.mlp, SwiGLU):
+                layer.mlp.down_proj.reduce = tp
+            else:
+                layer.mlp.tp = tp
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Takes HF-named tensors: routed experts per expert (`experts.{e}.gate_proj.weight`, as checkpoints

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from kvserve.models.quantized import QuantizedWeight
+
+if TYPE_CHECKING:
+    from kvserve.distributed.group import ParallelGroup
 
 # Rows of x up to which a dense fp32 product takes dot products (the weight streams from memory once,
 # where BLAS's matrix-vector path reads it at a third of the memory's speed on the project's AVX2 CPUs,
@@ -47,6 +51,9 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.qweight: QuantizedWeight | None = None
         self.ops: ModuleType | None = None
+        # Tensor parallelism: a row-parallel layer (its inputs split across ranks) sums its partial
+        # products over the group (distributed/sharding.py); None otherwise.
+        self.reduce: ParallelGroup | None = None
 
     def set_quantized(self, qweight: QuantizedWeight) -> None:
         """Holds qweight instead of the dense weight, which is dropped (never allocated for real)."""
@@ -58,6 +65,10 @@ class Linear(nn.Module):
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._product(x)
+        return out if self.reduce is None else self.reduce.all_reduce(out)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         ops = self.ops
         if self.qweight is not None:
             if ops is not None and x.dtype == torch.float32 and x.is_cpu:
@@ -96,21 +107,34 @@ class Linear(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token embeddings, dense (`weight`) or quantized (`qweight`: only the looked-up rows are expanded)."""
+    """Token embeddings, dense (`weight`) or quantized (`qweight`: only the looked-up rows are expanded).
+    Vocabulary-parallel (tensor parallelism): this rank holds the rows of ids [first_id, first_id +
+    num_embeddings), looks those up, zeroes the rest, and the all-reduce completes every row."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
+        self.num_embeddings = num_embeddings
         self.weight: nn.Parameter | None = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
         self.qweight: QuantizedWeight | None = None
+        self.first_id = 0
+        self.reduce: ParallelGroup | None = None
 
     def set_quantized(self, qweight: QuantizedWeight) -> None:
         self.qweight = qweight
         self.weight = None
 
     def forward(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.reduce is None:
+            return self._lookup(ids, dtype)
+        local = ids - self.first_id
+        outside = (local < 0) | (local >= self.num_embeddings)
+        rows = self._lookup(local.masked_fill(outside, 0), dtype)
+        return self.reduce.all_reduce(rows.masked_fill_(outside[:, None], 0.0))
+
+    def _lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.qweight is not None:
             return self.qweight.select_rows(ids).dequantize(dtype)
-        return F.embedding(ids, self.weight)
+        return F.embedding(ids, self.weight).to(dtype)
 
 
 def use_cpu_kernels(model: nn.Module, ops: ModuleType | None) -> None:

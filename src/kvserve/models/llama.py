@@ -19,6 +19,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from kvserve.distributed.group import ParallelGroup
 from kvserve.kv.quant import QuantizedKVCache, kv_bytes_per_block, plain_kv_dtype, window_bytes_per_slot
 from kvserve.models.attention import KERNEL_KV_DTYPES, AttentionMetadata, KVCache, paged_attention, write_kv
 from kvserve.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary, kernel_for
@@ -98,6 +99,7 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._decode_stack: tuple[ModuleType, object] | None = None  # (the kernels it was built with, the stack)
+        self.tp: ParallelGroup | None = None  # tensor parallelism: set_tensor_parallel
 
     def init_non_persistent(self, device: torch.device) -> None:
         """After `to_empty`: rebuild computed buffers and re-tie the LM head."""
@@ -200,8 +202,22 @@ class LlamaForCausalLM(nn.Module):
             self._decode_stack = (ops, ops.DecoderStack(layers))
         return self._decode_stack[1]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[S, hidden] -> [S, V] float32; with tensor parallelism the whole V on rank 0, None elsewhere."""
+        logits = self.lm_head(hidden).float()
+        return logits if self.tp is None else self.tp.gather_vocab(logits)
+
+    def set_tensor_parallel(self, tp: ParallelGroup, first_vocab_id: int) -> None:
+        """This model is rank tp.rank's shard (distributed/sharding.py): o_proj and down_proj sum their
+        partial products across the group, the embedding is vocabulary-parallel, the LM head's
+        logits are gathered on rank 0. The compiled decode stack runs no collectives: it is off."""
+        self.tp = tp
+        self.use_decode_stack = False
+        self.embed_tokens.first_id = first_vocab_id
+        self.embed_tokens.reduce = tp
+        for layer in self.layers:
+            layer.self_attn.o_proj.reduce = tp
+            layer.mlp.down_proj.reduce = tp
 
     def load_weights(
         self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]], quantization: str = "auto"

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kvserve.distributed.group import ParallelGroup
 from kvserve.kv.quant import (
     QUANTIZED_KV_DTYPES,
     SCALE_DTYPE,
@@ -195,6 +196,7 @@ class MLAAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, 1e-6)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, hidden, bias=bias)
+        self.tp: ParallelGroup | None = None  # tensor parallelism: this rank's heads; o_proj's sums are partial
 
     @property
     def latent_width(self) -> int:
@@ -240,7 +242,8 @@ class MLAAttention(nn.Module):
             else:
                 context = gather_latents(kv_cache, span.block_ids, x.dtype)[: span.context_len]
             out[rows] = self._prefill_expanded(q_nope[rows], q_pe[rows], context, span.mask)
-        return self.o_proj(out.view(x.shape[0], self.num_heads * self.v_dim))
+        out = self.o_proj(out.view(x.shape[0], self.num_heads * self.v_dim))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
     def _prefill_expanded(
         self,

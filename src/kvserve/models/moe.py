@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kvserve.distributed.group import ParallelGroup
 from kvserve.models.layers import SwiGLU
 from kvserve.models.model_config import ModelConfig
 
@@ -122,11 +123,14 @@ class DeepseekMoE(nn.Module):
         self.experts = Experts(hf["n_routed_experts"], config.hidden_size, inter)
         shared = hf.get("n_shared_experts") or 0
         self.shared_experts = SwiGLU(config.hidden_size, inter * shared) if shared else None
+        self.tp: ParallelGroup | None = None  # tensor parallelism: this rank's rows of every expert
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         weights, ids = self.gate(x)
         y = self.experts(x, weights, ids)
-        return y if self.shared_experts is None else y + self.shared_experts(x)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y if self.tp is None else self.tp.all_reduce(y)  # routed and shared partial sums at once
 
 
 def is_moe_layer(config: ModelConfig, layer_idx: int) -> bool:

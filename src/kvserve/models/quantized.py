@@ -74,6 +74,25 @@ class QuantizedWeight:
         mins = self.mins[rows] if self.mins is not None else None
         return QuantizedWeight(self.codes[rows], self.scales[rows], mins, self.bits, self.in_features)
 
+    def row_range(self, start: int, end: int) -> QuantizedWeight:
+        """Output rows [start, end) (a column-parallel shard), as contiguous copies."""
+        mins = self.mins[start:end].clone() if self.mins is not None else None
+        return QuantizedWeight(
+            self.codes[start:end].clone(), self.scales[start:end].clone(), mins, self.bits, self.in_features
+        )
+
+    def column_range(self, start: int, end: int) -> QuantizedWeight:
+        """Input columns [start, end) (a row-parallel shard): whole 32-element groups only, which keeps
+        4-bit codes' byte pairs and every group's scale and min intact."""
+        if start % GROUP or (end % GROUP and end != self.in_features):
+            raise ValueError(f"columns [{start}, {end}) do not fall on {GROUP}-element groups")
+        per_byte = 2 if self.bits == 4 else 1
+        group = self.group
+        codes = self.codes[:, start // per_byte : end // per_byte].contiguous()
+        scales = self.scales[:, start // group : end // group].contiguous()
+        mins = self.mins[:, start // GROUP : end // GROUP].contiguous() if self.mins is not None else None
+        return QuantizedWeight(codes, scales, mins, self.bits, end - start)
+
     def to(self, device: torch.device) -> QuantizedWeight:
         mins = self.mins.to(device) if self.mins is not None else None
         return QuantizedWeight(self.codes.to(device), self.scales.to(device), mins, self.bits, self.in_features)

@@ -1,0 +1,123 @@
+"""The tensor-parallel process group and the few collectives the model and the engine use.
+
+Backends: gloo on the CPU; NCCL for CUDA tensors, with a gloo group beside it for the control traffic
+(the step's plan, the header of each command), which lives in host memory as vLLM's does.
+
+Two groups: the forward's collectives run on the default group, whose `timeout` bounds a wait on
+a rank that hangs without dying; commands from rank 0 go over a gloo control group without a
+practical timeout, because a worker waits there for as long as the server is idle.
+
+Failure: a rank that dies closes its connections, so a collective waiting on it fails at once on
+the others (gloo and NCCL raise). Every failure of a collective is a RankFailed: the group cannot be
+trusted after it, and the engine stops rather than step with ranks out of step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from kvserve.distributed.protocol import pack_plan, unpack_plan
+
+# Commands rank 0 sends the other ranks: a header [op, payload length], then the int64 payload.
+OP_STEP, OP_COPY_BLOCKS, OP_COPY_WINDOW, OP_STOP = 1, 2, 3, 4
+
+DEFAULT_TIMEOUT = timedelta(minutes=5)  # a collective that waits longer means a rank hangs
+
+
+IDLE_TIMEOUT = timedelta(days=365)  # the control group's: workers wait there while the server is idle
+
+
+class RankFailed(RuntimeError):
+    """A tensor-parallel rank died, hung, or fell out of step: the engine cannot run another step."""
+
+
+@dataclass
+class ParallelGroup:
+    rank: int
+    world_size: int
+    device: torch.device
+    vocab_size: int = 0  # the whole model's, for gathering the vocabulary-parallel logits
+    control: dist.ProcessGroup | None = field(default=None, repr=False)  # gloo, for commands and host tensors
+
+    @classmethod
+    def join(
+        cls, rank: int, world_size: int, init_method: str, device: torch.device, timeout: timedelta = DEFAULT_TIMEOUT
+    ) -> ParallelGroup:
+        """Joins the group (blocks until all world_size ranks have joined, at most `timeout`)."""
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+        control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+        return cls(rank, world_size, device, control=control)
+
+    def leave(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ---- in the forward (every rank, in the same order)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sums x across ranks, in place (the partial products of a row-parallel layer)."""
+        try:
+            dist.all_reduce(x)
+        except RuntimeError as exc:
+            raise RankFailed(f"tensor-parallel all-reduce failed: {exc}") from exc
+        return x
+
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Each rank's [S, its vocabulary rows] logits -> the whole [S, V] on rank 0 (None on the others).
+        Ranges are ceil(V/N) rows; a shorter last one is padded for the gather and cut after."""
+        per = -(-self.vocab_size // self.world_size)
+        if logits.shape[-1] < per:
+            pad = logits.new_full((logits.shape[0], per - logits.shape[-1]), float("-inf"))
+            logits = torch.cat((logits, pad), dim=-1)
+        logits = logits.contiguous()
+        parts = [torch.empty_like(logits) for _ in range(self.world_size)] if self.rank == 0 else None
+        try:
+            dist.gather(logits, parts, dst=0)
+        except RuntimeError as exc:
+            raise RankFailed(f"tensor-parallel gather of the logits failed: {exc}") from exc
+        return torch.cat(parts, dim=-1)[:, : self.vocab_size] if parts is not None else None
+
+    def min_over_ranks(self, values: list[int]) -> list[int]:
+        """Elementwise minimum across ranks (e.g. KV blocks that every rank's budget holds)."""
+        t = torch.tensor(values, dtype=torch.int64)
+        self._control(dist.all_reduce, t, op=dist.ReduceOp.MIN)
+        return t.tolist()
+
+    # ---- commands from rank 0
+
+    def send(self, op: int, payload: torch.Tensor | None = None) -> None:
+        """Rank 0: a command to every other rank."""
+        payload = payload if payload is not None else torch.empty(0, dtype=torch.int64)
+        self._control(dist.broadcast, torch.tensor([op, payload.numel()], dtype=torch.int64), src=0)
+        if payload.numel():
+            self._control(dist.broadcast, payload, src=0)
+
+    def send_step(self, plan) -> None:
+        self.send(OP_STEP, pack_plan(plan))
+
+    def receive(self) -> tuple[int, torch.Tensor]:
+        """The other ranks: the next command, as (op, int64 payload)."""
+        header = torch.empty(2, dtype=torch.int64)
+        self._control(dist.broadcast, header, src=0)
+        op, length = header.tolist()
+        payload = torch.empty(length, dtype=torch.int64)
+        if length:
+            self._control(dist.broadcast, payload, src=0)
+        return op, payload
+
+    @staticmethod
+    def plan_of(payload: torch.Tensor):
+        return unpack_plan(payload)
+
+    def _control(self, collective, tensor: torch.Tensor, **kwargs) -> None:
+        try:
+            collective(tensor, group=self.control, **kwargs)
+        except RuntimeError as exc:
+            raise RankFailed(f"tensor-parallel {collective.__name__} failed: {exc}") from exc

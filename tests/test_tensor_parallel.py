@@ -1,0 +1,222 @@
+"""Tensor parallelism on the CPU: TP=2 (gloo over 127.0.0.1, the second rank spawned by the engine)
+against TP=1 on tiny random models.
+
+Tolerance: a rank sums its half of each row-parallel product (o_proj, down_proj) and the all-reduce
+adds the halves, where TP=1 sums the whole row in one pass: the same terms in another order, so
+fp32 round-off (~1e-7 relative per sum) differs, not the maths. Over 3 layers the logprobs agree to
+~1e-5; the tests allow 1e-4. A wrong shard (a head or a vocabulary range off by one) moves them by O(1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from helpers import save_tiny_deepseek, save_tiny_model
+
+from kvserve import LLM, SamplingParams
+from kvserve.distributed.group import RankFailed
+from kvserve.server.launch import ServerProcess, free_port
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+TOL = 1e-4
+PROMPTS = [list(range(5, 45)), [11, 12, 13] * 9, [20, 30, 40, 50, 60], list(range(100, 170))]
+
+
+def _run(llm: LLM) -> list:
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=3)
+    return llm.generate(PROMPTS, params)
+
+
+def _assert_same(reference: list, tp: list) -> None:
+    for ref, out in zip(reference, tp):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        for ref_lp, lp in zip(
+            ref.outputs[0].logprobs + ref.prompt_logprobs[1:], out.outputs[0].logprobs + out.prompt_logprobs[1:]
+        ):
+            assert ref_lp.keys() == lp.keys()
+            assert max(abs(ref_lp[t] - lp[t]) for t in ref_lp) < TOL
+
+
+@pytest.mark.parametrize(
+    "kind, overrides",
+    [("llama", {"num_key_value_heads": 4}), ("llama", {"num_key_value_heads": 1}), ("qwen2", {})],
+    ids=["llama-4-kv-heads", "llama-1-kv-head", "qwen2-biases"],
+)
+def test_tp2_equals_tp1(tmp_path, kind, overrides):
+    save_tiny_model(str(tmp_path), kind, seed=5, **overrides)
+    kv_heads = overrides.get("num_key_value_heads", 2)
+    # 14 blocks of 16 tokens per rank: the four requests need 4 + 3 + 3 + 7 blocks at their ends
+    bytes_per_block = 2 * 3 * 16 * 16 * 4 * kv_heads  # K and V, 3 layers, 16 tokens, head_dim 16, fp32
+    # chunked prefill (16-token chunks), and a pool too small for all four requests at once: preemption
+    engine = {"kv_cache_memory": 14 * bytes_per_block, "max_num_batched_tokens": 16}
+    with LLM(str(tmp_path), **engine) as llm:
+        reference = _run(llm)
+        assert llm.get_stats()["num_preemptions"] > 0
+        reference_shape = llm.engine.runner.kv_caches[0].shape
+    # the same budget per rank: a rank stores half the KV heads, so twice the blocks (the same with 1 KV head)
+    per_rank_heads = kv_heads // 2 if kv_heads >= 2 else 1
+    tp_budget = engine["kv_cache_memory"] * per_rank_heads // kv_heads
+    with LLM(str(tmp_path), **{**engine, "kv_cache_memory": tp_budget}, tensor_parallel_size=2) as llm:
+        cache = llm.engine.runner.kv_caches[0]
+        assert cache.shape[1] == reference_shape[1] and cache.shape[3] == per_rank_heads  # same blocks, its heads
+        assert cache.nbytes == cache.shape[1] * bytes_per_block // 3 * per_rank_heads // kv_heads
+        _assert_same(reference, _run(llm))
+        assert llm.get_stats()["num_preemptions"] > 0
+
+
+@pytest.mark.parametrize("kind", ["v2", "v3-nolora"])
+def test_tp2_equals_tp1_deepseek_mla(tmp_path, kind):
+    """MLA with MoE (dense first layer, routed + shared experts): heads and expert rows split, the latent
+    cache replicated, so each rank's KV is the whole model's. v3-nolora: attention biases (o_proj's is
+    summed once) and a q without LoRA."""
+    save_tiny_deepseek(str(tmp_path), kind, seed=2)
+    engine = {"kv_cache_memory": "2MiB", "max_num_batched_tokens": 16}
+    with LLM(str(tmp_path), **engine) as llm:
+        reference = _run(llm)
+        reference_cache = llm.engine.runner.kv_caches[0]
+        blocks = llm.engine.kv.pool.num_blocks
+    with LLM(str(tmp_path), **engine, tensor_parallel_size=2) as llm:
+        assert llm.engine.kv.pool.num_blocks == blocks  # the same budget holds the same blocks: replicated
+        assert llm.engine.runner.kv_caches[0].shape == reference_cache.shape
+        _assert_same(reference, _run(llm))
+
+
+def test_kv_bytes_per_rank(tmp_path):
+    """4 KV heads over 2 ranks: each rank's cache is half the model's, so one budget holds 2x the blocks."""
+    cores_before = os.sched_getaffinity(0)
+    save_tiny_model(str(tmp_path), "llama", num_key_value_heads=4)
+    block_bytes = 2 * 3 * 16 * 4 * 16 * 4  # K and V, 3 layers, 16 tokens, 4 heads of 16, fp32
+    with LLM(str(tmp_path), kv_cache_memory=40 * block_bytes) as one:
+        assert one.engine.kv.pool.num_blocks == 40
+    with LLM(str(tmp_path), kv_cache_memory=40 * block_bytes, tensor_parallel_size=2) as two:
+        assert two.engine.kv.pool.num_blocks == 80
+        cache = two.engine.runner.kv_caches[0]  # rank 0's first layer: [2, 80, 16, 2, 16]
+        assert tuple(cache.shape) == (2, 80, 16, 2, 16) and cache.nbytes * 3 == 40 * block_bytes
+    assert os.sched_getaffinity(0) == cores_before  # rank 0's pinning ends with the engine
+
+
+def test_refusals(tmp_path):
+    save_tiny_model(str(tmp_path), "llama")  # 4 query heads, 2 KV heads
+    with pytest.raises(ValueError, match="does not divide the model's 4 attention heads"):
+        LLM(str(tmp_path), tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor-parallel options"):
+        LLM(str(tmp_path), master_port=29500)
+    with pytest.raises(ValueError, match="needs master_port"):
+        LLM(str(tmp_path), tensor_parallel_size=2, nnodes=2)
+    with pytest.raises(ValueError, match="offload tiers with tensor parallelism"):
+        LLM(str(tmp_path), tensor_parallel_size=2, kv_offload_memory="1MiB")
+
+
+def test_a_killed_worker_fails_the_engine_fast_and_leaves_no_process(tmp_path):
+    save_tiny_model(str(tmp_path), "llama")
+    llm = LLM(str(tmp_path), kv_cache_memory="1MiB", tensor_parallel_size=2)
+    ((_, worker),) = llm.engine.tp.processes
+    outcome: dict = {}
+
+    def generate() -> None:
+        try:
+            llm.generate([[5, 6, 7]] * 4, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    time.sleep(1.0)  # mid-generation
+    assert thread.is_alive()
+    killed = time.monotonic()
+    os.kill(worker.pid, signal.SIGKILL)
+    thread.join(timeout=20)
+    assert not thread.is_alive()
+    assert time.monotonic() - killed < 10
+    assert isinstance(outcome.get("error"), RankFailed)
+    llm.close()
+    assert worker.exitcode == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def model_with_text(tmp_path_factory) -> str:
+    """A tiny random model with the default model's tokenizer, so that a stream carries text."""
+    from helpers import default_gguf
+
+    from kvserve.tokenizer import Tokenizer
+
+    folder = str(tmp_path_factory.mktemp("tiny-with-tokenizer"))
+    save_tiny_model(folder, "llama", seed=7, vocab_size=49152)
+    Tokenizer.load(default_gguf()).hf.save_pretrained(folder)
+    return folder
+
+
+def _stream(server: ServerProcess) -> list:
+    body = {"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    answer = httpx.post(server.url + "/v1/completions", json=body | {"stream": True}, timeout=60)
+    assert answer.status_code == 200
+    lines = [line[6:] for line in answer.text.splitlines() if line.startswith("data: ")]
+    return [line if line == "[DONE]" else json.loads(line)["choices"] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def tp1_stream(model_with_text) -> list:
+    server = ServerProcess(["--model", model_with_text, "--kv-cache-memory", "4MiB"]).start()
+    try:
+        stream = _stream(server)
+    finally:
+        assert server.stop() == 0
+    assert len(stream) > 16
+    return stream
+
+
+def test_server_streams_the_same_with_tp2(model_with_text, tp1_stream):
+    server = ServerProcess(["--model", model_with_text, "--kv-cache-memory", "4MiB", "--tensor-parallel-size", "2"])
+    server.start()
+    try:
+        assert _stream(server) == tp1_stream
+    finally:
+        assert server.stop() == 0
+
+
+def test_two_nodes_on_one_machine(model_with_text, tp1_stream):
+    """--nnodes 2: node 1 runs rank 1 and only computes; node 0 (rank 0) serves."""
+    port = free_port()
+    common = ["--model", model_with_text, "--kv-cache-memory", "4MiB", "--tensor-parallel-size", "2"]
+    common += ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
+    node1 = subprocess.Popen([sys.executable, "-m", "kvserve.cli", "serve", *common, "--node-rank", "1"], env=env)
+    try:
+        server = ServerProcess([*common, "--node-rank", "0"]).start()
+        try:
+            assert _stream(server) == tp1_stream
+        finally:
+            assert server.stop() == 0
+        assert node1.wait(timeout=30) == 0  # rank 0's stop ends the other node's ranks
+    finally:
+        node1.kill()
+
+
+def test_under_torchrun(model_with_text, tp1_stream):
+    """torchrun starts both ranks (env://); rank 0 serves, rank 1 computes."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+    ]
+    command += ["-m", "kvserve.cli", "serve", "--port", str(port), "--model", model_with_text]
+    command += ["--kv-cache-memory", "4MiB", "--tensor-parallel-size", "2"]
+    server = ServerProcess([], port=port, command=command).start()
+    try:
+        assert _stream(server) == tp1_stream
+    finally:
+        server.stop()
