@@ -6,7 +6,10 @@ all-reduces per layer (plus the embedding's and the logits' gather). This measur
 - batch 1: one 128-token prompt, 128 tokens out; decode tokens/s (prefill timed apart);
 - batch 32: 32 prompts of 128 tokens, 64 out each; output tokens/s;
 - on rank 0, the time spent inside collectives per step (the all-reduce itself plus waiting for the
-  other rank to reach it), and a bare gloo all-reduce of one step's activations, timed alone.
+  other rank to reach it), and a bare all-reduce of one step's activations, timed alone, through
+  gloo and through shared memory (what the ranks of one machine use).
+TP=1 also runs with its layers from Python, as TP does (the compiled decode stack runs no collectives),
+to tell the price of the collectives from that of the Python layers.
 
 The model: random fp32 weights in SmolLM2-135M's sizes (576 hidden, 30 layers, 1536 MLP, 49,152
 vocabulary, tied) with 12 query heads of 48 and 4 KV heads, so that 2 ranks split it (SmolLM2's 9
@@ -48,13 +51,15 @@ def build_model(folder: str) -> None:
     model.save_pretrained(folder)
 
 
-def measure(folder: str, tp: int) -> dict:
+def measure(folder: str, tp: int, decode_stack: bool) -> dict:
     """Runs in a fresh process: one configuration's figures."""
     import torch
 
     from kvserve import LLM, SamplingParams
     from kvserve.distributed.group import ParallelGroup
+    from kvserve.models.llama import LlamaForCausalLM
 
+    LlamaForCausalLM.use_decode_stack = decode_stack  # TP turns it off: it runs no collectives
     collective = {"seconds": 0.0, "calls": 0}
     for name in ("all_reduce", "gather_vocab"):
         original = getattr(ParallelGroup, name)
@@ -100,26 +105,30 @@ def measure(folder: str, tp: int) -> dict:
 
 
 def bare_all_reduce(rank: int, port: int, queue) -> None:
-    """Two processes, one core each: gloo all-reduce of [rows, 576] fp32, as one layer's o_proj sends."""
+    """Two processes, one core each: all-reduces of [rows, 576] fp32 (one layer's o_proj output), through
+    gloo's loopback TCP and through kvserve's shared memory (distributed/shm.py)."""
     import torch
     import torch.distributed as dist
 
+    from kvserve.distributed.group import ParallelGroup
+
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % len(os.sched_getaffinity(0))]})
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    group = ParallelGroup.join(rank, 2, f"tcp://127.0.0.1:{port}", torch.device("cpu"), same_machine=True)
     times = {}
-    for rows in (1, 32, 512):
-        x = torch.randn(rows, SHAPES["hidden_size"])
-        for _ in range(50):
-            dist.all_reduce(x)
-        n = 500 if rows < 512 else 100
-        start = time.perf_counter()
-        for _ in range(n):
-            dist.all_reduce(x)
-        times[rows] = (time.perf_counter() - start) / n * 1e6
+    for name, reduce in (("gloo", dist.all_reduce), ("shared memory", group.all_reduce)):
+        for rows in (1, 32, 512):
+            x = torch.randn(rows, SHAPES["hidden_size"])
+            for _ in range(50):
+                reduce(x)
+            n = 500 if rows < 512 else 100
+            start = time.perf_counter()
+            for _ in range(n):
+                reduce(x)
+            times[f"{name} [{rows}, 576]"] = (time.perf_counter() - start) / n * 1e6
     if rank == 0:
         queue.put(times)
-    dist.destroy_process_group()
+    group.leave()
 
 
 def bare_collectives() -> dict:
@@ -145,20 +154,26 @@ def main() -> None:
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: "folder:tp"
     args = parser.parse_args()
     if args.measure:
-        folder, tp = args.measure.rsplit(":", 1)
-        print(json.dumps(measure(folder, int(tp))))
+        folder, tp, stack = args.measure.rsplit(":", 2)
+        print(json.dumps(measure(folder, int(tp), stack == "stack")))
         return
     with tempfile.TemporaryDirectory() as folder:
         build_model(folder)
         results = []
-        for tp in (1, 2):
+        for tp, stack in ((1, "stack"), (1, "layers"), (2, "layers")):
             out = subprocess.run(
-                [sys.executable, __file__, "--measure", f"{folder}:{tp}"], capture_output=True, text=True, check=True
+                [sys.executable, __file__, "--measure", f"{folder}:{tp}:{stack}"],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     bare = bare_collectives()
-    one, two = results
-    print(f"{'':38} {'TP=1 (2 threads)':>18} {'TP=2 (1 core/rank)':>20} {'TP=2 / TP=1':>12}")
+    one, python_layers, two = results
+    print(
+        f"{'':38} {'TP=1 (2 threads)':>18} {'TP=1, layers from Python':>25} {'TP=2 (1 core/rank)':>20} "
+        f"{'TP=2 / TP=1':>12}"
+    )
     for key, label in (
         ("batch1_decode_tok_s", "batch 1: decode tok/s"),
         ("batch1_prefill_ms", "batch 1: 128-token prefill ms"),
@@ -169,14 +184,13 @@ def main() -> None:
         ("batch32_collective_ms_per_step", "batch 32: in collectives, ms per step"),
     ):
         ratio = two[key] / one[key] if one[key] else float("nan")
-        print(f"{label:38} {one[key]:>18.2f} {two[key]:>20.2f} {ratio:>11.2f}x")
-    for rows, micros in bare.items():
-        print(
-            f"bare gloo all-reduce of [{rows}, 576] fp32: {micros:.0f} us (x 61 per step: {61 * micros / 1000:.2f} ms)"
-        )
+        print(f"{label:38} {one[key]:>18.2f} {python_layers[key]:>25.2f} {two[key]:>20.2f} {ratio:>11.2f}x")
+    for what, micros in bare.items():
+        print(f"bare all-reduce, {what} fp32: {micros:.0f} us (x 61 per step: {61 * micros / 1000:.2f} ms)")
     if args.json:
+        report = {"tp1": one, "tp1_python_layers": python_layers, "tp2": two, "bare_all_reduce_us": bare}
         with open(args.json, "w") as f:
-            json.dump({"tp1": one, "tp2": two, "bare_all_reduce_us": bare, "shapes": SHAPES}, f, indent=2)
+            json.dump({**report, "shapes": SHAPES}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -118,19 +118,19 @@ def test_refusals(tmp_path):
 
 def test_a_killed_worker_fails_the_engine_fast_and_leaves_no_process(tmp_path):
     save_tiny_model(str(tmp_path), "llama")
-    llm = LLM(str(tmp_path), kv_cache_memory="1MiB", tensor_parallel_size=2)
+    llm = LLM(str(tmp_path), kv_cache_memory="16MiB", tensor_parallel_size=2)
     ((_, worker),) = llm.engine.tp.processes
     outcome: dict = {}
 
     def generate() -> None:
         try:
-            llm.generate([[5, 6, 7]] * 4, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+            llm.generate([[5, 6, 7, i] for i in range(32)], SamplingParams(max_tokens=480, ignore_eos=True))
         except BaseException as exc:  # noqa: BLE001 - the test reads it
             outcome["error"] = exc
 
     thread = threading.Thread(target=generate)
     thread.start()
-    time.sleep(1.0)  # mid-generation
+    time.sleep(0.5)  # mid-generation (15,000 tokens to go)
     assert thread.is_alive()
     killed = time.monotonic()
     os.kill(worker.pid, signal.SIGKILL)

@@ -148,7 +148,9 @@ def start_ranks(config: EngineConfig, model_path: str) -> TensorParallelRanks:
         os.sched_setaffinity(0, restore[0])
         torch.set_num_threads(restore[1])
         raise
-    return TensorParallelRanks(group, processes, restore=restore)
+    ranks = TensorParallelRanks(group, processes, restore=restore)
+    group.watch = ranks.alive
+    return ranks
 
 
 def run_node_workers(config: EngineConfig) -> int:
@@ -199,7 +201,9 @@ def _join(rank: int, config: EngineConfig, processes: list) -> ParallelGroup:
 
     def join() -> None:
         try:
-            result["group"] = ParallelGroup.join(rank, config.tensor_parallel_size, _init_method(config), device)
+            result["group"] = ParallelGroup.join(
+                rank, config.tensor_parallel_size, _init_method(config), device, same_machine=_one_machine(config)
+            )
         except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
             result["error"] = exc
 
@@ -215,6 +219,12 @@ def _join(rank: int, config: EngineConfig, processes: list) -> ParallelGroup:
             "error"
         ]
     return result["group"]
+
+
+def _one_machine(config: EngineConfig) -> bool:
+    if under_torchrun():
+        return os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
+    return config.nnodes == 1
 
 
 def _kill(processes: list) -> None:
@@ -253,6 +263,16 @@ def _worker(rank: int, config: EngineConfig, local_rank: int, processes: list) -
     from kvserve.runner import ModelRunner, load_model
 
     group = _join(rank, config, processes)
+    parent = os.getppid()
+
+    def watch() -> None:  # the spawned ranks exit with their parent; one that sees it gone stops waiting
+        if os.getppid() != parent:
+            raise RankFailed(f"tensor-parallel rank {rank}: rank 0 is gone")
+        for other, proc in processes:
+            if proc.exitcode is not None:
+                raise RankFailed(f"tensor-parallel rank {other} exited (exit code {proc.exitcode})")
+
+    group.watch = watch
     received = [None, None]
     dist.broadcast_object_list(received, src=0, group=group.control)
     config, model_path = received
