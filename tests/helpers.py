@@ -153,9 +153,10 @@ def widen_random_init(model: torch.nn.Module) -> None:
                 p.normal_(1.0, 0.1)
 
 
-def write_gguf(path: str, hf_model: torch.nn.Module, arch: str) -> None:
+def write_gguf(path: str, hf_model: torch.nn.Module, arch: str, quant: str | None = None) -> None:
     """Writes a tiny HF llama/qwen2 model as a GGUF file the way llama.cpp's converter does,
-    including its permutation of Q/K rows for llama (which the loader must undo). F32 and F16 tensors."""
+    including its permutation of Q/K rows for llama (which the loader must undo). F32 and F16 tensors,
+    or with `quant` (a GGML type name, e.g. "Q4_1") every matrix quantized by gguf-py."""
     import gguf
 
     cfg = hf_model.config
@@ -211,6 +212,10 @@ def write_gguf(path: str, hf_model: torch.nn.Module, arch: str) -> None:
             array = permute(array, cfg.num_attention_heads)
         elif arch == "llama" and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
             array = permute(array, cfg.num_key_value_heads)
+        if array.ndim == 2 and quant is not None:
+            kind = gguf.GGMLQuantizationType[quant]
+            writer.add_tensor(gguf_name, gguf.quants.quantize(np.ascontiguousarray(array), kind), raw_dtype=kind)
+            continue
         if array.ndim == 2 and "token_embd" not in gguf_name:
             array = array.astype(np.float16)  # exercise the F16 path too
         writer.add_tensor(gguf_name, np.ascontiguousarray(array))

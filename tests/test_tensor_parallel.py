@@ -4,7 +4,8 @@ against TP=1 on tiny random models.
 Tolerance: a rank sums its half of each row-parallel product (o_proj, down_proj) and the all-reduce
 adds the halves, where TP=1 sums the whole row in one pass: the same terms in another order, so
 fp32 round-off (~1e-7 relative per sum) differs, not the maths. Over 3 layers the logprobs agree to
-~1e-5; the tests allow 1e-4. A wrong shard (a head or a vocabulary range off by one) moves them by O(1).
+~1e-5; the tests allow 1e-4 (2e-3 with quantized weights, see QUANTIZED_TOL). A wrong shard (a head or
+a vocabulary range off by one) moves them by O(1).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import time
 
 import httpx
 import pytest
-from helpers import save_tiny_deepseek, save_tiny_model
+import torch
+from helpers import save_tiny_deepseek, save_tiny_model, write_gguf
 
 from kvserve import LLM, SamplingParams
 from kvserve.distributed.group import RankFailed
@@ -28,6 +30,10 @@ from kvserve.server.launch import ServerProcess, free_port
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 TOL = 1e-4
+# Quantized weights: the kernels round each 32-element block of activations to int16 codes, so an input
+# that differs by the all-reduce's round-off can round to the next code (a step of 1/32767 of the block's
+# largest value): ~3e-5 relative per layer, ~1e-3 on the logprobs at most. A wrong split moves them by O(1).
+QUANTIZED_TOL = 2e-3
 PROMPTS = [list(range(5, 45)), [11, 12, 13] * 9, [20, 30, 40, 50, 60], list(range(100, 170))]
 
 
@@ -36,14 +42,14 @@ def _run(llm: LLM) -> list:
     return llm.generate(PROMPTS, params)
 
 
-def _assert_same(reference: list, tp: list) -> None:
+def _assert_same(reference: list, tp: list, tol: float = TOL) -> None:
     for ref, out in zip(reference, tp):
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
         for ref_lp, lp in zip(
             ref.outputs[0].logprobs + ref.prompt_logprobs[1:], out.outputs[0].logprobs + out.prompt_logprobs[1:]
         ):
             assert ref_lp.keys() == lp.keys()
-            assert max(abs(ref_lp[t] - lp[t]) for t in ref_lp) < TOL
+            assert max(abs(ref_lp[t] - lp[t]) for t in ref_lp) < tol
 
 
 @pytest.mark.parametrize(
@@ -90,6 +96,27 @@ def test_tp2_equals_tp1_deepseek_mla(tmp_path, kind):
         _assert_same(reference, _run(llm))
 
 
+@pytest.mark.parametrize("form", ["gguf Q4_1", "int8"])
+def test_tp2_equals_tp1_quantized(tmp_path, form):
+    """Quantized weights stay quantized per rank: a GGUF's Q4_1 blocks are cut at whole 32-element groups
+    (o_proj's and down_proj's inputs) or whole rows; --quantization int8 quantizes each rank's slice, whose
+    groups are the whole model's. 64 MLP rows and 2 heads of 16 per rank: whole groups."""
+    model = save_tiny_model(str(tmp_path), "llama", seed=4, intermediate_size=128)
+    if form == "int8":
+        path, extra = str(tmp_path), {"quantization": "int8"}
+    else:
+        path, extra = str(tmp_path / "tiny.gguf"), {}
+        write_gguf(path, model, "llama", quant="Q4_1")
+    engine = {"kv_cache_memory": "2MiB", "max_num_batched_tokens": 16, **extra}
+    with LLM(path, **engine) as llm:
+        assert any(m.qweight is not None for m in llm.engine.runner.model.modules() if hasattr(m, "qweight"))
+        reference = _run(llm)
+    with LLM(path, **engine, tensor_parallel_size=2) as llm:
+        o_proj = llm.engine.runner.model.layers[0].self_attn.o_proj
+        assert o_proj.qweight is not None and o_proj.qweight.shape == (64, 32)  # its half of the inputs
+        _assert_same(reference, _run(llm), QUANTIZED_TOL)
+
+
 def test_kv_bytes_per_rank(tmp_path):
     """4 KV heads over 2 ranks: each rank's cache is half the model's, so one budget holds 2x the blocks."""
     cores_before = os.sched_getaffinity(0)
@@ -104,6 +131,62 @@ def test_kv_bytes_per_rank(tmp_path):
     assert os.sched_getaffinity(0) == cores_before  # rank 0's pinning ends with the engine
 
 
+def test_int8_kv_and_forked_samples(tmp_path):
+    """int8 KV (each rank quantizes its heads' blocks and keeps their recent windows) with n=3 samples
+    per prompt, whose forks copy blocks and windows on every rank: the same tokens as TP=1."""
+    save_tiny_model(str(tmp_path), "llama", seed=6)
+    params = SamplingParams(n=3, temperature=0.8, seed=11, max_tokens=24, ignore_eos=True)
+    outputs = []
+    for tp in (1, 2):
+        with LLM(str(tmp_path), kv_cache_dtype="int8", kv_cache_memory="2MiB", tensor_parallel_size=tp) as llm:
+            assert llm.engine.runner.windows
+            result = llm.generate(PROMPTS[:3], params)
+            outputs.append([[c.token_ids for c in o.outputs] for o in result])
+            llm.engine.check_idle()
+    assert outputs[0] == outputs[1]
+
+
+def test_tiers_move_every_ranks_shard(tmp_path):
+    """Host and disk tiers under TP=2: a tier's row is every rank's part of the block, so the working set
+    beyond the device pool comes back from host and disk exactly as at TP=1; the disk tier survives a
+    restart at TP=2, and a TP=1 engine never reads what two ranks wrote (the hash chain's root differs)."""
+    model = tmp_path / "model"
+    save_tiny_model(str(model), "llama")
+    block = 2 * 3 * 16 * 2 * 16 * 4  # K and V, 3 layers, 16 tokens, 2 KV heads of 16, fp32: one block, all ranks
+
+    def tiered(tp: int, disk, host_blocks: int | None = 12) -> LLM:
+        return LLM(
+            str(model),
+            kv_cache_memory=16 * block // tp,  # 16 blocks on every rank (a rank holds 1/tp of each)
+            kv_offload_memory=host_blocks * block if host_blocks else None,
+            kv_offload_dir=str(disk),
+            kv_offload_disk=400 * (block + 4096),
+            max_model_len=128,
+            tensor_parallel_size=tp,
+        )
+
+    g = torch.Generator().manual_seed(0)
+    work = [torch.randint(3, 320, (96,), generator=g).tolist() for _ in range(6)]  # 36 blocks > 16
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    runs = {}
+    for tp in (1, 2):
+        with tiered(tp, tmp_path / f"disk{tp}") as llm:
+            first = llm.generate(work, greedy)
+            second = llm.generate(work[::-1], greedy)[::-1]  # newest first: device, host and disk all hit
+            stats = llm.get_stats()
+            assert [o.num_cached_tokens for o in second] == [80] * 6
+            assert (stats["kv_offload_host_hit_tokens"], stats["kv_offload_disk_hit_tokens"]) == (80, 240)
+            runs[tp] = [[o.outputs[0].token_ids for o in out] for out in (first, second)]
+            llm.engine.check_idle()
+    assert runs[1] == runs[2] and runs[2][0] == runs[2][1]
+    with tiered(2, tmp_path / "disk2", host_blocks=None) as restarted:
+        assert [o.outputs[0].token_ids for o in restarted.generate(work, greedy)] == runs[1][0]
+        assert restarted.get_stats()["kv_offload_disk_hit_tokens"] == 6 * 80
+    with tiered(1, tmp_path / "disk2", host_blocks=None) as stranger:
+        stranger.generate(work, greedy)
+        assert stranger.get_stats()["prefix_cache_hits"] == 0
+
+
 def test_refusals(tmp_path):
     save_tiny_model(str(tmp_path), "llama")  # 4 query heads, 2 KV heads
     with pytest.raises(ValueError, match="does not divide the model's 4 attention heads"):
@@ -112,8 +195,6 @@ def test_refusals(tmp_path):
         LLM(str(tmp_path), master_port=29500)
     with pytest.raises(ValueError, match="needs master_port"):
         LLM(str(tmp_path), tensor_parallel_size=2, nnodes=2)
-    with pytest.raises(ValueError, match="offload tiers with tensor parallelism"):
-        LLM(str(tmp_path), tensor_parallel_size=2, kv_offload_memory="1MiB")
 
 
 def test_a_killed_worker_fails_the_engine_fast_and_leaves_no_process(tmp_path):

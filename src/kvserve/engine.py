@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvserve.config import EngineConfig
+from kvserve.distributed.block_io import ShardedBlockIO
 from kvserve.distributed.group import RankFailed
 from kvserve.distributed.sharding import TensorShard
 from kvserve.distributed.workers import TensorParallelRanks, free_port, is_worker_node, start_ranks, under_torchrun
@@ -120,8 +121,6 @@ class Engine:
             raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes for tensor_parallel_size "
                              f"{config.tensor_parallel_size}")  # fmt: skip
         TensorShard(0, config.tensor_parallel_size, model_config)  # ValueError now if the model does not split
-        if config.offload_enabled:
-            raise ValueError("KV offload tiers with tensor parallelism are not implemented yet")
         if config.master_port is None:
             config.master_port = free_port(config.master_addr)
         return start_ranks(config, path)
@@ -166,18 +165,18 @@ class Engine:
         kv_format = config.kv_cache_dtype if plain else f"{kv_dtype}:{QUANTIZED_FORMAT}"
         # How the weights are held (quantized blocks, int8, dense) changes the K/V a little: part of the key.
         weights_form = "quantized" if any(getattr(m, "qweight", None) is not None for m in model.modules()) else "dense"
-        root = root_hash(
-            self.fingerprint,
-            str(config.torch_dtype),
-            kv_format,
-            str(config.block_size),
-            f"{weights_form}:{config.quantization}",
-        )
+        parts = [self.fingerprint, str(config.torch_dtype), kv_format, str(config.block_size)]
+        parts.append(f"{weights_form}:{config.quantization}")
+        if group is not None:  # a block's rows (the tiers') hold every rank's shard: N ranks read them back
+            parts.append(f"tensor_parallel:{group.world_size}")
+        root = root_hash(*parts)
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, root, open_slots)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(config, model, num_blocks, open_slots, self.kv, group)
         if config.offload_enabled:
             block_io = BlockIO(self.runner.kv_caches)
+            if group is not None:
+                block_io = ShardedBlockIO(block_io, group)
             self.kv.attach_offload(
                 TieredKVStore(
                     block_io,
@@ -527,13 +526,13 @@ class Engine:
     def close(self) -> None:
         """Waits for background work (disk-tier writes, KV events) and stops the tensor-parallel ranks;
         the engine must not step after it."""
-        if self.tp is not None:
-            self.tp.close()
-        if self.kv.offload is not None:
-            self.kv.offload.close()
+        if self.kv.offload is not None and not (self.tp is not None and self.tp.failed):
+            self.kv.offload.close()  # its last writes gather blocks from every rank: before they stop
         if self.kv_events is not None:
             self.publish_kv_events()
             self.kv_events.close()
+        if self.tp is not None:
+            self.tp.close()
 
     # ------------------------------------------------------------------ KV events
 

@@ -29,7 +29,7 @@ from kvserve.distributed.protocol import pack_plan, unpack_plan
 from kvserve.distributed.shm import RankGone, SharedMemoryChannel
 
 # Commands rank 0 sends the other ranks: a header [op, payload length], then the int64 payload.
-OP_STEP, OP_COPY_BLOCKS, OP_COPY_WINDOW, OP_STOP = 1, 2, 3, 4
+OP_STEP, OP_COPY_BLOCKS, OP_COPY_WINDOW, OP_STOP, OP_KV_GATHER, OP_KV_SCATTER = 1, 2, 3, 4, 5, 6
 
 DEFAULT_TIMEOUT = timedelta(minutes=5)  # a collective that waits longer means a rank hangs
 
@@ -119,6 +119,27 @@ class ParallelGroup:
         except (RuntimeError, RankGone) as exc:
             raise RankFailed(f"tensor-parallel gather of the logits failed: {exc}") from exc
         return torch.cat(parts, dim=-1)[:, : self.vocab_size] if parts is not None else None
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Every rank's contiguous x (same shape) -> [N, *x.shape] on rank 0, None on the others."""
+        try:
+            if self.shm is not None:
+                return self.shm.gather(x, self.timeout)
+            parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.rank == 0 else None
+            dist.gather(x, parts, dst=0)
+        except (RuntimeError, RankGone) as exc:
+            raise RankFailed(f"tensor-parallel gather failed: {exc}") from exc
+        return torch.stack(parts) if parts is not None else None
+
+    def broadcast_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's contiguous x into every rank's x, in place."""
+        try:
+            if self.shm is not None:
+                return self.shm.broadcast(x, self.timeout)
+            dist.broadcast(x, src=0)
+        except (RuntimeError, RankGone) as exc:
+            raise RankFailed(f"tensor-parallel broadcast failed: {exc}") from exc
+        return x
 
     def min_over_ranks(self, values: list[int]) -> list[int]:
         """Elementwise minimum across ranks (e.g. KV blocks that every rank's budget holds)."""

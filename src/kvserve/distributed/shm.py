@@ -101,6 +101,18 @@ class SharedMemoryChannel:
                     out[r, start : start + part.numel()] = part
         return out.view(self.world_size, *x.shape) if out is not None else None
 
+    def broadcast(self, x: torch.Tensor, timeout: float) -> torch.Tensor:
+        """Rank 0's contiguous x into every rank's x (same shape and dtype), in place."""
+        flat = x.view(-1)
+        per = SLOT_BYTES // x.element_size()
+        for start in range(0, flat.numel(), per):
+            chunk = flat[start : start + per]
+            parts = self._exchange(chunk if self.rank == 0 else chunk[:0], timeout)
+            if self.rank != 0:
+                chunk.copy_(self.slot(self.seq % 2, 0)[: chunk.numel() * chunk.element_size()].view(chunk.dtype))
+            del parts
+        return x
+
     def _exchange(self, chunk: torch.Tensor, timeout: float) -> list[torch.Tensor]:
         self.seq += 1
         buffer = self.seq % 2

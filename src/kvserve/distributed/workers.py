@@ -34,15 +34,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kvserve.config import EngineConfig
+from kvserve.distributed.block_io import serve_block_io
 from kvserve.distributed.group import (
     OP_COPY_BLOCKS,
     OP_COPY_WINDOW,
+    OP_KV_GATHER,
+    OP_KV_SCATTER,
     OP_STEP,
     OP_STOP,
     ParallelGroup,
     RankFailed,
 )
 from kvserve.distributed.protocol import unpack_plan
+from kvserve.kv.block_io import BlockIO
 
 logger = logging.getLogger(__name__)
 
@@ -282,6 +286,7 @@ def _worker(rank: int, config: EngineConfig, local_rank: int, processes: list) -
     num_blocks, open_slots = group.min_over_ranks(list(kv_budget(config, model)[:2]))
     runner = ModelRunner(config, model, num_blocks, open_slots, kv=None, tp=group)
     logger.info("tensor-parallel rank %d of %d ready: %d KV blocks", rank, group.world_size, num_blocks)
+    block_io: BlockIO | None = None
     with torch.inference_mode():
         while True:
             op, payload = group.receive()
@@ -292,6 +297,9 @@ def _worker(rank: int, config: EngineConfig, local_rank: int, processes: list) -
                 runner.copy_blocks(list(zip(payload[:half].tolist(), payload[half:].tolist())))
             elif op == OP_COPY_WINDOW:
                 runner.copy_window_slot(*payload.tolist())
+            elif op in (OP_KV_GATHER, OP_KV_SCATTER):  # the cache tiers, run by rank 0
+                block_io = block_io or BlockIO(runner.kv_caches)
+                serve_block_io(op, payload.tolist(), block_io, group)
             elif op == OP_STOP:
                 group.leave()
                 return 0
