@@ -194,7 +194,9 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="tensor-parallel options"):
         LLM(str(tmp_path), master_port=29500)
     with pytest.raises(ValueError, match="needs master_port"):
-        LLM(str(tmp_path), tensor_parallel_size=2, nnodes=2)
+        LLM(str(tmp_path), tensor_parallel_size=2, nnodes=2, device="cpu")
+    with pytest.raises(ValueError, match="needs an explicit device"):
+        LLM(str(tmp_path), tensor_parallel_size=2, nnodes=2, master_port=29500)
 
 
 def test_a_killed_worker_fails_the_engine_fast_and_leaves_no_process(tmp_path):
@@ -255,6 +257,31 @@ def tp1_stream(model_with_text) -> list:
     return stream
 
 
+def test_a_step_failing_on_rank_0_stops_the_group_for_good(tmp_path):
+    """An exception in rank 0's forward after the plan went out leaves the workers inside the step's
+    collectives: the group is broken for good (no later step may pair with their stale exchanges), the
+    next generate fails at once, and close() kills the worker."""
+    save_tiny_model(str(tmp_path), "llama")
+    llm = LLM(str(tmp_path), kv_cache_memory="1MiB", tensor_parallel_size=2)
+    ((_, worker),) = llm.engine.tp.processes
+    norm = llm.engine.runner.model.norm
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    norm.add_forward = broken
+    params = SamplingParams(max_tokens=4, temperature=0)
+    with pytest.raises(RankFailed, match="injected"):
+        llm.generate([[5, 6, 7]], params)
+    del norm.add_forward
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match="failed earlier"):
+        llm.generate([[5, 6, 7]], params)
+    assert time.monotonic() - start < 1
+    llm.close()
+    assert worker.exitcode is not None
+
+
 def test_server_streams_the_same_with_tp2(model_with_text, tp1_stream):
     server = ServerProcess(["--model", model_with_text, "--kv-cache-memory", "4MiB", "--tensor-parallel-size", "2"])
     server.start()
@@ -268,7 +295,7 @@ def test_two_nodes_on_one_machine(model_with_text, tp1_stream):
     """--nnodes 2: node 1 runs rank 1 and only computes; node 0 (rank 0) serves."""
     port = free_port()
     common = ["--model", model_with_text, "--kv-cache-memory", "4MiB", "--tensor-parallel-size", "2"]
-    common += ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    common += ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port), "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
     node1 = subprocess.Popen([sys.executable, "-m", "kvserve.cli", "serve", *common, "--node-rank", "1"], env=env)
     try:

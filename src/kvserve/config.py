@@ -165,6 +165,10 @@ class EngineConfig:
             )
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank must be in [0, nnodes {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and self.device == "auto":
+            raise ValueError(
+                "tensor parallelism over several nodes needs an explicit device (cpu or cuda): every node must agree"
+            )
         if self.nnodes > 1 and self.master_port is None:
             raise ValueError(
                 "tensor parallelism over several nodes needs master_port (and master_addr) for the ranks to meet"

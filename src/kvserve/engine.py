@@ -31,6 +31,7 @@ from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.offload import TieredKVStore
 from kvserve.kv.prefix_hash import root_hash
 from kvserve.kv.quant import QUANTIZED_FORMAT, num_open_slots, plain_kv_dtype
+from kvserve.kv_state import MAX_CELLS, TREE_ROOTS, KVStateTracker
 from kvserve.models.loader import load_model_config
 from kvserve.models.paths import resolve_model_path
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, SequenceDelta
@@ -62,6 +63,11 @@ class EngineStats:
     num_generated_tokens: int = 0
     num_computed_prefill_tokens: int = 0  # prompt (and recomputed) tokens actually run through the model
     num_steps: int = 0
+    # Where steps' time went (kv_state.py's step split): scheduling, the forward (with the logits), and
+    # the rest (sampling, detokenizing, stop checks, forks). Three clock reads a step.
+    schedule_seconds: float = 0.0
+    forward_seconds: float = 0.0
+    sample_seconds: float = 0.0
 
 
 class StepFailed(RuntimeError):
@@ -117,6 +123,11 @@ class Engine:
     def _start_tensor_parallel(self, config: EngineConfig, path: str, model_config) -> TensorParallelRanks:
         if is_worker_node(config):
             raise ValueError("only rank 0 runs the engine; the other ranks run distributed.workers.run_node_workers")
+        if config.torch_device.type == "cuda" and config.torch_device.index not in (None, 0):
+            raise ValueError(
+                "with tensor parallelism rank r runs on cuda:r: give --device cuda, and choose the GPUs with "
+                "CUDA_VISIBLE_DEVICES"
+            )
         if under_torchrun() and int(os.environ["WORLD_SIZE"]) != config.tensor_parallel_size:
             raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes for tensor_parallel_size "
                              f"{config.tensor_parallel_size}")  # fmt: skip
@@ -199,6 +210,7 @@ class Engine:
         self.grammars = GrammarCache(self.tokenizer, vocab, self.eos_token_ids) if self.tokenizer else None
         self.groups: dict[str, RequestGroup] = {}
         self.stats = EngineStats()
+        self.state_tracker = KVStateTracker()
         self._next_id = 0
         settle_heap()
 
@@ -327,7 +339,11 @@ class Engine:
         raises (the model, the sampler, a detokenizer, a grammar), the requests of this step are aborted,
         their blocks freed, and StepFailed names them: the engine stays consistent and can step on, the
         requests that were not in the step untouched."""
+        if self.tp is not None:
+            self.tp.group.check()  # RankFailed for good once a collective failed: the ranks are out of step
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
+        self.stats.schedule_seconds += time.perf_counter() - start
         if batch.empty:
             self.publish_kv_events()
             return []
@@ -336,8 +352,6 @@ class Engine:
                 self.tp.alive()
             return self._run(batch)
         except RankFailed:  # not this step's fault, and no step can run after it: the caller must stop
-            if self.tp is not None:
-                self.tp.failed = True
             raise
         except Exception as exc:
             failed = sorted({request.request_id for request, _ in batch.scheduled} & self.groups.keys())
@@ -350,7 +364,17 @@ class Engine:
 
     def _run(self, batch: SchedulerOutput) -> list[SequenceDelta]:
         self.stats.num_steps += 1
+        start = time.perf_counter()
         result = self.runner.execute(batch)
+        forward_end = time.perf_counter()
+        self.stats.forward_seconds += forward_end - start
+        try:
+            return self._update(batch, result)
+        finally:
+            self.stats.sample_seconds += time.perf_counter() - forward_end
+
+    def _update(self, batch: SchedulerOutput, result) -> list[SequenceDelta]:
+        """After the forward: prompt logprobs and embeddings kept, blocks cached, tokens sampled and added."""
         for request, num_new in batch.scheduled:
             # every token but a decode of the newest generated token is prefill (prompt or recomputation)
             is_decode = request.output_token_ids and request.num_computed_tokens + num_new == request.num_tokens
@@ -425,6 +449,8 @@ class Engine:
         if len(self.scheduler.running) < self.config.max_num_seqs:
             try:
                 copy = self.kv.fork(parent, child)
+            except RankFailed:  # from a tier's gather of an evicted block: not "no block free"
+                raise
             except RuntimeError:
                 copy = False
             if copy is not False:
@@ -526,13 +552,17 @@ class Engine:
     def close(self) -> None:
         """Waits for background work (disk-tier writes, KV events) and stops the tensor-parallel ranks;
         the engine must not step after it."""
-        if self.kv.offload is not None and not (self.tp is not None and self.tp.failed):
-            self.kv.offload.close()  # its last writes gather blocks from every rank: before they stop
-        if self.kv_events is not None:
-            self.publish_kv_events()
-            self.kv_events.close()
-        if self.tp is not None:
-            self.tp.close()
+        try:
+            if self.kv.offload is not None:
+                if self.tp is not None and self.tp.group.broken:
+                    self.kv.offload.flush = lambda: None  # its last writes would gather from ranks out of step
+                self.kv.offload.close()  # its last writes gather blocks from every rank: before they stop
+            if self.kv_events is not None:
+                self.publish_kv_events()
+                self.kv_events.close()
+        finally:
+            if self.tp is not None:
+                self.tp.close()
 
     # ------------------------------------------------------------------ KV events
 
@@ -551,6 +581,10 @@ class Engine:
         """Hands the events gathered since the last call to the publisher (never blocks)."""
         if self.kv_events is not None:
             self.kv_events.publish(self.kv.pool.events.take())
+
+    def kv_state(self, max_cells: int = MAX_CELLS, tree_roots: int = TREE_ROOTS) -> dict:
+        """The KV cache's live state (kv_state.py): a few ms on a big pool, so a few times a second at most."""
+        return self.state_tracker.build(self, max_cells, tree_roots)
 
     def check_idle(self) -> None:
         """Asserts the idle invariant: no request left, every block free or cached-and-evictable."""

@@ -264,8 +264,11 @@ class ModelRunner:
             return self._forward(plan, meta)
         except RankFailed:
             raise
-        except Exception as exc:  # the other ranks are in this step's collectives: they cannot be told apart
-            raise RankFailed(f"tensor-parallel rank {self.tp.rank} failed in a step: {exc!r}") from exc
+        except BaseException as exc:  # the other ranks are in this step's collectives: out of step for good
+            failure = self.tp.fail(f"tensor-parallel rank {self.tp.rank} failed in a step: {exc!r}", exc)
+            if isinstance(exc, Exception):
+                raise failure from exc
+            raise  # KeyboardInterrupt and the like stay what they are; the group is broken either way
 
     def _forward(self, plan: StepPlan, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
         device = self.device

@@ -30,14 +30,19 @@ class ShardedBlockIO:
 
     def gather(self, block_ids: list[int]) -> torch.Tensor:
         """[len(block_ids), row_nbytes] uint8: every rank's rows of those blocks."""
+        local = self.local.gather(block_ids)  # before the command: nothing may fail between it and the gather
         self.tp.send(OP_KV_GATHER, torch.tensor(block_ids, dtype=torch.int64))
-        parts = self.tp.gather_rows(self.local.gather(block_ids))  # [N, k, local row]
+        parts = self.tp.gather_rows(local)  # [N, k, local row]
         return parts.transpose(0, 1).reshape(len(block_ids), self.row_nbytes)
 
     def scatter(self, block_ids: list[int], rows: torch.Tensor) -> None:
+        rows = rows.contiguous()
         self.tp.send(OP_KV_SCATTER, torch.tensor(block_ids, dtype=torch.int64))
-        rows = self.tp.broadcast_rows(rows.contiguous())
-        self.local.scatter(block_ids, rows_of_rank(rows, 0, self.tp.world_size))
+        rows = self.tp.broadcast_rows(rows)
+        try:
+            self.local.scatter(block_ids, rows_of_rank(rows, 0, self.tp.world_size))
+        except BaseException as exc:  # the others wrote their parts: the cache is no longer one block
+            raise self.tp.fail(f"tensor-parallel KV load failed on rank 0: {exc!r}", exc) from exc
 
 
 def rows_of_rank(rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

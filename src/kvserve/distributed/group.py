@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from kvserve.distributed.protocol import pack_plan, unpack_plan
-from kvserve.distributed.shm import RankGone, SharedMemoryChannel
+from kvserve.distributed.shm import SharedMemoryChannel
 
 # Commands rank 0 sends the other ranks: a header [op, payload length], then the int64 payload.
 OP_STEP, OP_COPY_BLOCKS, OP_COPY_WINDOW, OP_STOP, OP_KV_GATHER, OP_KV_SCATTER = 1, 2, 3, 4, 5, 6
@@ -50,6 +50,20 @@ class ParallelGroup:
     control: dist.ProcessGroup | None = field(default=None, repr=False)  # gloo, for commands and host tensors
     shm: SharedMemoryChannel | None = field(default=None, repr=False)  # one machine's ranks on the CPU
     timeout: float = DEFAULT_TIMEOUT.total_seconds()
+    # Set when a collective failed or was interrupted (an exception, Ctrl-C) part-way: the ranks may be at
+    # different points of the sequence of collectives, so nothing is sent or exchanged any more.
+    broken: bool = False
+
+    def check(self) -> None:
+        if self.broken:
+            raise RankFailed("the tensor-parallel group failed earlier; the engine cannot step any more")
+
+    def fail(self, message: str, cause: BaseException | None = None) -> RankFailed:
+        """Marks the group broken; returns the RankFailed to raise."""
+        self.broken = True
+        error = RankFailed(message)
+        error.__cause__ = cause
+        return error
 
     @classmethod
     def join(
@@ -94,12 +108,13 @@ class ParallelGroup:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sums x across ranks, in place (the partial products of a row-parallel layer)."""
+        self.check()
         try:
             if self.shm is not None and x.is_contiguous():
                 return self.shm.all_reduce(x, self.timeout)
             dist.all_reduce(x)
-        except (RuntimeError, RankGone) as exc:
-            raise RankFailed(f"tensor-parallel all-reduce failed: {exc}") from exc
+        except BaseException as exc:
+            raise self.fail(f"tensor-parallel all-reduce failed: {exc!r}", exc) from exc
         return x
 
     def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor | None:
@@ -110,35 +125,30 @@ class ParallelGroup:
             pad = logits.new_full((logits.shape[0], per - logits.shape[-1]), float("-inf"))
             logits = torch.cat((logits, pad), dim=-1)
         logits = logits.contiguous()
-        try:
-            if self.shm is not None:
-                parts = self.shm.gather(logits, self.timeout)  # [N, S, per] on rank 0
-                return parts.permute(1, 0, 2).flatten(1)[:, : self.vocab_size] if parts is not None else None
-            parts = [torch.empty_like(logits) for _ in range(self.world_size)] if self.rank == 0 else None
-            dist.gather(logits, parts, dst=0)
-        except (RuntimeError, RankGone) as exc:
-            raise RankFailed(f"tensor-parallel gather of the logits failed: {exc}") from exc
-        return torch.cat(parts, dim=-1)[:, : self.vocab_size] if parts is not None else None
+        parts = self.gather_rows(logits)  # [N, S, per] on rank 0
+        return parts.permute(1, 0, 2).flatten(1)[:, : self.vocab_size] if parts is not None else None
 
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor | None:
         """Every rank's contiguous x (same shape) -> [N, *x.shape] on rank 0, None on the others."""
+        self.check()
         try:
             if self.shm is not None:
                 return self.shm.gather(x, self.timeout)
             parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.rank == 0 else None
             dist.gather(x, parts, dst=0)
-        except (RuntimeError, RankGone) as exc:
-            raise RankFailed(f"tensor-parallel gather failed: {exc}") from exc
+        except BaseException as exc:
+            raise self.fail(f"tensor-parallel gather failed: {exc!r}", exc) from exc
         return torch.stack(parts) if parts is not None else None
 
     def broadcast_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's contiguous x into every rank's x, in place."""
+        self.check()
         try:
             if self.shm is not None:
                 return self.shm.broadcast(x, self.timeout)
             dist.broadcast(x, src=0)
-        except (RuntimeError, RankGone) as exc:
-            raise RankFailed(f"tensor-parallel broadcast failed: {exc}") from exc
+        except BaseException as exc:
+            raise self.fail(f"tensor-parallel broadcast failed: {exc!r}", exc) from exc
         return x
 
     def min_over_ranks(self, values: list[int]) -> list[int]:
@@ -152,11 +162,12 @@ class ParallelGroup:
     def send(self, op: int, payload: torch.Tensor | None = None) -> None:
         """Rank 0: a command to every other rank."""
         payload = payload if payload is not None else torch.empty(0, dtype=torch.int64)
+        self.check()
         if self.shm is not None:
             try:
                 inline = self.shm.send(op, payload, self.timeout)
-            except RankGone as exc:
-                raise RankFailed(f"tensor-parallel command not taken: {exc}") from exc
+            except BaseException as exc:
+                raise self.fail(f"tensor-parallel command not taken: {exc!r}", exc) from exc
             if not inline:
                 self._control(dist.broadcast, payload, src=0)
             return
@@ -172,8 +183,8 @@ class ParallelGroup:
         if self.shm is not None:
             try:
                 op, length, payload = self.shm.receive()
-            except RankGone as exc:
-                raise RankFailed(f"tensor-parallel rank {self.rank}: {exc}") from exc
+            except BaseException as exc:
+                raise self.fail(f"tensor-parallel rank {self.rank}: {exc!r}", exc) from exc
             if payload is None:
                 payload = torch.empty(length, dtype=torch.int64)
                 self._control(dist.broadcast, payload, src=0)
@@ -194,20 +205,28 @@ class ParallelGroup:
         """A collective on the control group (gloo, host memory)."""
         try:
             collective(tensor, group=self.control, **kwargs)
-        except RuntimeError as exc:
-            raise RankFailed(f"tensor-parallel {collective.__name__} failed: {exc}") from exc
+        except BaseException as exc:
+            raise self.fail(f"tensor-parallel {collective.__name__} failed: {exc!r}", exc) from exc
 
 
-def _open_shared_memory(rank: int, world_size: int, control: dist.ProcessGroup) -> SharedMemoryChannel:
-    """Rank 0 creates the mapping's file and sends its path; once every rank has mapped it, the file is
-    removed (the mappings stay), so that nothing is left in /dev/shm however the ranks end."""
-    path = [SharedMemoryChannel.new_path() if rank == 0 else None]
+def _open_shared_memory(rank: int, world_size: int, control: dist.ProcessGroup) -> SharedMemoryChannel | None:
+    """Rank 0 creates the mapping's file and sends its path (None: not enough room, and every rank stays on
+    gloo); once every rank has mapped it, the file is removed (the mappings stay), so that nothing is left
+    in /dev/shm however the ranks end."""
+    path = [None]
     if rank == 0:
-        channel = SharedMemoryChannel(path[0], rank, world_size, create=True)
+        path[0] = SharedMemoryChannel.new_path(SharedMemoryChannel.size_for(world_size))
     dist.broadcast_object_list(path, src=0, group=control)
-    if rank != 0:
-        channel = SharedMemoryChannel(path[0], rank, world_size, create=False)
-    dist.barrier(group=control)
-    if rank == 0:
-        os.unlink(path[0])
+    if path[0] is None:
+        return None
+    try:
+        if rank == 0:
+            channel = SharedMemoryChannel(path[0], rank, world_size, create=True)
+        dist.barrier(group=control)  # the file exists before the others map it
+        if rank != 0:
+            channel = SharedMemoryChannel(path[0], rank, world_size, create=False)
+        dist.barrier(group=control)  # every rank has mapped it: it can go
+    finally:
+        if rank == 0 and os.path.exists(path[0]):
+            os.unlink(path[0])
     return channel

@@ -69,6 +69,10 @@ class TensorShard:
         moe = c.hf_config.get("moe_intermediate_size") if c.is_mla else None
         if moe and moe % n:
             raise ValueError(f"tensor_parallel_size {n} does not divide the experts' {moe} rows")
+        if vocab_shard_size(c.vocab_size, n) * (n - 1) >= c.vocab_size:
+            raise ValueError(
+                f"tensor_parallel_size {n} leaves a rank without any of the {c.vocab_size} vocabulary rows"
+            )
 
     # ---- ranges
 
@@ -133,13 +137,14 @@ class TensorShard:
             elif len(parts) >= 2 and parts[-2] in _SPLIT:
                 how, along = _SPLIT[parts[-2]]
                 is_bias = parts[-1] == "bias"
-                size = tensor.shape[0] if how == "column" or is_bias else tensor.shape[1]
                 if along == "vocab":
                     span = self.vocab_rows
                 elif along == "kv_heads":
                     span = self.elements("kv_heads")
+                elif how == "row" and is_bias:
+                    span = (0, 0)  # not cut: rank 0 keeps it whole
                 else:
-                    span = self._even(name, size)
+                    span = self._even(name, tensor.shape[0] if how == "column" else tensor.shape[1])
                 tensor = self._cut(name, tensor, how, span, is_bias)
             yield name, tensor
 

@@ -29,6 +29,7 @@ longer than `timeout` raises RankFailed: a rank that died cannot answer.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -36,12 +37,20 @@ from collections.abc import Callable
 
 import torch
 
-SLOT_BYTES = 4 << 20  # one rank's part of one exchange; bigger tensors go in chunks
+logger = logging.getLogger(__name__)
+
+SLOT_BYTES = 2 << 20  # one rank's part of one exchange; bigger tensors go in chunks
 COMMAND_CAPACITY = 1 << 18  # int64s of a command's payload kept in the mapping (2 MiB); past it: gloo
 SPIN_SECONDS = 0.002  # busy-wait this long before yielding the core
 YIELD_SECONDS = 0.05  # then yield (sched_yield) this long before napping
 NAP_SECONDS = 0.0005
+IDLE_NAP_SECONDS = 0.005  # past IDLE_SECONDS of waiting (a worker while the server idles)
+IDLE_SECONDS = 1.0
 WATCH_SECONDS = 0.2
+
+
+def _header_ints(world_size: int) -> int:
+    return 2 * world_size + 3 + COMMAND_CAPACITY
 
 
 class RankGone(RuntimeError):
@@ -51,9 +60,9 @@ class RankGone(RuntimeError):
 class SharedMemoryChannel:
     def __init__(self, path: str, rank: int, world_size: int, create: bool) -> None:
         self.rank, self.world_size = rank, world_size
-        header = 2 * world_size + 3 + COMMAND_CAPACITY  # int64s
+        header = _header_ints(world_size)
         self._slots_at = header * 8
-        size = self._slots_at + 2 * world_size * SLOT_BYTES
+        size = self.size_for(world_size)
         if create:
             with open(path, "wb") as f:
                 f.truncate(size)
@@ -67,9 +76,20 @@ class SharedMemoryChannel:
         self.watch: Callable[[], None] | None = None  # raises if a rank is known to be gone
 
     @staticmethod
-    def new_path() -> str:
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        return os.path.join(folder or "/tmp", f"kvserve-tp-{uuid.uuid4().hex}")
+    def size_for(world_size: int) -> int:
+        return _header_ints(world_size) * 8 + 2 * world_size * SLOT_BYTES
+
+    @staticmethod
+    def new_path(size: int) -> str | None:
+        """A new file's path in /dev/shm, or None when it has not `size` bytes free (a container's
+        /dev/shm is often 64 MiB: a mapping past it would kill the rank with SIGBUS on first touch)."""
+        if not os.path.isdir("/dev/shm"):
+            return None
+        stat = os.statvfs("/dev/shm")
+        if stat.f_bavail * stat.f_frsize < 2 * size:
+            logger.warning("/dev/shm has under %d MiB free: tensor-parallel ranks exchange through gloo", size >> 19)
+            return None
+        return os.path.join("/dev/shm", f"kvserve-tp-{uuid.uuid4().hex}")
 
     def slot(self, buffer: int, rank: int) -> torch.Tensor:  # uint8 [SLOT_BYTES]
         start = self._slots_at + (buffer * self.world_size + rank) * SLOT_BYTES
@@ -163,7 +183,10 @@ class SharedMemoryChannel:
             now = time.monotonic()
             waited = now - start
             if waited > SPIN_SECONDS:
-                time.sleep(0 if waited < YIELD_SECONDS else NAP_SECONDS)
+                if waited < YIELD_SECONDS:
+                    time.sleep(0)
+                else:
+                    time.sleep(NAP_SECONDS if waited < IDLE_SECONDS else IDLE_NAP_SECONDS)
             if now - last_watch > WATCH_SECONDS:
                 last_watch = now
                 if self.watch is not None:

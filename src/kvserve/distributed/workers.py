@@ -106,16 +106,18 @@ class TensorParallelRanks:
 
     group: ParallelGroup
     processes: list = field(default_factory=list)  # the workers this process spawned
-    failed: bool = False  # a collective failed: nothing more is sent, close() kills
     closed: bool = False
     restore: tuple[set[int], int] | None = None  # the calling thread's cores and torch threads before start
+
+    @property
+    def failed(self) -> bool:
+        return self.group.broken
 
     def alive(self) -> None:
         """RankFailed if a spawned worker has exited (ranks on other nodes show up in the collectives)."""
         for rank, proc in self.processes:
             if proc.exitcode is not None:
-                self.failed = True
-                raise RankFailed(f"tensor-parallel rank {rank} exited (exit code {proc.exitcode})")
+                raise self.group.fail(f"tensor-parallel rank {rank} exited (exit code {proc.exitcode})")
 
     def close(self) -> None:
         """Stops the workers (OP_STOP; killed if they do not exit, or at once after a failure). Idempotent."""
@@ -126,14 +128,13 @@ class TensorParallelRanks:
             try:
                 self.group.send(OP_STOP)
             except RankFailed:
-                self.failed = True
+                pass  # now failed: the workers are killed below
         for _, proc in self.processes:
             proc.join(timeout=0 if self.failed else STOP_WAIT_SECONDS)
             if proc.exitcode is None:
                 proc.kill()
                 proc.join(timeout=STOP_WAIT_SECONDS)
-        if not self.failed:
-            self.group.leave()
+        self.group.leave()  # after a failure too: another engine in this process may form a new group
         if self.restore is not None:  # the process may go on without tensor parallelism (LLM in a script, tests)
             os.sched_setaffinity(0, self.restore[0])
             torch.set_num_threads(self.restore[1])
@@ -159,13 +160,17 @@ def start_ranks(config: EngineConfig, model_path: str) -> TensorParallelRanks:
 
 def run_node_workers(config: EngineConfig) -> int:
     """A node other than 0 (`kvserve serve --node-rank k`): its first rank runs here, the others are
-    spawned; returns when rank 0 stops them. (Under torchrun: this one rank.)"""
+    spawned; returns when rank 0 stops them. (Under torchrun: this one rank.)
+    Spawned ranks end when the thread that spawned them does (PR_SET_PDEATHSIG is per thread): start
+    an engine with tensor parallelism from a thread that lives as long as it (the server's engine thread,
+    or a script's main thread)."""
     if config.device == "auto":  # rank 0's resolved config arrives after the join; the device is needed before
         config.device = "cuda" if torch.cuda.is_available() else "cpu"
     config.torch_device = torch.device(config.device)
     ranks, processes = _start_node(config)
+    local_rank = int(os.environ["LOCAL_RANK"]) if under_torchrun() else 0
     try:
-        return _worker(ranks[0], config, 0, processes)
+        return _worker(ranks[0], config, local_rank, processes)
     finally:
         _kill(processes)
 
@@ -201,6 +206,8 @@ def _join(rank: int, config: EngineConfig, processes: list) -> ParallelGroup:
     failed import, a bad device) fails the start at once instead of after the join's timeout."""
     local = int(os.environ.get("LOCAL_RANK", 0)) if under_torchrun() else rank - node_ranks(config)[0]
     device = rank_device(config, local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the current device is per thread: this one computes
     result: dict = {}
 
     def join() -> None:
@@ -251,6 +258,10 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def _spawned_worker(rank: int, config: EngineConfig, local_rank: int, cores: list[int], parent_pid: int) -> None:
     _exit_with_parent(parent_pid)
+    # Ctrl-C in a terminal and a service manager's SIGTERM reach every process of the group: rank 0 drains
+    # its requests, which needs this rank; it ends on OP_STOP, or with rank 0 (PDEATHSIG).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s tp{rank} %(name)s: %(message)s")
     use_cores(cores, rank_device(config, local_rank))
     try:

@@ -28,6 +28,8 @@ class Block:
     ref_count: int = 0
     block_hash: bytes | None = None
     token_ids: tuple[int, ...] | None = None  # kept with the hash: a hit compares tokens, so collisions are harmless
+    parent_hash: bytes | None = None  # the hash of the block before it in its sequence (the prefix tree's edge)
+    hits: int = 0  # prefix-cache hits on this content since it was cached (the dashboard's counts)
     prev_free: Block | None = None
     next_free: Block | None = None
 
@@ -140,6 +142,7 @@ class BlockPool:
             if block.ref_count == 0:
                 self.free_queue.remove(block)
             block.ref_count += 1
+            block.hits += 1
 
     def share(self, blocks: Iterable[Block]) -> None:
         """Another sequence takes a reference on in-use blocks (parallel sampling)."""
@@ -168,6 +171,7 @@ class BlockPool:
             return
         block.block_hash = block_hash
         block.token_ids = token_ids
+        block.parent_hash = parent_hash
         self.cached[block_hash] = block
         if self.events is not None:
             self.events.stored(block_hash, parent_hash, token_ids, MEDIUM_DEVICE)
@@ -180,6 +184,8 @@ class BlockPool:
                 del self.cached[block.block_hash]
             block.block_hash = None
             block.token_ids = None
+            block.parent_hash = None
+            block.hits = 0
             self.num_evictions += 1
 
     def reset_prefix_cache(self) -> None:
