@@ -18,6 +18,7 @@ serve: $(STAMP)
 	$(VENV)/bin/kvserve serve
 
 test: $(STAMP)
+	bash tests/install_browser.sh
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -244,6 +244,24 @@ def test_the_router_index_matches_the_workers_pools_after_evictions(cluster):
     assert all("kvserve:kv_events_batches_published_total" in text for text in removed)
 
 
+def test_the_router_serves_the_dashboard_and_each_workers_state(cluster):
+    """The page (marked as the router's: it offers a choice of worker) and ?worker=N's own /v1/kv/state,
+    as JSON and as a stream, relayed from that worker."""
+    page = httpx.get(cluster.router.url + "/dashboard")
+    assert page.status_code == 200 and '<body data-router="true">' in page.text
+    for i, worker in enumerate(cluster.workers):
+        answer = httpx.get(cluster.router.url + f"/v1/kv/state?worker={i}&roots=1", timeout=10)
+        assert answer.headers["x-kvserve-worker"] == worker.url
+        direct = httpx.get(worker.url + "/v1/kv/state?roots=1", timeout=10).json()
+        assert answer.json()["pool"]["num_blocks"] == direct["pool"]["num_blocks"] == 24
+        assert answer.json()["model"] == direct["model"]
+    with httpx.stream("GET", cluster.router.url + "/v1/kv/state?worker=1&stream=true", timeout=30) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        first = next(line for line in stream.iter_lines() if line.startswith("data: "))
+    assert json.loads(first[6:])["pool"]["num_blocks"] == 24
+    assert httpx.get(cluster.router.url + "/v1/kv/state?worker=7").status_code == 400
+
+
 def test_a_killed_worker_is_taken_out_and_no_request_hangs(tiny):
     cluster = Cluster(tiny, "least_load", blocks=64)
     try:

@@ -1,4 +1,4 @@
-"""kvserve serve | generate | chat | bench | kv-plan | router.
+"""kvserve serve | generate | chat | bench | kv-plan | router | top.
 
 Engine flags are generated from EngineConfig's fields (max_num_seqs -> --max-num-seqs),
 so the CLI, the Python keywords and the server share one set of names.
@@ -167,6 +167,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(args, config)
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from kvserve.top import run_top  # rich is imported by this command only, not by the server
+
+    return run_top(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvserve", description="LLM inference and serving built around the KV cache")
     parser.add_argument("--log-level", default="INFO")
@@ -202,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM"
     )
     serve.add_argument(
+        "--dashboard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="GET /dashboard (a live view of the KV cache) and GET /v1/kv/state; --no-dashboard turns both off",
+    )
+    serve.add_argument(
         "--data-parallel-size",
         type=int,
         default=1,
@@ -215,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_parser(sub)
     add_bench_parser(sub)
     add_kv_plan_parser(sub)
+    top = sub.add_parser("top", help="the KV cache's live state in the terminal (a server's /v1/kv/state)")
+    top.add_argument("--url", default="http://127.0.0.1:8000", help="the kvserve server")
+    top.add_argument("--api-key", default=None, help="the server's --api-key (or set KVSERVE_API_KEY)")
+    top.add_argument("--interval", type=float, default=0.5, help="seconds between updates")
+    top.add_argument("--once", action="store_true", help="print one state and exit")
+    top.set_defaults(func=cmd_top)
     return parser
 
 

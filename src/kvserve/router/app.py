@@ -22,14 +22,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from kvserve.kv.prefix_hash import extend_block_hashes
 from kvserve.router.policies import Decision, Policy, RoutedRequest
 from kvserve.router.workers import Worker, WorkerPool
-from kvserve.server.errors import APIError
+from kvserve.server.browser import browser_authorizer, dashboard_html
+from kvserve.server.errors import APIError, install_handlers
 from kvserve.tokenizer import Tokenizer, chat_template_kwargs
 
 logger = logging.getLogger("kvserve.router")
@@ -171,6 +172,29 @@ class Router:
             self._count(decision, num_prompt, routed)
             return await self._relay(upstream, worker, release)
 
+    async def proxy(self, request: Request, path: str, worker_index: int | None) -> Response:
+        """A GET passed to one worker as it is (its query string, its auth header): the worker given by its
+        index in --worker order, else the first healthy one. For the KV dashboard, whose state is one
+        engine's: the page picks the worker."""
+        workers = self.pool.workers
+        if worker_index is not None:
+            if not 0 <= worker_index < len(workers):
+                return APIError(400, f"worker must be in [0, {len(workers)})", param="worker").response()
+            worker = workers[worker_index]
+        else:
+            healthy = self.pool.healthy()
+            if not healthy:
+                return APIError(503, "no healthy worker", code="no_healthy_worker").response()
+            worker = healthy[0]
+        query = "&".join(f"{k}={v}" for k, v in request.query_params.multi_items() if k != "worker")
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED_HEADERS}
+        url = worker.url + path + (f"?{query}" if query else "")
+        try:
+            upstream = await self.client.send(self.client.build_request("GET", url, headers=headers), stream=True)
+        except httpx.TransportError as exc:
+            return APIError(502, f"worker {worker.url} unreachable: {exc}", code="worker_failed").response()
+        return await self._relay(upstream, worker, lambda: None)
+
     def _count(self, decision: Decision, num_prompt: int, routed: RoutedRequest) -> None:
         url = decision.worker.url
         self.metrics.requests.labels(url).inc()
@@ -183,6 +207,8 @@ class Router:
 
     async def _relay(self, upstream: httpx.Response, worker: Worker, release: Callable[[], None]) -> Response:
         headers = {"x-kvserve-worker": worker.url}
+        if "www-authenticate" in upstream.headers:  # the worker's challenge (a browser asks for the key)
+            headers["www-authenticate"] = upstream.headers["www-authenticate"]
         media_type = upstream.headers.get("content-type", "application/json")
         if not media_type.startswith("text/event-stream"):
             try:
@@ -236,7 +262,7 @@ class Router:
             self.metrics.actual_cached.labels(worker.url).inc(cached)
 
 
-def create_router_app(router: Router) -> FastAPI:
+def create_router_app(router: Router, api_key: str | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         await router.pool.start()
@@ -245,6 +271,7 @@ def create_router_app(router: Router) -> FastAPI:
         await router.client.aclose()
 
     app = FastAPI(title="kvserve router", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    install_handlers(app)  # an APIError raised in a route (the dashboard's 401) answers as the server's do
 
     # the GETs: the workers' answer (they serve one model)
     routes = [(path, "POST") for path in ROUTED_POSTS] + [("/v1/models", "GET"), ("/tokenizer_info", "GET")]
@@ -254,6 +281,16 @@ def create_router_app(router: Router) -> FastAPI:
             return await router.forward(request, path)
 
         app.add_api_route(path, routed, methods=[method])
+
+    # The KV dashboard: the page (behind the router's --api-key, which the workers share), offering a choice
+    # of worker, and one worker's state (?worker=N, in --worker order; default: the first healthy one).
+    @app.get("/dashboard", dependencies=[Depends(browser_authorizer(api_key))])
+    async def dashboard() -> Response:
+        return HTMLResponse(dashboard_html(router=True), headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/kv/state")
+    async def kv_state(request: Request, worker: int | None = None) -> Response:
+        return await router.proxy(request, "/v1/kv/state", worker)
 
     @app.get("/health")
     async def health() -> Response:

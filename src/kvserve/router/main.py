@@ -93,7 +93,7 @@ def run_router(args: argparse.Namespace, urls: list[str], model: str | None) -> 
     )
     tokenizer = load_tokenizer(model) if args.policy in ("prefix", "cost") else None
     router = Router(pool, policy, tokenizer, RouterMetrics(args.policy))
-    app = create_router_app(router)
+    app = create_router_app(router, args.api_key)
     logger.info("routing to %s with policy %s on http://%s:%d", ", ".join(urls), args.policy, args.host, args.port)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False))
     # uvicorn re-raises the signal it caught once it has shut down, through the handler installed before it

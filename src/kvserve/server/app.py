@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
@@ -26,8 +26,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvserve.async_engine import AsyncEngine
 from kvserve.config import EngineConfig
+from kvserve.kv_state import MAX_CELLS, TREE_ROOTS
+from kvserve.server.browser import browser_authorizer
 from kvserve.server.chat import create_chat_completion
 from kvserve.server.completions import create_completion
+from kvserve.server.dashboard import DEFAULT_INTERVAL, MIN_INTERVAL, StateFeed, dashboard_route, kv_state_route
 from kvserve.server.drain import SHUTDOWN_GRACE, Drain, DrainingServer, DrainMiddleware
 from kvserve.server.embeddings import create_embeddings
 from kvserve.server.errors import APIError, install_handlers
@@ -85,7 +88,12 @@ class BodyLimitMiddleware:
 
 
 def create_app(
-    state: ServerState, metrics: ServerMetrics, api_key: str | None, max_request_bytes: int, drain: Drain | None = None
+    state: ServerState,
+    metrics: ServerMetrics,
+    api_key: str | None,
+    max_request_bytes: int,
+    drain: Drain | None = None,
+    dashboard: bool = True,
 ) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -181,6 +189,24 @@ def create_app(
     async def kv_cache_blocks_route() -> Response:
         return await kv_cache_blocks(state)
 
+    if dashboard:
+        feed = StateFeed(state)
+        browser_auth = [Depends(browser_authorizer(api_key))]
+
+        @app.get("/v1/kv/state", dependencies=browser_auth, responses=ERROR_RESPONSES)
+        async def kv_state(
+            request: Request,
+            stream: bool = Query(False, description="Server-Sent Events: one state per interval"),
+            interval: float = Query(DEFAULT_INTERVAL, ge=MIN_INTERVAL, le=60.0),
+            cells: int = Query(MAX_CELLS, ge=16, le=65536, description="the most pool-map cells"),
+            roots: int = Query(TREE_ROOTS, ge=0, le=64, description="the largest prefix trees shown"),
+        ) -> Response:
+            return await kv_state_route(request, feed, stream, interval, cells, roots)
+
+        @app.get("/dashboard", dependencies=browser_auth, include_in_schema=False)
+        async def dashboard_page() -> Response:
+            return dashboard_route()
+
     @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
     async def openapi() -> JSONResponse:
         if app.openapi_schema is None:
@@ -228,7 +254,7 @@ def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
     )
     api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
     drain = Drain(timeout=getattr(args, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT), cut=async_engine.shutdown)
-    app = create_app(state, metrics, api_key, args.max_request_bytes, drain)
+    app = create_app(state, metrics, api_key, args.max_request_bytes, drain, dashboard=getattr(args, "dashboard", True))
     config = uvicorn.Config(
         app,
         host=args.host,

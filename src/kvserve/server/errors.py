@@ -34,12 +34,20 @@ _TYPES = {
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        challenge: str = "Bearer",
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.challenge = challenge  # a 401's WWW-Authenticate
 
     def body(self) -> dict:
         info = ErrorInfo(
@@ -48,7 +56,7 @@ class APIError(Exception):
         return ErrorResponse(error=info).model_dump()
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {"WWW-Authenticate": self.challenge} if self.status == 401 else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 

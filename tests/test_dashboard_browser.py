@@ -1,0 +1,92 @@
+"""The dashboard in a real browser: headless Chromium (Debian's, driven by Playwright) opens /dashboard
+on a live server under load, behind an API key (Basic auth, as a browser sends it).
+
+Chromium comes from Debian's `chromium` package: `make test` installs it when it can (tests/install_browser.sh);
+without it this test is skipped, and says why. The screenshot goes to benchmarks/out/dashboard.png.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import httpx
+import pytest
+
+from kvserve.server.launch import ServerProcess
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+KEY = "dashboard-test-key"
+SCREENSHOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "out")
+SYSTEM = "You are a careful assistant. Answer briefly, in plain words, and name your sources when you can. "
+
+
+def _load(url: str, stop: threading.Event, errors: list, first: int) -> None:
+    """Streams completions one after another: prompts sharing a prefix, 48 tokens each."""
+    i = first
+    with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as client:
+        while not stop.is_set():
+            body = {"prompt": SYSTEM + f"Question {i}: why is the sky blue?", "max_tokens": 48, "ignore_eos": True}
+            try:
+                with client.stream("POST", url + "/v1/completions", json=body | {"stream": True}) as answer:
+                    for _ in answer.iter_lines():
+                        if stop.is_set():
+                            break
+            except httpx.HTTPError as exc:  # the server stopping at the end is fine; anything else is not
+                if not stop.is_set():
+                    errors.append(exc)
+            i += 1
+
+
+def test_dashboard_renders_live_state_in_chromium():
+    if CHROMIUM is None:
+        pytest.skip("no Chromium: Debian's `chromium` package is not installed (tests/install_browser.sh)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    args = ["--kv-cache-memory", "24MiB", "--kv-cache-dtype", "float16", "--max-num-seqs", "6", "--api-key", KEY]
+    server = ServerProcess(args).start()
+    stop, load_errors = threading.Event(), []
+    threads = [threading.Thread(target=_load, args=(server.url, stop, load_errors, 100 * n)) for n in range(4)]
+    try:
+        num_blocks = httpx.get(server.url + "/v1/kv/state", headers={"Authorization": f"Bearer {KEY}"}).json()
+        num_blocks = num_blocks["pool"]["num_blocks"]
+        for t in threads:
+            t.start()
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+            )
+            context = browser.new_context(
+                http_credentials={"username": "kvserve", "password": KEY}, viewport={"width": 1400, "height": 900}
+            )
+            page = context.new_page()
+            console_errors: list[str] = []
+            page.on("console", lambda m: m.type == "error" and console_errors.append(m.text))
+            page.on("pageerror", lambda e: console_errors.append(str(e)))
+            page.goto(server.url + "/dashboard")
+            page.wait_for_function("Number(document.getElementById('samples').dataset.samples) >= 1", timeout=30_000)
+            assert page.get_attribute("#pool", "data-cells") == str(num_blocks)
+            page.wait_for_function(
+                "document.querySelectorAll('#requests tbody tr[data-state=running]').length > 0", timeout=30_000
+            )
+            rows = page.locator("#requests tbody tr[data-state=running]")
+            assert rows.count() >= 1 and rows.first.locator("td").nth(1).inner_text() == "running"
+            samples = int(page.get_attribute("#samples", "data-samples"))
+            before = page.inner_text("#requests") + page.inner_text("#g-usage")
+            page.wait_for_function(
+                f"Number(document.getElementById('samples').dataset.samples) >= {samples + 2}", timeout=30_000
+            )
+            after = page.inner_text("#requests") + page.inner_text("#g-usage")
+            assert after != before  # ages, computed tokens, outputs move between samples
+            page.wait_for_function("document.querySelectorAll('#tree li').length > 0", timeout=30_000)
+            os.makedirs(SCREENSHOT, exist_ok=True)
+            page.screenshot(path=os.path.join(SCREENSHOT, "dashboard.png"), full_page=True)
+            browser.close()
+        assert console_errors == []
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        server.stop()
+    assert load_errors == []
