@@ -85,15 +85,19 @@ def test_tp2_equals_tp1_deepseek_mla(tmp_path, kind):
     cache replicated, so each rank's KV is the whole model's. v3-nolora: attention biases (o_proj's is
     summed once) and a q without LoRA."""
     save_tiny_deepseek(str(tmp_path), kind, seed=2)
-    engine = {"kv_cache_memory": "2MiB", "max_num_batched_tokens": 16}
+    # 12 blocks of 16 tokens x 3 layers x (32 latent + 8 rope) x fp32: the four requests need ~18, so some are
+    # preempted; 16-token chunks
+    engine = {"kv_cache_memory": 12 * 16 * 3 * 40 * 4, "max_num_batched_tokens": 16}
     with LLM(str(tmp_path), **engine) as llm:
         reference = _run(llm)
+        assert llm.get_stats()["num_preemptions"] > 0
         reference_cache = llm.engine.runner.kv_caches[0]
-        blocks = llm.engine.kv.pool.num_blocks
+        assert llm.engine.kv.pool.num_blocks == 12
     with LLM(str(tmp_path), **engine, tensor_parallel_size=2) as llm:
-        assert llm.engine.kv.pool.num_blocks == blocks  # the same budget holds the same blocks: replicated
+        assert llm.engine.kv.pool.num_blocks == 12  # the same budget holds the same blocks: replicated
         assert llm.engine.runner.kv_caches[0].shape == reference_cache.shape
         _assert_same(reference, _run(llm))
+        assert llm.get_stats()["num_preemptions"] > 0
 
 
 @pytest.mark.parametrize("form", ["gguf Q4_1", "int8"])
@@ -115,6 +119,23 @@ def test_tp2_equals_tp1_quantized(tmp_path, form):
         o_proj = llm.engine.runner.model.layers[0].self_attn.o_proj
         assert o_proj.qweight is not None and o_proj.qweight.shape == (64, 32)  # its half of the inputs
         _assert_same(reference, _run(llm), QUANTIZED_TOL)
+
+
+def test_four_ranks_share_one_kv_head(tmp_path):
+    """TP=4 over 1 KV head: one query head a rank, the KV head replicated on all four (on 2 cores the ranks
+    take turns: a few tokens only)."""
+    save_tiny_model(str(tmp_path), "llama", seed=9, num_key_value_heads=1)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+    prompts = PROMPTS[:2]
+    with LLM(str(tmp_path), kv_cache_memory="1MiB") as llm:
+        reference = llm.generate(prompts, params)
+    with LLM(str(tmp_path), kv_cache_memory="1MiB", tensor_parallel_size=4) as llm:
+        assert len(llm.engine.tp.processes) == 3 and llm.engine.runner.kv_caches[0].shape[3] == 1
+        result = llm.generate(prompts, params)
+    for ref, out in zip(reference, result):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        for ref_lp, lp in zip(ref.outputs[0].logprobs, out.outputs[0].logprobs):
+            assert max(abs(ref_lp[t] - lp[t]) for t in ref_lp) < TOL
 
 
 def test_kv_bytes_per_rank(tmp_path):
