@@ -90,3 +90,44 @@ def test_dashboard_renders_live_state_in_chromium():
             t.join(timeout=30)
         server.stop()
     assert load_errors == []
+
+
+def test_the_routers_dashboard_switches_workers_in_chromium(tmp_path):
+    """Behind the router the page lists the workers (from /workers) and follows the chosen one's state."""
+    if CHROMIUM is None:
+        pytest.skip("no Chromium: Debian's `chromium` package is not installed (tests/install_browser.sh)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    import sys
+
+    from helpers import save_tiny_model
+
+    from kvserve.server.launch import free_port
+
+    save_tiny_model(str(tmp_path), "llama")
+    block = 3 * 2 * 16 * 2 * 16 * 4
+    workers = [
+        ServerProcess(["--model", str(tmp_path), "--kv-cache-memory", str(blocks * block)]) for blocks in (24, 40)
+    ]
+    for w in workers:
+        w.start()
+    port = free_port()
+    command = [sys.executable, "-m", "kvserve.cli", "router", "--port", str(port), "--policy", "round_robin"]
+    command += ["--health-interval", "0.2", *(arg for w in workers for arg in ("--worker", w.url))]
+    router = ServerProcess([], port=port, command=command).start()
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(router.url + "/dashboard")
+            page.wait_for_function("document.getElementById('pool').dataset.cells === '24'", timeout=30_000)
+            assert page.locator("#worker option").count() == 2
+            page.select_option("#worker", "1")
+            page.wait_for_function("document.getElementById('pool').dataset.cells === '40'", timeout=30_000)
+            browser.close()
+        assert errors == []
+    finally:
+        for server in (router, *workers):
+            server.stop()

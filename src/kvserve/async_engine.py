@@ -485,7 +485,5 @@ class AsyncEngine:
             inter_token_latencies=live.inter_token_latencies,
         )
         log_request(record)
-        if record.first_token_time is not None:  # the dashboard's TTFT series
-            self.engine.state_tracker.record_ttft(time.time(), record.first_token_time - record.arrival_time)
         if self.observer is not None:
             self.observer.on_request_done(record)

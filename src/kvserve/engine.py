@@ -508,6 +508,8 @@ class Engine:
             group.texts[seq.index] += tail
         seq.stop_reason = stop_reason
         seq.finish_time = time.monotonic()
+        if seq.first_token_time is not None:  # the dashboard's TTFT series (kv_state.py)
+            self.state_tracker.record_ttft(time.time(), seq.first_token_time - seq.arrival_time)
         self.scheduler.finish(seq, status)
         group.finished[seq.index] = True
         delta.finish_reason = status.value
