@@ -473,6 +473,14 @@ class AsyncEngine:
     # ------------------------------------------------------------------ logging
 
     def _record(self, request_id: str, live: _Live, output: RequestOutput, reason: str, now: float) -> None:
+        """The request's log line and metrics. Never raises: it runs after the request left `_live` and before
+        its last event is queued, so an exception here would leave its client waiting for an end."""
+        try:
+            self._log_and_count(request_id, live, output, reason, now)
+        except Exception:  # noqa: BLE001 - bookkeeping must never cost a client its answer
+            logger.exception("recording request %s failed", request_id)
+
+    def _log_and_count(self, request_id: str, live: _Live, output: RequestOutput, reason: str, now: float) -> None:
         record = RequestRecord(
             request_id=request_id,
             num_prompt_tokens=live.num_prompt_tokens,
