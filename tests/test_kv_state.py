@@ -29,8 +29,9 @@ def cells(state) -> list[tuple[int, int, int, float]]:
 
 
 def runs(node) -> list:
-    """A tree as nested (block ids, hits, children)."""
-    return [node["block_ids"], node["hits"], [runs(c) for c in node["children"]]]
+    """A tree as nested ((first block, last block, blocks), hits, children)."""
+    blocks = (node["first_block"], node["last_block"], node["num_blocks"])
+    return [blocks, node["hits"], [runs(c) for c in node["children"]]]
 
 
 def test_pool_states_eviction_order_and_prefix_tree(tiny):
@@ -61,7 +62,7 @@ def test_pool_states_eviction_order_and_prefix_tree(tiny):
     ]
     tree = state["prefix_tree"]
     assert (tree["num_cached_blocks"], tree["num_trees"]) == (3, 1)
-    assert [runs(r) for r in tree["roots"]] == [[[0], 1, [[[1], 0, []], [[3], 0, []]]]]
+    assert [runs(r) for r in tree["roots"]] == [[(0, 0, 1), 1, [[(1, 1, 1), 0, []], [(3, 3, 1), 0, []]]]]
     assert tree["roots"][0]["text"] == " ".join(map(str, a[:8]))  # no tokenizer: the ids
     assert state["requests"] == [] and pool["owners"] == {}
 
@@ -73,10 +74,27 @@ def test_pool_states_eviction_order_and_prefix_tree(tiny):
     tree = state["prefix_tree"]
     assert (tree["num_cached_blocks"], tree["num_trees"]) == (7, 2)
     # c's five full blocks are one run (5 6 7 2 1); a's first block and b's second now form a chain: one run
-    assert [runs(r) for r in tree["roots"]] == [[[5, 6, 7, 2, 1], 0, []], [[0, 3], 1, []]]
+    assert [runs(r) for r in tree["roots"]] == [[(5, 1, 5), 0, []], [(0, 3, 2), 1, []]]
     assert [r["blocks_under"] for r in tree["roots"]] == [5, 2]
     # only the largest tree when asked for one
-    assert [runs(r) for r in llm.engine.kv_state(tree_roots=1)["prefix_tree"]["roots"]] == [[[5, 6, 7, 2, 1], 0, []]]
+    assert [runs(r) for r in llm.engine.kv_state(tree_roots=1)["prefix_tree"]["roots"]] == [[(5, 1, 5), 0, []]]
+    assert [r["tokens"] for r in tree["roots"]] == [80, 32]
+
+
+def test_the_tree_budget_is_shared_breadth_first(tiny, monkeypatch):
+    """Past TREE_NODES nodes, every shown tree's top levels come first and what is left out is counted."""
+    import kvserve.kv_state
+
+    llm = LLM(tiny, kv_cache_memory=32 * BLOCK_BYTES, max_model_len=128)
+    shared = list(range(10, 26))
+    llm.generate([shared + list(range(100 + 20 * i, 117 + 20 * i)) for i in range(5)], ONE)  # 1 root, 5 branches
+    llm.generate([list(range(200, 233))], ONE)  # a second tree: 2 blocks in one run
+    monkeypatch.setattr(kvserve.kv_state, "TREE_NODES", 4)
+    roots = llm.engine.kv_state()["prefix_tree"]["roots"]
+    assert [(r["num_blocks"], r["blocks_under"], len(r["children"]), r["children_cut"]) for r in roots] == [
+        (1, 6, 2, 3),  # both roots shown, then 2 of the first root's 5 children: 4 nodes
+        (2, 2, 0, 0),
+    ]
 
 
 def test_running_and_preempted_requests_and_binned_cells(tiny):
@@ -98,7 +116,7 @@ def test_running_and_preempted_requests_and_binned_cells(tiny):
     held = engine.kv.block_ids(running)
     assert rows[first]["blocks"] == len(held) and rows[first]["computed_tokens"] == running.num_computed_tokens
     assert [i for i, c in enumerate(cells(state)) if c[0]] == sorted(held)
-    assert state["pool"]["owners"] == {str(b): [first] for b in sorted(held)}
+    assert state["pool"]["owners"] == {str(b): [first] for b in sorted(held)} and state["pool"]["owner_counts"] == {}
     assert state["gauges"]["running"] == 1 and state["gauges"]["waiting"] == 1
     # binned: 8 blocks in cells of 2 (max_cells 4 -> 4 cells), counts summed per cell
     binned = engine.kv_state(max_cells=4)["pool"]
@@ -187,3 +205,30 @@ def test_kvserve_top_once(tiny):
     assert "KV in use" in out and "8 blocks x 16 tokens: 0 in use, 2 cached, 6 free" in out
     assert "2 cached blocks in 1 trees" in out and '"10 11 12 13 14 15 16 17"  2 blk · 0 hits' in out
     assert out.count("▓") == 2 and out.count("·") >= 6
+
+
+def test_an_open_dashboard_does_not_hold_up_a_shutdown(tiny):
+    """SIGTERM drains in-flight requests for up to --shutdown-timeout; a viewer's stream never ends by itself,
+    so it ends when the drain begins and the server exits at once."""
+    import threading
+    import time
+
+    server = ServerProcess(["--model", tiny, "--kv-cache-memory", str(8 * BLOCK_BYTES), "--shutdown-timeout", "60"])
+    server.start()
+    seen = []
+
+    def view() -> None:
+        with httpx.stream("GET", server.url + "/v1/kv/state?stream=true&interval=0.25", timeout=90) as stream:
+            for line in stream.iter_lines():
+                seen.append(line)
+
+    viewer = threading.Thread(target=view)
+    viewer.start()
+    deadline = time.monotonic() + 30
+    while not any(line.startswith("data: ") for line in seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    start = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - start < 15
+    viewer.join(timeout=10)
+    assert not viewer.is_alive()

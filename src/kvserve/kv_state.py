@@ -12,11 +12,14 @@ Shape (every key always present):
 - pool: block counts by state, and `cells`: one [in use, cached, free, recency] per block, or per bin
   of `blocks_per_cell` blocks past MAX_CELLS blocks (counts; recency is the cached blocks' mean place
   in the eviction order, 0 = next to go, 1 = freed last, -1 without cached blocks); `owners` maps a
-  cell index to the requests holding its blocks.
+  cell index to the first OWNERS_SHOWN requests holding its blocks (`owner_counts`: how many, past that).
 - tiers: per lower tier, blocks held and capacity, hits and traffic.
-- prefix_tree: the cached blocks as a forest of block runs (a run: blocks that follow each other with
-  no branching), the TREE_ROOTS largest trees, each node with its blocks, tokens, hits (of its first
-  block), the text of its first TEXT_TOKENS tokens, whether a running request holds it.
+- prefix_tree: the cached blocks (evictable or held) as a forest of block runs (a run: blocks that
+  follow each other with no branching), the TREE_ROOTS largest trees, each node with its first and
+  last block and length, tokens, hits (prefix-cache hits on its first block, a preempted request's
+  re-admission included), the text of its first TEXT_TOKENS tokens, whether a running request holds
+  it, and `children_cut` (children left out past the TREE_NODES budget, which is shared out
+  breadth-first: every shown tree's top levels before any tree's deeper ones).
 - requests: running, waiting and preempted sequences.
 - gauges and series: rates over the last minute, the step time split, recent TTFTs and tokens/s.
 """
@@ -37,7 +40,9 @@ TREE_ROOTS = 8  # the largest prefix trees shown
 TREE_NODES = 200  # at most this many nodes in all (a tree is cut breadth-first past it)
 TEXT_TOKENS = 8  # tokens of a run's text shown
 WINDOW_SECONDS = 60.0
+RATE_SECONDS = 1.0  # tokens/s is measured against the newest sample at least this much older
 SERIES_POINTS = 120
+OWNERS_SHOWN = 6  # request ids listed per pool cell (the rest counted)
 
 
 @dataclass
@@ -69,10 +74,10 @@ class KVStateTracker:
 
     def build(self, engine: Engine, max_cells: int = MAX_CELLS, tree_roots: int = TREE_ROOTS) -> dict[str, Any]:
         now = time.time()
-        counters = _counters(engine, now)
+        counters = _counters(engine, time.monotonic())  # rates: a monotonic clock (the wall clock may step)
+        while self.samples and counters.time - self.samples[0].time > WINDOW_SECONDS:
+            self.samples.popleft()  # after an idle hour the first build's rates start afresh
         self.samples.append(counters)
-        while len(self.samples) > 2 and counters.time - self.samples[0].time > WINDOW_SECONDS:
-            self.samples.popleft()
         gauges = self._gauges(engine, counters)
         if gauges["tokens_per_s"] is not None:
             self.throughput.append((now, gauges["tokens_per_s"]))
@@ -89,7 +94,9 @@ class KVStateTracker:
 
     def _gauges(self, engine: Engine, now: _Counters) -> dict[str, Any]:
         first = self.samples[0]
-        last = self.samples[-2] if len(self.samples) > 1 else None
+        # tokens/s against a sample at least RATE_SECONDS older: builds milliseconds apart (a script's
+        # kv_state() beside a viewer's) would divide one step's tokens by a millisecond
+        last = next((s for s in reversed(self.samples) if now.time - s.time >= RATE_SECONDS), None)
         minutes = (now.time - first.time) / 60
         queries = now.queries - first.queries
         steps = now.steps - first.steps
@@ -160,13 +167,13 @@ def pool_state(engine: Engine, max_cells: int = MAX_CELLS) -> dict[str, Any]:
             cell[2] += 1
     for cell in cells:
         cell[3] = round(cell[3] / cell[1], 3) if cell[1] else -1
-    owners: dict[int, list[str]] = {}
+    holders: dict[int, dict[str, None]] = {}  # cell -> request ids in the order met (a dict: O(1) membership)
     for key, blocks in engine.kv.block_tables.items():
-        request_id = key.rsplit("#", 1)[0]
+        request_id = key.rsplit("#", 1)[0]  # the key is f"{request_id}#{index}"
         for block in blocks:
-            holders = owners.setdefault(block.block_id // per_cell, [])
-            if request_id not in holders:
-                holders.append(request_id)
+            holders.setdefault(block.block_id // per_cell, {})[request_id] = None
+    owners = {cell: list(ids)[:OWNERS_SHOWN] for cell, ids in holders.items()}
+    owner_counts = {cell: len(ids) for cell, ids in holders.items() if len(ids) > OWNERS_SHOWN}
     in_use = sum(c[0] for c in cells)
     return {
         "num_blocks": n,
@@ -177,7 +184,8 @@ def pool_state(engine: Engine, max_cells: int = MAX_CELLS) -> dict[str, Any]:
         "free": n - in_use - num_cached,
         "usage": pool.usage,
         "cells": cells,
-        "owners": {str(cell): ids for cell, ids in sorted(owners.items())},
+        "owners": {str(cell): ids for cell, ids in sorted(owners.items())},  # at most OWNERS_SHOWN a cell ...
+        "owner_counts": {str(cell): n for cell, n in sorted(owner_counts.items())},  # ... of these many
     }
 
 
@@ -224,38 +232,59 @@ def prefix_tree(engine: Engine, max_roots: int = TREE_ROOTS) -> dict[str, Any]:
             sizes[b.block_hash] = 1 + sum(sizes[c.block_hash] for c in children.get(b.block_hash, ()))
         return sizes[block.block_hash]
 
-    roots = sorted(children.get(None, []), key=lambda b: (-size(b), b.block_id))
-    budget = [TREE_NODES]
-    shown = [_node(engine, root, children, sizes, budget) for root in roots[:max_roots]]
+    roots = sorted(children.get(None, []), key=lambda b: (-size(b), b.block_id))[:max_roots]
+    shown = [_node(engine, root, children, sizes) for root in roots]
+    # Breadth-first over all shown trees: each level's nodes get children before any deeper node does.
+    level = list(shown)
+    budget = TREE_NODES - len(shown)
+    while level and budget > 0:
+        below = []
+        for node in level:
+            for kid in node.pop("_kids"):
+                if budget <= 0:
+                    node["children_cut"] += 1
+                    continue
+                child = _node(engine, kid, children, sizes)
+                node["children"].append(child)
+                below.append(child)
+                budget -= 1
+        level = below
+    for node in level:  # the last level reached: what is left under it is cut
+        node["children_cut"] += len(node.pop("_kids"))
+    _drop_kids(shown)
     return {
         "num_cached_blocks": len(cached),
-        "num_trees": len(roots),
-        "roots": [node for node in shown if node is not None],
+        "num_trees": len(children.get(None, [])),
+        "roots": shown,
     }
 
 
-def _node(engine: Engine, first: Block, children: dict, sizes: dict, budget: list[int]) -> dict | None:
-    if budget[0] <= 0:
-        return None
-    budget[0] -= 1
+def _drop_kids(nodes: list[dict]) -> None:
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        node.pop("_kids", None)
+        stack.extend(node["children"])
+
+
+def _node(engine: Engine, first: Block, children: dict, sizes: dict) -> dict:
+    """One run from `first` (blocks chained with no branching); its children to expand in `_kids`."""
     run = [first]
     while len(kids := children.get(run[-1].block_hash, ())) == 1:
         run.append(kids[0])
-    tokens = [t for b in run for t in b.token_ids]
-    node = {
-        "block_ids": [b.block_id for b in run],
-        "tokens": len(tokens),
+    return {
+        "first_block": first.block_id,
+        "last_block": run[-1].block_id,
+        "num_blocks": len(run),
+        "tokens": len(run) * len(first.token_ids),
         "hits": first.hits,
         "blocks_under": sizes[first.block_hash],
         "in_use": any(b.ref_count > 0 for b in run),
-        "text": _text(engine, tokens[:TEXT_TOKENS]),
+        "text": _text(engine, list(first.token_ids[:TEXT_TOKENS])),
         "children": [],
+        "children_cut": 0,
+        "_kids": sorted(children.get(run[-1].block_hash, ()), key=lambda b: (-sizes[b.block_hash], b.block_id)),
     }
-    for kid in sorted(children.get(run[-1].block_hash, ()), key=lambda b: (-sizes[b.block_hash], b.block_id)):
-        child = _node(engine, kid, children, sizes, budget)
-        if child is not None:
-            node["children"].append(child)
-    return node
 
 
 def _text(engine: Engine, token_ids: list[int]) -> str:

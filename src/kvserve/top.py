@@ -78,7 +78,8 @@ def prefix_forest(state: dict) -> Tree:
 
     def add(parent: Tree, node: dict) -> None:
         label = Text(json.dumps(node["text"]), style="blue" if node["in_use"] else "")
-        label.append(f"  {len(node['block_ids'])} blk · {node['hits']} hits · {node['blocks_under']} under", "dim")
+        cut = f" · {node['children_cut']} more" if node["children_cut"] else ""
+        label.append(f"  {node['num_blocks']} blk · {node['hits']} hits · {node['blocks_under']} under{cut}", "dim")
         branch = parent.add(label)
         for child in node["children"]:
             add(branch, child)
@@ -95,7 +96,7 @@ def requests(state: dict) -> Table:
     styles = {"running": "blue", "waiting": "dim", "preempted": "yellow"}
     for r in state["requests"][:MAX_REQUEST_ROWS]:
         table.add_row(
-            r["id"][-24:],
+            Text(r["id"][-24:]),  # Text: an id is not rich markup
             Text(r["state"], style=styles.get(r["state"], "")),
             str(r["prompt_tokens"]),
             str(r["computed_tokens"]),
@@ -112,7 +113,7 @@ def requests(state: dict) -> Table:
 
 
 def render(state: dict, width: int) -> Group:
-    title = f"kvserve top · {state.get('model_name') or state['model']}"
+    title = Text(f"kvserve top · {state.get('model_name') or state['model']}")
     return Group(
         Panel(gauges(state), title=title, title_align="left"),
         Panel(pool_strip(state, max(16, width - 4)), title="block pool", title_align="left"),
@@ -122,21 +123,51 @@ def render(state: dict, width: int) -> Group:
 
 
 def run_top(args: argparse.Namespace) -> int:
+    """0 when the stream ends (or --once printed), 1 with a message for an error: the server's answer, an
+    in-band error event, a connection that fails."""
+    if args.interval < 0.25:
+        raise ValueError(
+            "--interval must be at least 0.25 seconds (the server builds the state at most 4 times a second)"
+        )
     key = args.api_key or os.environ.get("KVSERVE_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     url = args.url.rstrip("/") + "/v1/kv/state"
     console = Console()
-    width = shutil.get_terminal_size((100, 40)).columns
-    with httpx.Client(headers=headers, timeout=httpx.Timeout(30, read=None)) as client:
-        if args.once:
-            answer = client.get(url)
-            answer.raise_for_status()
-            console.print(render(answer.json(), width))
-            return 0
-        with Live(console=console, auto_refresh=False, screen=False) as live:
-            with client.stream("GET", url, params={"stream": "true", "interval": args.interval}) as stream:
-                stream.raise_for_status()
-                for line in stream.iter_lines():
-                    if line.startswith("data: "):
-                        live.update(render(json.loads(line[6:]), console.width), refresh=True)
+    columns, lines = shutil.get_terminal_size((100, 40))
+    # the pool strip gets about a quarter of the screen: at most that many cells (larger pools are binned)
+    params = {"cells": min(65536, max(16, (columns - 4) * max(2, lines // 4)))}
+    try:
+        with httpx.Client(headers=headers, timeout=httpx.Timeout(30, read=None)) as client:
+            if args.once:
+                answer = client.get(url, params=params)
+                if answer.status_code != 200:
+                    return _fail(console, f"{url}: HTTP {answer.status_code}: {answer.text[:300]}")
+                console.print(render(answer.json(), columns))
+                return 0
+            params |= {"stream": "true", "interval": args.interval}
+            with Live(console=console, auto_refresh=False, screen=False) as live:
+                with client.stream("GET", url, params=params) as stream:
+                    if stream.status_code != 200:
+                        return _fail(console, f"{url}: HTTP {stream.status_code}: {stream.read()[:300]!r}")
+                    event = "message"
+                    for line in stream.iter_lines():
+                        if line.startswith("event: "):
+                            event = line[7:].strip()
+                        elif line.startswith("data: "):
+                            data = json.loads(line[6:]) if line[6:].startswith("{") else None
+                            if event != "message" or not isinstance(data, dict) or "pool" not in data:
+                                return _fail(console, f"the server ended the stream: {line[6:][:300]}")
+                            live.update(render(data, console.width), refresh=True)
+                        elif not line:
+                            event = "message"
+    except httpx.HTTPError as exc:
+        return _fail(console, f"{url}: {exc}")
+    except KeyboardInterrupt:
+        return 0
+    console.print("the server ended the stream")
     return 0
+
+
+def _fail(console: Console, message: str) -> int:
+    console.print(Text(f"kvserve top: {message}", style="red"))
+    return 1

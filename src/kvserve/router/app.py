@@ -20,6 +20,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 from fastapi import Depends, FastAPI, Request
@@ -77,6 +78,8 @@ class RouterMetrics:
 
 
 class Router:
+    stopping = False  # set at shutdown: relayed dashboard streams end (they would hold it up forever)
+
     def __init__(self, pool: WorkerPool, policy: Policy, tokenizer: Tokenizer | None, metrics: RouterMetrics) -> None:
         self.pool = pool
         self.policy = policy
@@ -186,14 +189,29 @@ class Router:
             if not healthy:
                 return APIError(503, "no healthy worker", code="no_healthy_worker").response()
             worker = healthy[0]
-        query = "&".join(f"{k}={v}" for k, v in request.query_params.multi_items() if k != "worker")
+        query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "worker"])
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED_HEADERS}
         url = worker.url + path + (f"?{query}" if query else "")
         try:
             upstream = await self.client.send(self.client.build_request("GET", url, headers=headers), stream=True)
         except httpx.TransportError as exc:
             return APIError(502, f"worker {worker.url} unreachable: {exc}", code="worker_failed").response()
-        return await self._relay(upstream, worker, lambda: None)
+        relayed = {"x-kvserve-worker": worker.url}
+        relayed |= {k: v for k, v in upstream.headers.items() if k.lower() in ("www-authenticate", "cache-control")}
+        media_type = upstream.headers.get("content-type", "application/json")
+
+        async def body() -> AsyncIterator[bytes]:  # as it comes; closed when the client leaves, or the router stops
+            try:
+                async for chunk in upstream.aiter_raw():
+                    if self.stopping:
+                        return
+                    yield chunk
+            except httpx.TransportError:
+                return
+            finally:
+                await upstream.aclose()
+
+        return StreamingResponse(body(), upstream.status_code, headers=relayed, media_type=media_type)
 
     def _count(self, decision: Decision, num_prompt: int, routed: RoutedRequest) -> None:
         url = decision.worker.url
@@ -267,6 +285,7 @@ def create_router_app(router: Router, api_key: str | None = None) -> FastAPI:
     async def lifespan(_: FastAPI):
         await router.pool.start()
         yield
+        router.stopping = True
         await router.pool.stop()
         await router.client.aclose()
 
@@ -304,8 +323,9 @@ def create_router_app(router: Router, api_key: str | None = None) -> FastAPI:
         return Response(router.metrics.render(router.pool.workers), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/workers")
-    async def workers() -> JSONResponse:
-        """Each worker's state as the router sees it, with the block hashes its index holds per medium."""
+    async def workers(blocks: bool = True) -> JSONResponse:
+        """Each worker's state as the router sees it, with (unless blocks=false) the block hashes its index
+        holds per medium."""
         return JSONResponse(
             [
                 {
@@ -315,9 +335,16 @@ def create_router_app(router: Router, api_key: str | None = None) -> FastAPI:
                     "running": w.running,
                     "waiting": w.waiting,
                     "kv_events": w.subscriber is not None,
-                    "blocks": {
-                        m: sorted(h.hex() for h in held) for m, held in router.pool.index.snapshot(w.url).items()
-                    },
+                    **(
+                        {
+                            "blocks": {
+                                m: sorted(h.hex() for h in held)
+                                for m, held in router.pool.index.snapshot(w.url).items()
+                            }
+                        }
+                        if blocks
+                        else {}
+                    ),
                 }
                 for w in router.pool.workers
             ]

@@ -95,7 +95,15 @@ def run_router(args: argparse.Namespace, urls: list[str], model: str | None) -> 
     router = Router(pool, policy, tokenizer, RouterMetrics(args.policy))
     app = create_router_app(router, args.api_key)
     logger.info("routing to %s with policy %s on http://%s:%d", ", ".join(urls), args.policy, args.host, args.port)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False))
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,  # open connections (a dashboard's stream) cannot hold a shutdown up
+    )
+    server = uvicorn.Server(config)
     # uvicorn re-raises the signal it caught once it has shut down, through the handler installed before it
     # started: a no-op one, so that SIGTERM ends the router (and its replicas) with exit 0 (as server/app.py).
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -202,7 +202,8 @@ def create_app(
             cells: int = Query(MAX_CELLS, ge=16, le=65536, description="the most pool-map cells"),
             roots: int = Query(TREE_ROOTS, ge=0, le=64, description="the largest prefix trees shown"),
         ) -> Response:
-            return await kv_state_route(request, feed, stream, interval, cells, roots)
+            stopping = (lambda: drain.draining) if drain is not None else (lambda: False)
+            return await kv_state_route(request, feed, stream, interval, cells, roots, stopping)
 
         @app.get("/dashboard", dependencies=browser_auth, include_in_schema=False)
         async def dashboard_page() -> Response:
