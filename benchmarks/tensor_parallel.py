@@ -134,11 +134,11 @@ def bare_all_reduce(rank: int, port: int, queue) -> None:
 def bare_collectives() -> dict:
     import torch.multiprocessing as mp
 
-    from kvserve.distributed.workers import free_port
+    from kvserve.server.launch import free_port
 
     context = mp.get_context("spawn")
     queue = context.Queue()
-    port = free_port("127.0.0.1")
+    port = free_port()
     procs = [context.Process(target=bare_all_reduce, args=(rank, port, queue)) for rank in range(2)]
     for p in procs:
         p.start()

@@ -39,6 +39,21 @@ def _load(url: str, stop: threading.Event, errors: list, first: int) -> None:
             i += 1
 
 
+def _open_dashboard(p, url: str, **context):
+    """Headless Chromium on url/dashboard: (browser, page, the console's errors and uncaught exceptions, as
+    they come). `context`: Playwright's new_context options (credentials)."""
+    browser = p.chromium.launch(
+        executable_path=CHROMIUM,
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+    )
+    page = browser.new_context(viewport={"width": 1400, "height": 900}, **context).new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/dashboard")
+    return browser, page, errors
+
+
 def test_dashboard_renders_live_state_in_chromium():
     if CHROMIUM is None:
         pytest.skip("no Chromium: Debian's `chromium` package is not installed (tests/install_browser.sh)")
@@ -53,18 +68,8 @@ def test_dashboard_renders_live_state_in_chromium():
         for t in threads:
             t.start()
         with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM,
-                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
-            )
-            context = browser.new_context(
-                http_credentials={"username": "kvserve", "password": KEY}, viewport={"width": 1400, "height": 900}
-            )
-            page = context.new_page()
-            console_errors: list[str] = []
-            page.on("console", lambda m: m.type == "error" and console_errors.append(m.text))
-            page.on("pageerror", lambda e: console_errors.append(str(e)))
-            page.goto(server.url + "/dashboard")
+            credentials = {"username": "kvserve", "password": KEY}
+            browser, page, console_errors = _open_dashboard(p, server.url, http_credentials=credentials)
             page.wait_for_function("Number(document.getElementById('samples').dataset.samples) >= 1", timeout=30_000)
             assert page.get_attribute("#pool", "data-cells") == str(num_blocks)
             page.wait_for_function(
@@ -116,12 +121,7 @@ def test_the_routers_dashboard_switches_workers_in_chromium(tmp_path):
     router = ServerProcess([], port=port, command=command).start()
     try:
         with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(router.url + "/dashboard")
+            browser, page, errors = _open_dashboard(p, router.url)
             page.wait_for_function("document.getElementById('pool').dataset.cells === '24'", timeout=30_000)
             assert page.locator("#worker option").count() == 2
             page.select_option("#worker", "1")

@@ -24,7 +24,7 @@ from kvserve.config import EngineConfig
 from kvserve.distributed.block_io import ShardedBlockIO
 from kvserve.distributed.group import RankFailed
 from kvserve.distributed.sharding import TensorShard
-from kvserve.distributed.workers import TensorParallelRanks, free_port, is_worker_node, start_ranks, under_torchrun
+from kvserve.distributed.workers import TensorParallelRanks, is_worker_node, start_ranks, under_torchrun
 from kvserve.kv.block_io import BlockIO
 from kvserve.kv.events import KVEventLog, KVEventPublisher
 from kvserve.kv.kv_cache_manager import KVCacheManager
@@ -133,6 +133,8 @@ class Engine:
                              f"{config.tensor_parallel_size}")  # fmt: skip
         TensorShard(0, config.tensor_parallel_size, model_config)  # ValueError now if the model does not split
         if config.master_port is None:
+            from kvserve.server.launch import free_port  # here: only tensor parallelism needs it (httpx stays out)
+
             config.master_port = free_port(config.master_addr)
         return start_ranks(config, path)
 

@@ -251,20 +251,11 @@ def prefix_tree(engine: Engine, max_roots: int = TREE_ROOTS) -> dict[str, Any]:
         level = below
     for node in level:  # the last level reached: what is left under it is cut
         node["children_cut"] += len(node.pop("_kids"))
-    _drop_kids(shown)
     return {
         "num_cached_blocks": len(cached),
         "num_trees": len(children.get(None, [])),
         "roots": shown,
     }
-
-
-def _drop_kids(nodes: list[dict]) -> None:
-    stack = list(nodes)
-    while stack:
-        node = stack.pop()
-        node.pop("_kids", None)
-        stack.extend(node["children"])
 
 
 def _node(engine: Engine, first: Block, children: dict, sizes: dict) -> dict:

@@ -25,7 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from kvserve.distributed.protocol import pack_plan, unpack_plan
+from kvserve.distributed.protocol import pack_plan
 from kvserve.distributed.shm import SharedMemoryChannel
 
 # Commands rank 0 sends the other ranks: a header [op, payload length], then the int64 payload.
@@ -196,10 +196,6 @@ class ParallelGroup:
         if length:
             self._control(dist.broadcast, payload, src=0)
         return op, payload
-
-    @staticmethod
-    def plan_of(payload: torch.Tensor):
-        return unpack_plan(payload)
 
     def _control(self, collective, tensor: torch.Tensor, **kwargs) -> None:
         """A collective on the control group (gloo, host memory)."""

@@ -96,9 +96,10 @@ class TensorShard:
         start = min(self.rank * per, self.config.vocab_size)
         return start, min(start + per, self.config.vocab_size)
 
-    def elements(self, along: str) -> tuple[int, int]:
-        """The rows of a Llama weight split along its q_heads or kv_heads."""
-        a, b = self.q_heads if along == "q_heads" else self.kv_heads
+    @property
+    def kv_rows(self) -> tuple[int, int]:
+        """The rows of k_proj / v_proj (and their biases) this rank holds: its KV heads'."""
+        a, b = self.kv_heads
         return a * self.config.head_dim, b * self.config.head_dim
 
     def local_config(self) -> ModelConfig:
@@ -140,7 +141,7 @@ class TensorShard:
                 if along == "vocab":
                     span = self.vocab_rows
                 elif along == "kv_heads":
-                    span = self.elements("kv_heads")
+                    span = self.kv_rows
                 elif how == "row" and is_bias:
                     span = (0, 0)  # not cut: rank 0 keeps it whole
                 else:

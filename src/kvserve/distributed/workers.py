@@ -20,11 +20,9 @@ minimum), and the worker then runs the commands rank 0 sends until OP_STOP.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
-import socket
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kvserve.child_process import die_with_parent
 from kvserve.config import EngineConfig
 from kvserve.distributed.block_io import serve_block_io
 from kvserve.distributed.group import (
@@ -52,12 +51,6 @@ logger = logging.getLogger(__name__)
 
 JOIN_POLL_SECONDS = 0.2
 STOP_WAIT_SECONDS = 10.0  # a worker told to stop that has not exited by then is killed
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def under_torchrun() -> bool:
@@ -245,19 +238,10 @@ def _kill(processes: list) -> None:
         proc.join(timeout=STOP_WAIT_SECONDS)
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """SIGKILL when the parent dies, however it dies (Linux' PR_SET_PDEATHSIG); and if it is gone already."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux / glibc: rank 0's close() and the group's failures remain
-        pass
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
 def _spawned_worker(rank: int, config: EngineConfig, local_rank: int, cores: list[int], parent_pid: int) -> None:
-    _exit_with_parent(parent_pid)
+    die_with_parent(signal.SIGKILL)  # a rank without rank 0 has nothing to finish
+    if os.getppid() != parent_pid:  # rank 0 died before the line above
+        os._exit(1)
     # Ctrl-C in a terminal and a service manager's SIGTERM reach every process of the group: rank 0 drains
     # its requests, which needs this rank; it ends on OP_STOP, or with rank 0 (PDEATHSIG).
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -15,7 +15,6 @@ drains its requests (--shutdown-timeout) and exits.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from kvserve.child_process import die_with_parent
 from kvserve.config import EngineConfig
 from kvserve.server.launch import free_port
 
@@ -53,19 +53,9 @@ class WorkerProcess:
 
         def in_child() -> None:
             os.sched_setaffinity(0, cores)
-            _exit_with_parent()
+            die_with_parent(signal.SIGTERM)  # a worker drains on SIGTERM
 
         self.proc = subprocess.Popen(self.command, preexec_fn=in_child)
-
-
-def _exit_with_parent() -> None:
-    """In a worker, before exec: SIGTERM when the launcher dies, even of SIGKILL (Linux' PR_SET_PDEATHSIG),
-    so that no worker outlives it holding a port and memory."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux / glibc: the launcher's own shutdown still stops them
-        pass
 
 
 def split_cores(num_workers: int, num_threads: int) -> list[list[int]]:
