@@ -2,7 +2,7 @@
 of rows of x: the integer path against the fp32 panels for a Q4_1 weight, the panels against
 `F.linear` (MKL) for an fp32 weight. What layers.INT_KERNEL_MAX_ROWS and F32_KERNEL_MAX_ROWS rest on.
 
-    python benchmarks/linear_kernels.py [--rows 1 4 8 16 32 64 512] [--seconds 0.3]
+    python benchmarks/linear_kernels.py [--rows 1 4 8 16 32 64 512] [--seconds 0.3] [--isa avx2]
 
 Random codes and scales of a real weight's size; each figure is the best of a timed loop's mean, so
 run it on a quiet machine and compare figures from one run.
@@ -34,8 +34,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64, 512])
     parser.add_argument("--seconds", type=float, default=0.3)
+    parser.add_argument("--isa", choices=["avx2", "avx512"], default=None, help="the build to time (default: the best)")
     args = parser.parse_args()
-    ops = compute_ops()
+    ops = compute_ops(args.isa)
     if ops is None:
         raise SystemExit("the compute kernels are not available here")
     empty = torch.empty(0)

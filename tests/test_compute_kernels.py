@@ -94,15 +94,15 @@ def test_quantize_int8_is_q8_0():
         quantize_int8(torch.randn(4, 40))
 
 
-def reference_and_bound(x: torch.Tensor, w: torch.Tensor, integer_path: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x @ w^T in float64, and the error the kernel may make. Integer path (and the integer panels of
-    AVX-512 builds, ops.INT_PANELS): x is rounded to int16 codes with step max|x| / 32767 per block of
-    32, so each product moves by at most |w| x half a step; fp32 accumulation adds ~K x 2^-24
-    relative. fp32 panels: fp32 accumulation only."""
+def reference_and_bound(x: torch.Tensor, w: torch.Tensor, int16_x: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x @ w^T in float64, and the error the kernel may make. Quantized weights (the row-wise integer path
+    and the integer panels): x is rounded to int16 codes with step max|x| / 32767 per block of 32, so
+    each product moves by at most |w| x half a step; fp32 accumulation adds ~K x 2^-24 relative. fp32
+    weights: fp32 accumulation only."""
     ref = x.double() @ w.double().T
     magnitude = x.double().abs() @ w.double().abs().T
     bound = magnitude * 64 * x.shape[1] * 2**-24 + 1e-6
-    if integer_path:
+    if int16_x:
         half_step = x.double().abs().view(x.shape[0], -1, 32).amax(-1) / 32767 / 2  # [M, K/32]
         w_blocks = w.double().abs().view(w.shape[0], -1, 32).sum(-1)  # [N, K/32]
         bound = bound + half_step @ w_blocks.T
@@ -127,9 +127,8 @@ def test_q_linear_matches_float64(ops, kind):
         x = torch.randn(m, k, generator=gen) * torch.rand(m, k, generator=gen).pow(4) * 4  # some large entries
         bias = torch.randn(n, generator=gen)
         w = q.dequantize()
-        for max_int_rows in (0, 10**6):  # the panels at every M; the integer path at every M
-            integer_path = m <= max_int_rows
-            ref, bound = reference_and_bound(x, w, integer_path or ops.INT_PANELS)
+        ref, bound = reference_and_bound(x, w, int16_x=True)
+        for max_int_rows in (0, 10**6):  # the integer panels at every M; the row-wise path at every M
             got = q_linear(ops, x, q, bias, max_int_rows).double() - bias.double()
             assert got.shape == (m, n)
             assert ((got - ref).abs() <= bound).all(), (kind, m, k, max_int_rows, (got - ref).abs().max())
@@ -154,7 +153,7 @@ def test_f32_linear_matches_float64(ops, m):
         w = torch.randn(n, k, generator=gen)
         x = torch.randn(m, k, generator=gen)
         bias = torch.randn(n, generator=gen)
-        ref, bound = reference_and_bound(x, w, integer_path=False)
+        ref, bound = reference_and_bound(x, w, int16_x=False)
         for max_dot_rows in (4, 10**6):
             got = ops.f32_linear(x, w, bias, max_dot_rows).double() - bias.double()
             assert got.shape == (m, n)

@@ -19,7 +19,6 @@
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                     const at::Tensor& bias, int64_t bits, int64_t max_int_rows);
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t max_dot_rows);
-bool int_panels();
 at::Tensor decode_attention_f32(const at::Tensor& queries, const at::Tensor& cache, const at::Tensor& block_tables,
                                 const at::Tensor& lens, double scale);
 void bind_decoder(pybind11::module& m);
@@ -175,6 +174,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_kv_write", &rope_kv_write, "rotary embedding in place, keys and values into the cache", release());
   m.def("decode_attention_f32", &decode_attention_f32, "decode attention from a plain fp32 or fp16 paged cache (paged_attention.cpp)",
         release());
-  m.attr("INT_PANELS") = int_panels();  // linear.cpp: quantized weights' panels multiply int16 codes
   bind_decoder(m);  // decoder.cpp: DecoderStack, the layers in one call
 }

@@ -15,9 +15,8 @@
 // loaded block of x (tile_kernel); the integer path is for M <= ~16, so x's codes stay in L1.
 // Past `max_int_rows` rows of x (prefill chunks, large decode batches) the product is compute-bound,
 // and a blocked path takes over, where a panel of weight rows is prepared into a buffer that stays in
-// cache and every row of x meets it: on AVX-512 builds integer panels (int_panel_product: the codes
-// widened to int16, the same integer products as above, 16 outputs per instruction); on AVX2 builds
-// fp32 panels (panel_product: the weight dequantized, x not quantized).
+// cache and every row of x meets it: integer panels (int_panel_product: the codes widened to int16, the
+// same integer products as above, 16 outputs per instruction on AVX-512 builds, 8 on AVX2 builds).
 //
 // f32_linear: the same product for a plain fp32 weight: few rows of x take dot products, where BLAS's
 // matrix-vector path reads the weight at a fraction of the memory's speed (PEERS.md); many take the
@@ -315,39 +314,13 @@ void q_linear_impl(const PackedWeight& w, const QuantizedActs& acts, int64_t m, 
   });
 }
 
-// One weight row, dequantized into fp32: dst[k] = scale * code + min.
-template <int Bits, bool Group16, bool Mins>
-void dequantize_row(const PackedWeight& w, int64_t n, float* dst) {
-  const uint8_t* codes = w.codes + n * w.row_bytes;
-  const uint16_t* scales = w.scales + n * w.scales_per_row;
-  const uint16_t* mins = Mins ? w.mins + n * w.blocks : nullptr;
-  for (int64_t b = 0; b < w.blocks; ++b) {
-    __m256i bytes;  // 32 codes, one per byte, in element order
-    if constexpr (Bits == 4) {
-      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16));
-      bytes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
-    } else {
-      bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * kBlock));
-    }
-    const __m256 m = _mm256_set1_ps(Mins ? half_to_float(mins[b]) : 0.0f);
-    for (int i = 0; i < 4; ++i) {
-      const __m128i eight = i < 2 ? _mm256_castsi256_si128(bytes) : _mm256_extracti128_si256(bytes, 1);
-      const __m128i part = (i % 2) ? _mm_srli_si128(eight, 8) : eight;
-      const __m256i wide = Bits == 4 ? _mm256_cvtepu8_epi32(part) : _mm256_cvtepi8_epi32(part);
-      const float s = half_to_float(scales[Group16 ? 2 * b + i / 2 : b]);
-      _mm256_storeu_ps(dst + b * kBlock + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), _mm256_set1_ps(s), m));
-    }
-  }
-}
-
-// ---- The blocked path: many rows of x (prefill chunks, large decode batches), where the product is
-// compute-bound. A panel of kPanel weight rows is expanded to fp32 (dequantized, or read as it is for a
-// dense weight) and transposed into a [K][kPanel] buffer that stays in L1/L2, so one k's kPanel weights
-// are three vectors. Every row of x then meets the panel in a register tile of up to kTile rows x kPanel
-// outputs (12 accumulators; x broadcast one element at a time), and the result is stored as vectors.
-// The expansion is paid once per panel per chunk of x, ~1/M of the multiply-adds. Measured on the AVX2
-// kind (benchmarks/README.md): 1.3-1.4x BLAS (MKL's sgemm on a dequantized tile) at M = 32, 1.1x at 512.
-// Nothing here quantizes x: the products are fp32 throughout, as BLAS's were.
+// ---- The blocked path for fp32 weights: many rows of x (prefill chunks, large decode batches), where
+// the product is compute-bound. A panel of kPanel weight rows is transposed into a [K][kPanel] buffer
+// that stays in L1/L2, so one k's kPanel weights are three vectors. Every row of x then meets the panel
+// in a register tile of up to kPanelRows rows x kPanel outputs (x broadcast one element at a time), and
+// the result is stored as vectors. The transpose is paid once per panel per chunk of x, ~1/M of the
+// multiply-adds. Measured on the AVX2 kind (benchmarks/README.md): 1.3-1.4x BLAS (MKL's sgemm) at
+// M = 32, 1.1x at 512. Quantized weights take the integer panels below, which share this blocking.
 
 #if defined(__AVX512F__)
 // 32 vector registers: a tile of 8 rows of x x 48 outputs (24 accumulators, three weight vectors, the
@@ -464,15 +437,13 @@ inline void finish_panel(float* out, int64_t n, const float* staged, int64_t row
   }
 }
 
-// out [M, N] (+ bias) = x [M, K] @ W^T, where expand(n0, rows, scratch) returns W's rows [n0, n0 + rows)
-// as fp32 with row stride K: dequantized into scratch ([kPanel, K]) or pointing into a dense weight.
 // Each panel is taken kDepth k steps at a time, every row tile in turn, so that slice (24 KiB) stays in
 // L1 while all the rows of x meet it; a tile's sums go to out between slices. (Without the slices a
 // K = 1536 panel is 288 KiB, read from L2 once per row tile: measured 40-70 GMAC/s against 100+.)
 constexpr int64_t kDepth = (24 << 10) / (kPanel * 4);
 
-template <class Expand>
-void panel_product(const float* x, int64_t m, int64_t k, int64_t n, const float* bias, float* out, Expand expand) {
+// out [M, N] (+ bias) = x [M, K] @ W^T for a dense fp32 weight W [N, K].
+void panel_product(const float* x, int64_t m, int64_t k, int64_t n, const float* weight, const float* bias, float* out) {
   const int64_t panels = (n + kPanel - 1) / kPanel;
   const int64_t chunk = std::max<int64_t>(kPanelRows, kChunkBytes / (k * 4) / kPanelRows * kPanelRows);
   for (int64_t m0 = 0; m0 < m; m0 += chunk) {
@@ -484,9 +455,9 @@ void panel_product(const float* x, int64_t m, int64_t k, int64_t n, const float*
       staged.resize(rows_x * kPanel);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t n0 = p * kPanel, valid = std::min(kPanel, n - n0);
-        const float* rows = expand(n0, valid, scratch.data());
+        const float* rows = weight + n0 * k;
         if (valid < kPanel) {  // the last panel: missing rows are zeros
-          if (rows != scratch.data()) std::memcpy(scratch.data(), rows, valid * k * sizeof(float));
+          std::memcpy(scratch.data(), rows, valid * k * sizeof(float));
           std::fill(scratch.begin() + valid * k, scratch.end(), 0.0f);
           rows = scratch.data();
         }
@@ -504,30 +475,41 @@ void panel_product(const float* x, int64_t m, int64_t k, int64_t n, const float*
   }
 }
 
-#if defined(__AVX512BW__)
-// ---- Integer panels (AVX-512): the panels' blocking with the integer path's arithmetic, for many rows
-// of x on quantized weights. x is quantized to int16 blocks as for the integer path; a panel holds 48
-// weight rows' codes widened to int16, as pairs (w[2c], w[2c + 1]) in 32-bit units transposed to
-// [K/2][48], with their scales (and mins) transposed to [groups][48] fp32. One dpwssd (madd without
-// VNNI) broadcasts a pair of x's codes against 16 outputs' pairs, into int32 lanes: exact within a scale
-// group, which is then converted once and scaled by the 16 weight scales x x's block scale. The row-
-// wise integer path converts and scales each (weight row, x row) pair per block instead: 16x more
-// conversions, which is why it stops at a few rows. Same products as the integer path, so the same
-// accuracy (exact integer sums; x's int16 rounding).
+// ---- Integer panels: the panels' blocking with the integer path's arithmetic, for many rows of x on
+// quantized weights (both builds). x is quantized to int16 blocks as for the integer path; a panel
+// holds kPanel weight rows' codes widened to int16, as pairs (w[2c], w[2c + 1]) in 32-bit units
+// transposed to [K/2][kPanel], with their scales (and mins) transposed to [groups][kPanel] fp32. One
+// multiply-add of int16 pairs (AVX-512: dpwssd, or madd without VNNI, 16 outputs; AVX2: madd + add, 8
+// outputs) broadcasts a pair of x's codes against the outputs' pairs, into int32 lanes: exact within a
+// scale group, which is then converted once and scaled by the weight scales x x's block scale. The
+// row-wise integer path converts and scales each (weight row, x row) pair per block instead: a
+// conversion per 16 multiply-adds rather than per 16 x rows, which is why it stops at a few rows. Same
+// products as the integer path, so the same accuracy (exact integer sums; x's int16 rounding).
+// On AVX2 this replaced fp32 panels over the dequantized weight: a madd does 16 multiply-adds, an FMA 8,
+// but on AMD Zen 4 (measured, AVX2 code) it issues once a cycle where the FMA issues twice, so the gain
+// is not in the arithmetic: the panel holds int16 instead of fp32 (half the bytes to write and read),
+// and the dequantizing is gone. Whole products, AVX2 build: 1.3x at 16-32 rows of x, 1.2x at 512.
 
 // Rows [n0, n0 + valid) of the weight as a panel of int16 pairs, [K/2][kPanel] 32-bit units (rows past
 // `valid` zeros): unit (c, j) holds row j's elements 2c (low half) and 2c + 1. Eight rows at a time, a
 // block's 32 codes per row widen to two vectors of eight units (4-bit: the low nibbles of its 16 bytes
 // are elements 0-15, the high ones 16-31), and each vector's 8 x 8 units are transposed in registers
-// to the panel: no int16 copy of the rows is written and read back.
+// to the panel: no int16 copy of the rows is written and read back. The next eight rows (of this panel
+// or of the next one, the same thread's) are prefetched a cache line at a time as these are read: a
+// weight that does not stay in the caches (the LM head) is otherwise read at memory latency.
 template <int Bits>
-inline void pack_pairs(const PackedWeight& w, int64_t n0, int64_t valid, int32_t* pairs) {
+inline void pack_pairs(const PackedWeight& w, int64_t n0, int64_t valid, int64_t n_rows, int32_t* pairs) {
   float* dst = reinterpret_cast<float*>(pairs);  // 32-bit units moved by the float transpose, bits unchanged
+  constexpr int64_t block_bytes = Bits * 4;    // 16 or 32 bytes of codes per 32-element block
   for (int64_t r0 = 0; r0 < kPanel; r0 += 8)
     for (int64_t b = 0; b < w.blocks; ++b) {
+      const bool line_start = (b * block_bytes) % 64 == 0;
       __m256 lo[8], hi[8];  // per row: units 0-7 (elements 0-15) and 8-15 (elements 16-31) of block b
       for (int r = 0; r < 8; ++r) {
         __m256i first = _mm256_setzero_si256(), second = _mm256_setzero_si256();
+        if (line_start && n0 + r0 + r + 8 < n_rows)
+          _mm_prefetch(reinterpret_cast<const char*>(w.codes + (n0 + r0 + r + 8) * w.row_bytes + b * block_bytes),
+                       _MM_HINT_T0);
         if (r0 + r < valid) {
           const uint8_t* codes = w.codes + (n0 + r0 + r) * w.row_bytes;
           if constexpr (Bits == 4) {
@@ -548,21 +530,44 @@ inline void pack_pairs(const PackedWeight& w, int64_t n0, int64_t valid, int32_t
     }
 }
 
-inline __m512i dot_pairs(__m512i acc, __m512i w, __m512i x) {
+// The integer panels' vectors: kLanes int32 sums (IVec) and their fp32 scaling (PanelVec).
+#if defined(__AVX512BW__)
+using IVec = __m512i;
+constexpr int kIntPanelRows = 4;  // rows of x per tile: 12 int32 sums + 3 weight vectors + the broadcast
+inline IVec ivec_zero() { return _mm512_setzero_si512(); }
+inline IVec ivec_load(const int32_t* p) { return _mm512_loadu_si512(p); }
+inline IVec ivec_set1(int32_t v) { return _mm512_set1_epi32(v); }
+inline PanelVec ivec_to_float(IVec v) { return _mm512_cvtepi32_ps(v); }
+inline PanelVec panel_set1(float v) { return _mm512_set1_ps(v); }
+inline PanelVec panel_mul(PanelVec a, PanelVec b) { return _mm512_mul_ps(a, b); }
+inline IVec dot_pairs(IVec acc, IVec w, IVec x) {
 #if defined(__AVX512VNNI__)
   return _mm512_dpwssd_epi32(acc, w, x);
 #else
   return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
 #endif
 }
+#else
+using IVec = __m256i;
+// 16 registers: 9 int32 sums + 3 weight vectors + the broadcast + the products before they are added.
+constexpr int kIntPanelRows = 3;
+inline IVec ivec_zero() { return _mm256_setzero_si256(); }
+inline IVec ivec_load(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline IVec ivec_set1(int32_t v) { return _mm256_set1_epi32(v); }
+inline PanelVec ivec_to_float(IVec v) { return _mm256_cvtepi32_ps(v); }
+inline PanelVec panel_set1(float v) { return _mm256_set1_ps(v); }
+inline PanelVec panel_mul(PanelVec a, PanelVec b) { return _mm256_mul_ps(a, b); }
+inline IVec dot_pairs(IVec acc, IVec w, IVec x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
+#endif
 
 // R rows of x against `blocks` 32-element blocks of an integer panel (pairs, scales, mins from the
-// slice's first block) -> out[t][0..48), added to out when `accumulate`.
+// slice's first block) -> out[t][0..kPanel), added to out when `accumulate`.
 //   xq: x's codes at the slice's first element (row stride ldx); xd, xs: x's block scales and sums at
 //   the slice's first block (row stride nbx).
 // Registers hold the R x 3 int32 sums of one scale group, the three weight vectors and the broadcast;
-// the fp32 sums live in out (L1) and are loaded and stored once per group: keeping them in registers
-// too (R = 4) left the compiler copying and reloading vectors every pair.
+// the fp32 sums live in out (L1) and are loaded and stored once per group, the mins' term with the
+// block's last group: keeping them in registers too (AVX-512, R = 4) left the compiler copying and
+// reloading vectors every pair.
 template <bool Group16, bool Mins, int R>
 inline void int_panel_tile(const int32_t* pairs, const float* scales, const float* mins, const int16_t* xq, int64_t ldx,
                            const float* xd, const float* xs, int64_t nbx, int64_t blocks, float* out, int64_t ldo,
@@ -573,47 +578,42 @@ inline void int_panel_tile(const int32_t* pairs, const float* scales, const floa
     for (int t = 0; t < R; ++t) std::fill(out + t * ldo, out + t * ldo + kPanel, 0.0f);
   for (int64_t b = 0; b < blocks; ++b) {
     for (int g = 0; g < groups; ++g) {
-      __m512i sum[R][3];
+      IVec sum[R][3];
       for (int t = 0; t < R; ++t)
-        for (int j = 0; j < 3; ++j) sum[t][j] = _mm512_setzero_si512();
+        for (int j = 0; j < 3; ++j) sum[t][j] = ivec_zero();
       const int64_t c0 = b * (kBlock / 2) + g * group_pairs;  // this group's first pair
-#pragma GCC unroll 4  // unrolled, the sums stay put (rolled, GCC copies each of them every pair)
-      for (int64_t c = c0; c < c0 + group_pairs; ++c) {
+      // A constant trip count, unrolled: the sums stay put (rolled, or with a remainder to handle, GCC
+      // copies each of them to the stack every pair).
+#pragma GCC unroll 4
+      for (int i = 0; i < group_pairs; ++i) {
+        const int64_t c = c0 + i;
         const int32_t* p = pairs + c * kPanel;
-        const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 16), w2 = _mm512_loadu_si512(p + 32);
+        const IVec w0 = ivec_load(p), w1 = ivec_load(p + kLanes), w2 = ivec_load(p + 2 * kLanes);
         for (int t = 0; t < R; ++t) {
           int32_t pair;
           std::memcpy(&pair, xq + t * ldx + 2 * c, 4);
-          const __m512i v = _mm512_set1_epi32(pair);
+          const IVec v = ivec_set1(pair);
           sum[t][0] = dot_pairs(sum[t][0], w0, v);
           sum[t][1] = dot_pairs(sum[t][1], w1, v);
           sum[t][2] = dot_pairs(sum[t][2], w2, v);
         }
       }
       const float* sg = scales + (b * groups + g) * kPanel;
+      const bool with_mins = Mins && g == groups - 1;
       for (int t = 0; t < R; ++t) {
-        const __m512 d = _mm512_set1_ps(xd[t * nbx + b]);
+        const PanelVec d = panel_set1(xd[t * nbx + b]);
+        const PanelVec total = panel_set1(with_mins ? xs[t * nbx + b] : 0.0f);
         for (int j = 0; j < 3; ++j) {
-          float* o = out + t * ldo + 16 * j;
-          const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(sg + 16 * j), d);
-          _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][j]), scale, _mm512_loadu_ps(o)));
-        }
-      }
-    }
-    if constexpr (Mins) {
-      const float* mb = mins + b * kPanel;
-      for (int t = 0; t < R; ++t) {
-        const __m512 total = _mm512_set1_ps(xs[t * nbx + b]);
-        for (int j = 0; j < 3; ++j) {
-          float* o = out + t * ldo + 16 * j;
-          _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(mb + 16 * j), total, _mm512_loadu_ps(o)));
+          float* o = out + t * ldo + kLanes * j;
+          PanelVec acc = panel_load(o);
+          if (with_mins) acc = panel_fma(panel_load(mins + b * kPanel + kLanes * j), total, acc);
+          const PanelVec scale = panel_mul(panel_load(sg + kLanes * j), d);
+          panel_store(o, panel_fma(ivec_to_float(sum[t][j]), scale, acc));
         }
       }
     }
   }
 }
-
-constexpr int kIntPanelRows = 4;  // rows of x per tile: 12 int32 sums + 3 weight vectors + the broadcast
 
 template <bool Group16, bool Mins, int R = kIntPanelRows>
 inline void int_panel_tile_rows(int64_t r, const int32_t* pairs, const float* scales, const float* mins,
@@ -644,7 +644,7 @@ void int_panel_product(const PackedWeight& w, const QuantizedActs& acts, int64_t
     staged.resize(m * kPanel);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n0 = p * kPanel, valid = std::min(kPanel, n - n0);
-      pack_pairs<Bits>(w, n0, valid, pairs.data());
+      pack_pairs<Bits>(w, n0, valid, n, pairs.data());
       // scales (and mins): the rows' float16 widened, missing rows zeros, then transposed to [groups][48]
       const auto transposed = [&](const uint16_t* src, int64_t cols, float* dst) {
         for (int64_t r = 0; r < valid; ++r) widen_scales(src + (n0 + r) * cols, cols, nullptr, rows.data() + r * cols);
@@ -666,19 +666,6 @@ void int_panel_product(const PackedWeight& w, const QuantizedActs& acts, int64_t
         }
       finish_panel(out, n, direct ? nullptr : staged.data(), m, n0, valid, bias);
     }
-  });
-}
-constexpr bool kIntPanels = true;
-#else
-constexpr bool kIntPanels = false;
-#endif
-
-template <int Bits, bool Group16, bool Mins>
-void q_linear_panels(const PackedWeight& w, const float* x, int64_t m, int64_t k, int64_t n, const float* bias,
-                     float* out) {
-  panel_product(x, m, k, n, bias, out, [&](int64_t n0, int64_t rows, float* scratch) -> const float* {
-    for (int64_t r = 0; r < rows; ++r) dequantize_row<Bits, Group16, Mins>(w, n0 + r, scratch + r * k);
-    return scratch;
   });
 }
 
@@ -718,19 +705,16 @@ void with_format(int64_t bits, bool group16, bool mins, Fn&& f) {
 
 // Rows of x up to which the row-wise integer path runs, when the caller leaves the choice to the build
 // (max_int_rows < 0): where the panels overtake it on the default model's shapes (benchmarks/
-// linear_kernels.py). fp32 panels (AVX2 kind): 12 (decode steps, ms, integer / panels: batch 8 41.0 /
-// 49.7, 12 56.4 / 57.4, 16 73.3 / 68.1). Integer panels (AVX-512 kind): 8. One product at a time
-// (GMAC/s, row-wise / panels) they win from 4-6 rows on (6 rows: 55-79 / 43-107, the LM head, read
-// from memory, the exception), but whole decode steps at batch 6 were no faster with them (ms, A/B
-// twice: 21.4, 19.0 against 18.1, 17.4).
-constexpr int64_t kDefaultIntRows = kIntPanels ? 8 : 12;
-
-// Whether this build's panels for quantized weights are integer panels (the module's INT_PANELS).
-bool int_panels() { return kIntPanels; }
+// linear_kernels.py): 8. One product at a time (GMAC/s, row-wise / panels, AVX-512 Zen 5) they win from
+// 4-6 rows on (6 rows: 55-79 / 43-107, the LM head, read from memory, the exception), but whole decode
+// steps at batch 6 were no faster with them (ms, A/B twice: 21.4, 19.0 against 18.1, 17.4). The AVX2
+// build's integer panels (Zen 4, decode steps, ms, row-wise up to 16 rows / panels past 8): batch 12
+// 54.4, 60.1 / 41.2, 46.8; batch 16 60.7, 70.0 / 48.9, 48.3.
+constexpr int64_t kDefaultIntRows = 8;
 
 // x [M, K] fp32; codes/scales/mins as above (mins may be empty); bias [N] or empty -> [M, N] fp32.
 // Up to max_int_rows rows of x (kDefaultIntRows when negative) take the row-wise integer path; more take
-// the build's panels (integer panels on AVX-512, dequantized fp32 panels on AVX2).
+// the integer panels.
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                     const at::Tensor& bias, int64_t bits, int64_t max_int_rows) {
   check_cpu_float(x, "x");
@@ -766,18 +750,11 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   const float* xp = x.data_ptr<float>();
   QuantizedActs& acts = tls_acts;
   if (m > (max_int_rows < 0 ? kDefaultIntRows : max_int_rows)) {
-#if defined(__AVX512BW__)
     acts.build(xp, m, k, false);
     with_format(bits, group16, has_mins, [&](auto f) {
       using F = decltype(f);
       int_panel_product<F::bits, F::group16, F::mins>(w, acts, m, k, n, b, o);
     });
-#else
-    with_format(bits, group16, has_mins, [&](auto f) {
-      using F = decltype(f);
-      q_linear_panels<F::bits, F::group16, F::mins>(w, xp, m, k, n, b, o);
-    });
-#endif
     return out;
   }
   acts.build(xp, m, k, group16);
@@ -838,7 +815,7 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::T
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   float* o = out.data_ptr<float>();
   if (m > max_dot_rows) {
-    panel_product(xp, m, k, n, bp, o, [&](int64_t n0, int64_t, float*) { return wp + n0 * k; });
+    panel_product(xp, m, k, n, wp, bp, o);
     return out;
   }
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
