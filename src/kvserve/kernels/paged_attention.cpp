@@ -206,6 +206,163 @@ void attend_one(const float* __restrict__ query, const T* __restrict__ keys, con
     for (int64_t c = 0; c < dim; ++c) out[g * dim + c] = acc[g * dim + c] / total[g];
 }
 
+#if defined(__AVX512F__)
+// ---- AVX-512 builds: the same online softmax, 16 lanes wide and with no horizontal sum per key. Up to
+// three query heads of a KV head pass over a block together, 8 keys at a time: each key row is read
+// (and a float16 one widened) once for all of them, the 3 x 8 dot products are 24 independent vector
+// sums reduced together at the end, the scores of 16 keys are one vector for the softmax, and the
+// values meet the three heads' outputs (up to 4 x 16 dims each) in 12 independent accumulators. The
+// AVX2 form above spent most of its time in dependency chains (one head's 16 tokens, 8 sums) and
+// horizontal sums per 8 keys: on Zen 4, batch 32 at 192 tokens, a layer took 0.35 ms.
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+// exp8's polynomial, 16 lanes.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3365f)), _mm512_set1_ps(88.3763f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
+}
+
+// [sum(a[0]), ..., sum(a[7])]: the halves added, then dots8's pairwise tree.
+inline __m256 sums8(const __m512 (&a)[8]) {
+  __m256 h[8];
+  for (int j = 0; j < 8; ++j)
+    h[j] = _mm256_add_ps(_mm512_castps512_ps256(a[j]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[j]), 1)));
+  const __m256 s01 = _mm256_hadd_ps(h[0], h[1]), s23 = _mm256_hadd_ps(h[2], h[3]);
+  const __m256 s45 = _mm256_hadd_ps(h[4], h[5]), s67 = _mm256_hadd_ps(h[6], h[7]);
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// Scores of G query heads (q [G][dim], scaled) against keys [0, tokens) of a chunk (tokens <= 16, rows
+// `row` apart) -> s [G][16]; lanes past `tokens` are left as they are (the caller masks them). Keys
+// past the chunk's end are read as its last key (valid memory, finite values).
+template <typename T, int G>
+inline void chunk_scores(const float* q, const T* k, int64_t row, int64_t tokens, int64_t dim, float* s) {
+  for (int64_t t0 = 0; t0 < tokens; t0 += 8) {
+    const T* rows[8];
+    for (int j = 0; j < 8; ++j) rows[j] = k + std::min<int64_t>(t0 + j, tokens - 1) * row;
+    __m512 acc[G][8];
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < 8; ++j) acc[g][j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < dim; c += 16) {
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const __m512 kv = load16(rows[j] + c);
+        for (int g = 0; g < G; ++g) acc[g][j] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q + g * dim + c), acc[g][j]);
+      }
+    }
+    for (int g = 0; g < G; ++g) _mm256_storeu_ps(s + g * 16 + t0, sums8(acc[g]));
+  }
+}
+
+// out[g][c0 .. c0 + 16 V) += sum over t < tokens of w[g][t] x v[t][c0 ...], for G heads: G x V sums.
+template <typename T, int G, int V>
+inline void chunk_values(const float* w, const T* v, int64_t row, int64_t tokens, int64_t dim, int64_t c0, float* out) {
+  __m512 acc[G][V];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < V; ++i) acc[g][i] = _mm512_loadu_ps(out + g * dim + c0 + 16 * i);
+  for (int64_t t = 0; t < tokens; ++t) {
+    __m512 vv[V];
+    for (int i = 0; i < V; ++i) vv[i] = load16(v + t * row + c0 + 16 * i);
+    for (int g = 0; g < G; ++g) {
+      const __m512 weight = _mm512_set1_ps(w[g * 16 + t]);
+      for (int i = 0; i < V; ++i) acc[g][i] = _mm512_fmadd_ps(weight, vv[i], acc[g][i]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < V; ++i) _mm512_storeu_ps(out + g * dim + c0 + 16 * i, acc[g][i]);
+}
+
+// G (1..3) query heads of one (sequence, KV head): q [G][dim] (scaled), running top/total [G], acc [G][dim].
+template <typename T, int G>
+void attend_heads16(const float* q, const T* keys, const T* values, const int64_t* table, int64_t len, int64_t num_blocks,
+                    int64_t block_size, int64_t row, int64_t h, int64_t dim, float* top, float* total, float* acc) {
+  const int64_t block = block_size * row, blocks = (len + block_size - 1) / block_size;
+  alignas(64) float s[G * 16];
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t id = table[b];
+    TORCH_CHECK(id >= 0 && id < num_blocks, "block id ", id, " out of range");
+    for (int64_t ahead = b == 0 ? 1 : kAhead; ahead <= kAhead && b + ahead < blocks; ++ahead) {
+      const int64_t next = table[b + ahead];
+      if (next >= 0 && next < num_blocks)
+        prefetch_block(keys + next * block + h * dim, values + next * block + h * dim, block_size, row, dim);
+    }
+    const int64_t in_block = std::min(block_size, len - b * block_size);
+    for (int64_t t0 = 0; t0 < in_block; t0 += 16) {
+      const int64_t tokens = std::min<int64_t>(16, in_block - t0);
+      const T* k = keys + id * block + t0 * row + h * dim;
+      const T* v = values + id * block + t0 * row + h * dim;
+      chunk_scores<T, G>(q, k, row, tokens, dim, s);
+      const __mmask16 valid = static_cast<__mmask16>((1u << tokens) - 1);
+      for (int g = 0; g < G; ++g) {
+        const __m512 scores = _mm512_maskz_loadu_ps(valid, s + g * 16);
+        const float chunk_top = _mm512_mask_reduce_max_ps(valid, scores);
+        if (chunk_top > top[g]) {
+          if (total[g] > 0.f) {  // nothing accumulated yet: no rescale (and exp(lowest) underflows)
+            const float rescale = std::exp(top[g] - chunk_top);
+            for (int64_t c = 0; c < dim; ++c) acc[g * dim + c] *= rescale;
+            total[g] *= rescale;
+          }
+          top[g] = chunk_top;
+        }
+        const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(top[g]))));
+        _mm512_storeu_ps(s + g * 16, e);
+        total[g] += _mm512_reduce_add_ps(e);
+      }
+      int64_t c0 = 0;
+      for (; c0 + 64 <= dim; c0 += 64) chunk_values<T, G, 4>(s, v, row, tokens, dim, c0, acc);
+      for (; c0 < dim; c0 += 16) chunk_values<T, G, 1>(s, v, row, tokens, dim, c0, acc);
+    }
+  }
+}
+
+// attend_one for a head dim that is a multiple of 16, on AVX-512 builds.
+template <typename T>
+void attend_one16(const float* query, const T* keys, const T* values, const int64_t* table, int64_t len,
+                  int64_t num_blocks, int64_t block_size, int64_t heads, int64_t h, int64_t group, int64_t dim,
+                  float scale, float* out) {
+  thread_local std::vector<float> buffer;
+  buffer.resize(group * (2 * dim + 2));
+  float* q = buffer.data();        // [group, dim] query x softmax scale
+  float* acc = q + group * dim;    // [group, dim] output, unnormalized
+  float* top = acc + group * dim;  // [group] running max score
+  float* total = top + group;      // [group] running denominator, relative to top
+  for (int64_t i = 0; i < group * dim; ++i) q[i] = query[i] * scale;
+  std::fill(acc, acc + group * dim, 0.f);
+  std::fill(top, top + group, std::numeric_limits<float>::lowest());
+  std::fill(total, total + group, 0.f);
+  const int64_t row = heads * dim;
+  for (int64_t g0 = 0; g0 < group; g0 += 3) {
+    float* qg = q + g0 * dim;
+    float* ag = acc + g0 * dim;
+    const auto heads_at_once = [&](auto n) {
+      attend_heads16<T, decltype(n)::value>(qg, keys, values, table, len, num_blocks, block_size, row, h, dim, top + g0,
+                                            total + g0, ag);
+    };
+    const int64_t n = std::min<int64_t>(3, group - g0);
+    if (n == 3) heads_at_once(std::integral_constant<int, 3>{});
+    else if (n == 2) heads_at_once(std::integral_constant<int, 2>{});
+    else heads_at_once(std::integral_constant<int, 1>{});
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < dim; ++c) out[g * dim + c] = acc[g * dim + c] / total[g];
+}
+#endif
+
 }  // namespace
 
 namespace {
@@ -220,6 +377,13 @@ void decode_attention_typed(const float* q, int64_t q_stride, int64_t nd, int64_
   at::parallel_for(0, nd * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / heads, h = task % heads;
+#if defined(__AVX512F__)
+      if (dim % 16 == 0) {
+        attend_one16<T>(q + i * q_stride + h * group * dim, keys, values, tables + i * width, len[i], num_blocks,
+                        block_size, heads, h, group, dim, static_cast<float>(scale), out + (i * heads + h) * group * dim);
+        continue;
+      }
+#endif
       attend_one<T>(q + i * q_stride + h * group * dim, keys, values, tables + i * width, len[i], num_blocks,
                     block_size, heads, h, group, dim, static_cast<float>(scale), out + (i * heads + h) * group * dim);
     }
