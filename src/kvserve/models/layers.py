@@ -26,10 +26,9 @@ if TYPE_CHECKING:
 # PEERS.md); past it the kernel's panels (kernels/linear.cpp) multiply in cache-sized blocks.
 F32_KERNEL_MAX_ROWS = 4
 # Rows of x up to which a quantized product quantizes x to int16 blocks and takes row-wise integer dot
-# products; past it the kernel multiplies panels of the weight kept in cache: integer panels on AVX-512
-# builds (the codes widened to int16, x quantized as above), dequantized fp32 panels on AVX2 builds.
-# -1 leaves the crossover to the build (kernels/linear.cpp, kDefaultIntRows: 8 rows with integer
-# panels, 12 with fp32 ones); a number forces it.
+# products; past it the kernel multiplies integer panels of the weight kept in cache (the codes widened
+# to int16, x quantized as above). -1 leaves the crossover to the kernels (kernels/linear.cpp,
+# kDefaultIntRows: 8 rows); a number forces it.
 INT_KERNEL_MAX_ROWS = -1
 _EMPTY = torch.empty(0)
 
