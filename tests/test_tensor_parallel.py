@@ -48,8 +48,12 @@ def _assert_same(reference: list, tp: list, tol: float = TOL) -> None:
         for ref_lp, lp in zip(
             ref.outputs[0].logprobs + ref.prompt_logprobs[1:], out.outputs[0].logprobs + out.prompt_logprobs[1:]
         ):
-            assert ref_lp.keys() == lp.keys()
-            assert max(abs(ref_lp[t] - lp[t]) for t in ref_lp) < tol
+            assert max(abs(ref_lp[t] - lp[t]) for t in ref_lp.keys() & lp.keys()) < tol
+            # A token in one top 3 only: a near tie at the cut (the two runs' round-off ordered two tokens
+            # within tol of each other differently), so it sits within tol of the other's last entry.
+            for one, other in ((ref_lp, lp), (lp, ref_lp)):
+                for token in one.keys() - other.keys():
+                    assert abs(one[token] - min(other.values())) < tol, (token, one, other)
 
 
 @pytest.mark.parametrize(
