@@ -253,9 +253,14 @@ def test_linear_module_plain_path_is_the_reference():
         layers.Linear(64, 23).set_quantized(q)
 
 
-@pytest.mark.parametrize("group, block_size, dim", [(1, 4, 64), (3, 16, 64), (3, 16, 20), (2, 16, 128)])
+@pytest.mark.parametrize(
+    "group, block_size, dim",
+    [(1, 4, 64), (3, 16, 64), (3, 16, 20), (2, 16, 128), (5, 32, 48), (4, 8, 80)],
+)
 def test_decode_attention_f32_matches_the_gather_and_sdpa_path(ops, group, block_size, dim):
-    """Block sizes below and above the kernel's 8-token vector step, head dims with and without it."""
+    """Block sizes below and above the kernel's 8-token vector step, head dims with and without it. AVX-512
+    builds take query heads three at a time in 16-key chunks, values 64 dims at a time: groups of 4 and 5
+    (a second pass), 32-token blocks (two chunks each), head dims 48 and 80 (16-dim remainders)."""
     from kvserve.models.attention import AttentionMetadata, block_tables_and_mask, paged_attention
 
     gen = torch.Generator().manual_seed(group)
