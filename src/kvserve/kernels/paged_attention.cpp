@@ -118,40 +118,82 @@ inline void prefetch_block(const T* k, const T* v, int64_t block_size, int64_t r
     }
 }
 
+// Block b of a (sequence, KV head)'s table, checked; the blocks kAhead on are prefetched meanwhile (the
+// first blocks before).
+template <typename T>
+inline int64_t block_and_prefetch(const int64_t* table, int64_t b, int64_t blocks, int64_t num_blocks, const T* keys,
+                                  const T* values, int64_t block_size, int64_t row, int64_t h, int64_t dim) {
+  const int64_t id = table[b], block = block_size * row;
+  TORCH_CHECK(id >= 0 && id < num_blocks, "block id ", id, " out of range");
+  for (int64_t ahead = b == 0 ? 1 : kAhead; ahead <= kAhead && b + ahead < blocks; ++ahead) {
+    const int64_t next = table[b + ahead];
+    if (next >= 0 && next < num_blocks)
+      prefetch_block(keys + next * block + h * dim, values + next * block + h * dim, block_size, row, dim);
+  }
+  return id;
+}
+
+// The online softmax of the `group` query heads of one (sequence, KV head), in the calling thread's
+// buffer: the queries x the softmax scale, the outputs unnormalized, per head the running max score and
+// the denominator relative to it; then `extra` floats of scratch for the caller.
+struct HeadsState {
+  float* q;      // [group, dim]
+  float* acc;    // [group, dim]
+  float* top;    // [group]
+  float* total;  // [group]
+  float* extra;
+  int64_t group, dim;
+
+  HeadsState(const float* query, int64_t group_, int64_t dim_, float scale, int64_t extra_floats)
+      : group(group_), dim(dim_) {
+    thread_local std::vector<float> buffer;
+    buffer.resize(group * (2 * dim + 2) + extra_floats);
+    q = buffer.data(), acc = q + group * dim, top = acc + group * dim, total = top + group, extra = total + group;
+    for (int64_t i = 0; i < group * dim; ++i) q[i] = query[i] * scale;
+    std::fill(acc, acc + group * dim, 0.f);
+    std::fill(top, top + group, std::numeric_limits<float>::lowest());
+    std::fill(total, total + group, 0.f);
+  }
+
+  // Head g's new running max (higher than top[g]): what it accumulated so far is rescaled to it. Before
+  // anything is accumulated there is nothing to rescale (and exp(lowest) underflows).
+  void raise_top(int64_t g, float new_top) {
+    if (total[g] > 0.f) {
+      const float rescale = std::exp(top[g] - new_top);
+      for (int64_t c = 0; c < dim; ++c) acc[g * dim + c] *= rescale;
+      total[g] *= rescale;
+    }
+    top[g] = new_top;
+  }
+
+  void finish(float* out) const {
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t c = 0; c < dim; ++c) out[g * dim + c] = acc[g * dim + c] / total[g];
+  }
+};
+
 template <typename T>
 void attend_one(const float* __restrict__ query, const T* __restrict__ keys, const T* __restrict__ values,
                 const int64_t* table, int64_t len, int64_t num_blocks, int64_t block_size, int64_t heads, int64_t h,
                 int64_t group, int64_t dim, float scale, float* __restrict__ out) {
   const int64_t row = heads * dim, block = block_size * row;
   const bool vector_dim = dim % 8 == 0;
-  thread_local std::vector<float> buffer, widened;
-  buffer.resize(group * (2 * dim + 2 + block_size));
+  HeadsState state(query, group, dim, scale, group * block_size);
+  const float* __restrict__ q = state.q;
+  float* acc = state.acc;  // not __restrict__: state.raise_top rescales them too
+  float* total = state.total;
+  float* __restrict__ w = state.extra;  // [group, block_size] scores, then weights
   // A float16 block's rows of this head, widened to fp32 once for the G query heads ([2][block_size][dim]):
   // read through F16C per query head instead, they cost three conversions each and fp16 ran no faster
   // than fp32 (batch 32, 30 layers, blocks scattered: 13.5 ms against 17.6).
+  thread_local std::vector<float> widened;
   if constexpr (!std::is_same_v<T, float>) widened.resize(2 * block_size * dim);
-  float* __restrict__ q = buffer.data();        // [group, dim] query x softmax scale
-  float* __restrict__ acc = q + group * dim;    // [group, dim] output, unnormalized
-  float* __restrict__ top = acc + group * dim;  // [group] running max score
-  float* __restrict__ total = top + group;      // [group] running denominator, relative to top
-  float* __restrict__ w = total + group;        // [group, block_size] scores, then weights
-  for (int64_t i = 0; i < group * dim; ++i) q[i] = query[i] * scale;
-  std::fill(acc, acc + group * dim, 0.f);
-  std::fill(top, top + group, std::numeric_limits<float>::lowest());
-  std::fill(total, total + group, 0.f);
   const int64_t blocks = (len + block_size - 1) / block_size;
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t id = table[b];
-    TORCH_CHECK(id >= 0 && id < num_blocks, "block id ", id, " out of range");
+    const int64_t id = block_and_prefetch(table, b, blocks, num_blocks, keys, values, block_size, row, h, dim);
     const int64_t tokens = std::min(block_size, len - b * block_size);
     const T* k_rows = keys + id * block + h * dim;
     const T* v_rows = values + id * block + h * dim;
-    // the rows of this head kAhead blocks on, from memory while this one computes (the first blocks before)
-    for (int64_t ahead = b == 0 ? 1 : kAhead; ahead <= kAhead && b + ahead < blocks; ++ahead) {
-      const int64_t next = table[b + ahead];
-      if (next >= 0 && next < num_blocks)
-        prefetch_block(keys + next * block + h * dim, values + next * block + h * dim, block_size, row, dim);
-    }
     // k, v: this block's rows of head h as fp32, `stride` apart (where they lie for a float32 cache)
     const float* k;
     const float* v;
@@ -178,16 +220,9 @@ void attend_one(const float* __restrict__ query, const T* __restrict__ keys, con
     }
     for (int64_t g = 0; g < group; ++g) {
       float* __restrict__ wg = w + g * block_size;
-      float block_top = top[g];
+      float block_top = state.top[g];
       for (int64_t t = 0; t < tokens; ++t) block_top = std::max(block_top, wg[t]);
-      if (block_top > top[g]) {
-        if (b > 0) {  // before the first block nothing is accumulated (and exp(lowest) underflows)
-          const float rescale = std::exp(top[g] - block_top);
-          for (int64_t c = 0; c < dim; ++c) acc[g * dim + c] *= rescale;
-          total[g] *= rescale;
-        }
-        top[g] = block_top;
-      }
+      if (block_top > state.top[g]) state.raise_top(g, block_top);
       float sum = 0.f;
       int64_t t = 0;
       for (; t + 8 <= tokens; t += 8) {
@@ -203,8 +238,7 @@ void attend_one(const float* __restrict__ query, const T* __restrict__ keys, con
       accumulate_values(acc + g * dim, wg, v, tokens, stride, dim);
     }
   }
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t c = 0; c < dim; ++c) out[g * dim + c] = acc[g * dim + c] / total[g];
+  state.finish(out);
 }
 
 #if defined(__AVX512F__)
@@ -283,20 +317,16 @@ inline void chunk_values(const float* w, const T* v, int64_t row, int64_t tokens
     for (int i = 0; i < V; ++i) _mm512_storeu_ps(out + g * dim + c0 + 16 * i, acc[g][i]);
 }
 
-// G (1..3) query heads of one (sequence, KV head): q [G][dim] (scaled), running top/total [G], acc [G][dim].
+// Query heads [g0, g0 + G) (G = 1..3) of one (sequence, KV head), in `state`.
 template <typename T, int G>
-void attend_heads16(const float* q, const T* keys, const T* values, const int64_t* table, int64_t len, int64_t num_blocks,
-                    int64_t block_size, int64_t row, int64_t h, int64_t dim, float* top, float* total, float* acc) {
-  const int64_t block = block_size * row, blocks = (len + block_size - 1) / block_size;
+void attend_heads16(HeadsState& state, int64_t g0, const T* keys, const T* values, const int64_t* table, int64_t len,
+                    int64_t num_blocks, int64_t block_size, int64_t row, int64_t h) {
+  const int64_t dim = state.dim, block = block_size * row, blocks = (len + block_size - 1) / block_size;
+  const float* q = state.q + g0 * dim;
+  float* acc = state.acc + g0 * dim;
   alignas(64) float s[G * 16];
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t id = table[b];
-    TORCH_CHECK(id >= 0 && id < num_blocks, "block id ", id, " out of range");
-    for (int64_t ahead = b == 0 ? 1 : kAhead; ahead <= kAhead && b + ahead < blocks; ++ahead) {
-      const int64_t next = table[b + ahead];
-      if (next >= 0 && next < num_blocks)
-        prefetch_block(keys + next * block + h * dim, values + next * block + h * dim, block_size, row, dim);
-    }
+    const int64_t id = block_and_prefetch(table, b, blocks, num_blocks, keys, values, block_size, row, h, dim);
     const int64_t in_block = std::min(block_size, len - b * block_size);
     for (int64_t t0 = 0; t0 < in_block; t0 += 16) {
       const int64_t tokens = std::min<int64_t>(16, in_block - t0);
@@ -307,17 +337,11 @@ void attend_heads16(const float* q, const T* keys, const T* values, const int64_
       for (int g = 0; g < G; ++g) {
         const __m512 scores = _mm512_maskz_loadu_ps(valid, s + g * 16);
         const float chunk_top = _mm512_mask_reduce_max_ps(valid, scores);
-        if (chunk_top > top[g]) {
-          if (total[g] > 0.f) {  // nothing accumulated yet: no rescale (and exp(lowest) underflows)
-            const float rescale = std::exp(top[g] - chunk_top);
-            for (int64_t c = 0; c < dim; ++c) acc[g * dim + c] *= rescale;
-            total[g] *= rescale;
-          }
-          top[g] = chunk_top;
-        }
-        const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(top[g]))));
+        if (chunk_top > state.top[g0 + g]) state.raise_top(g0 + g, chunk_top);
+        const __m512 e =
+            _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(state.top[g0 + g]))));
         _mm512_storeu_ps(s + g * 16, e);
-        total[g] += _mm512_reduce_add_ps(e);
+        state.total[g0 + g] += _mm512_reduce_add_ps(e);
       }
       int64_t c0 = 0;
       for (; c0 + 64 <= dim; c0 += 64) chunk_values<T, G, 4>(s, v, row, tokens, dim, c0, acc);
@@ -331,31 +355,18 @@ template <typename T>
 void attend_one16(const float* query, const T* keys, const T* values, const int64_t* table, int64_t len,
                   int64_t num_blocks, int64_t block_size, int64_t heads, int64_t h, int64_t group, int64_t dim,
                   float scale, float* out) {
-  thread_local std::vector<float> buffer;
-  buffer.resize(group * (2 * dim + 2));
-  float* q = buffer.data();        // [group, dim] query x softmax scale
-  float* acc = q + group * dim;    // [group, dim] output, unnormalized
-  float* top = acc + group * dim;  // [group] running max score
-  float* total = top + group;      // [group] running denominator, relative to top
-  for (int64_t i = 0; i < group * dim; ++i) q[i] = query[i] * scale;
-  std::fill(acc, acc + group * dim, 0.f);
-  std::fill(top, top + group, std::numeric_limits<float>::lowest());
-  std::fill(total, total + group, 0.f);
+  HeadsState state(query, group, dim, scale, 0);
   const int64_t row = heads * dim;
   for (int64_t g0 = 0; g0 < group; g0 += 3) {
-    float* qg = q + g0 * dim;
-    float* ag = acc + g0 * dim;
     const auto heads_at_once = [&](auto n) {
-      attend_heads16<T, decltype(n)::value>(qg, keys, values, table, len, num_blocks, block_size, row, h, dim, top + g0,
-                                            total + g0, ag);
+      attend_heads16<T, decltype(n)::value>(state, g0, keys, values, table, len, num_blocks, block_size, row, h);
     };
     const int64_t n = std::min<int64_t>(3, group - g0);
     if (n == 3) heads_at_once(std::integral_constant<int, 3>{});
     else if (n == 2) heads_at_once(std::integral_constant<int, 2>{});
     else heads_at_once(std::integral_constant<int, 1>{});
   }
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t c = 0; c < dim; ++c) out[g * dim + c] = acc[g * dim + c] / total[g];
+  state.finish(out);
 }
 #endif
 
