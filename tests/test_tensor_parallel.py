@@ -259,7 +259,7 @@ def model_with_text(tmp_path_factory) -> str:
 
     folder = str(tmp_path_factory.mktemp("tiny-with-tokenizer"))
     save_tiny_model(folder, "llama", seed=7, vocab_size=49152)
-    Tokenizer.load(default_gguf()).hf.save_pretrained(folder)
+    Tokenizer.load(default_gguf()).transformers_tokenizer().save_pretrained(folder)
     return folder
 
 

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 import random
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -144,6 +148,79 @@ def test_chat_template_option(gguf_path, ref, tmp_path):
         t.set_chat_template("{% for m in messages %}")
 
 
+# Templates that use what transformers' template environment offers; each renders byte-equal to transformers.
+PARITY_TEMPLATES = {
+    "tojson, namespace, loop controls": (
+        "{%- set ns = namespace(n=0) -%}{%- for m in messages -%}{%- if m.role == 'system' %}{% continue %}{% endif -%}"
+        "{%- set ns.n = ns.n + 1 -%}[{{ ns.n }}:{{ m.role }}] {{ m.content }}\n"
+        "{%- if m.tool_calls %}{{ m.tool_calls | tojson(indent=2) }}{% endif %}\n{% endfor -%}"
+        "{%- if tools %}TOOLS {{ tools | tojson }}\n{% endif -%}{{ bos_token }}|{{ eos_token }}"
+        "{%- if add_generation_prompt %}<assistant>{% endif %}"
+    ),
+    "trimmed blocks, dict, reasoning": (
+        "{% for m in messages %}\n  {% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}\n"
+        "{{ m.role }}: {{ m.content | trim }}{{ dict(a=1) | tojson }}{% if 'thinking' in m %}+{% endif %}\n"
+        "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    ),
+    "generation tag": (
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
+        "{% else %}{{ m.content }}{% endif %}|{% endfor %}{% if greeting %}{{ greeting }}{% endif %}"
+    ),
+}
+
+PARITY_CHATS = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<b>Hi</b> & \"quotes\" 😀"}],
+    [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": "Paris", "units": ["c", "f"]}}}]},
+        {"role": "tool", "content": "{\"temp\": 21}", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "  21 degrees.  ", "reasoning_content": "It said 21."},
+    ],
+]  # fmt: skip
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize("name", sorted(PARITY_TEMPLATES))
+def test_chat_rendering_matches_transformers(tok, ref, name):
+    template = PARITY_TEMPLATES[name]
+    tok = Tokenizer(tok.backend, dataclasses.replace(tok.spec, chat_template=template))
+    for chat in PARITY_CHATS:
+        for gen in (True, False):
+            for extra in ({}, {"tools": TOOLS}, {"greeting": "hello"}):
+                expected = ref.apply_chat_template(
+                    chat, chat_template=template, add_generation_prompt=gen, tokenize=False, **extra
+                )
+                assert tok.render_chat(chat, add_generation_prompt=gen, **extra) == expected, (chat, gen, extra)
+
+
+def test_continue_final_message_matches_transformers(tok, ref):
+    chat = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is "}]
+    expected = ref.apply_chat_template(chat, continue_final_message=True, tokenize=False)
+    assert tok.render_chat(chat, add_generation_prompt=False, continue_final_message=True) == expected
+    assert expected.endswith("<|im_start|>assistant\nThe colour is ")  # kept open, trailing space kept
+    trimming = "{% for m in messages %}{{ m.role }}: {{ m.content | trim }}\n{% endfor %}"
+    trimmed = Tokenizer(tok.backend, dataclasses.replace(tok.spec, chat_template=trimming))
+    expected = ref.apply_chat_template(chat, chat_template=trimming, continue_final_message=True, tokenize=False)
+    assert trimmed.render_chat(chat, add_generation_prompt=False, continue_final_message=True) == expected
+
+
+def test_named_templates_and_template_errors(tok):
+    named = {"default": "{{ messages[0].content }}", "tool_use": "tools:{{ tools | length }}"}
+    t = Tokenizer(tok.backend, dataclasses.replace(tok.spec, chat_template=named))
+    assert t.render_chat(CHATS[0]) == "Hello!"
+    assert t.render_chat(CHATS[0], tools=TOOLS) == "tools:1"
+    rejecting = "{{ raise_exception('roles must alternate') }}"
+    t = Tokenizer(tok.backend, dataclasses.replace(tok.spec, chat_template=rejecting))
+    with pytest.raises(ValueError, match="roles must alternate"):
+        t.render_chat(CHATS[0])
+    escaping = "{% set ns = namespace() %}{% set ns._x = 1 %}"
+    t = Tokenizer(tok.backend, dataclasses.replace(tok.spec, chat_template=escaping))
+    with pytest.raises(Exception, match="_x"):  # the sandbox's SecurityError
+        t.render_chat(CHATS[0])
+
+
 @pytest.mark.parametrize(
     "messages",
     [[], "hi", ["hi"], [{"content": "no role"}], [{"role": "user", "content": 5}], [{"role": "user"}],
@@ -205,17 +282,15 @@ def test_gguf_cache_roundtrip(tmp_path, monkeypatch, gguf_path, ref):
     import kvserve.tokenizer as module
 
     calls = []
-    monkeypatch.setattr(module, "_convert_gguf", lambda path: calls.append(path) or ref)
+    real_export = module.export_tokenizer
+    monkeypatch.setattr(module, "export_tokenizer", lambda *a: calls.append(a[0]) or real_export(*a))
     cache = tmp_path / "cache"
     first = Tokenizer.load(gguf_path, cache_dir=str(cache))
-    assert len(calls) == 1
+    assert calls == [gguf_path]
     assert [p.name for p in cache.iterdir()] == [os.path.basename(_TokenizerCache(str(cache)).entry(gguf_path))]
 
-    def no_conversion(path):
-        raise AssertionError("the cache should have been used")
-
-    monkeypatch.setattr(module, "_convert_gguf", no_conversion)
     second = Tokenizer.load(gguf_path, cache_dir=str(cache))
+    assert calls == [gguf_path]  # from the cache
     assert second.eos_token_ids == first.eos_token_ids == {2}
     for text in TEXTS:
         assert second.encode(text) == ref.encode(text)
@@ -227,6 +302,38 @@ def test_gguf_cache_roundtrip(tmp_path, monkeypatch, gguf_path, ref):
     key = _TokenizerCache(str(cache)).entry(str(other))
     os.utime(other, ns=(1, 1))
     assert _TokenizerCache(str(cache)).entry(str(other)) != key
+
+
+def test_cache_prunes_entries_of_deleted_models(tmp_path, ref, gguf_path):
+    """A folder model's entry goes when the folder does (tests and scripts make models in temporary folders):
+    the next stored entry deletes it."""
+    cache = tmp_path / "cache"
+    folder = tmp_path / "model"
+    ref.save_pretrained(folder)
+    assert Tokenizer.load(str(folder), cache_dir=str(cache)) is not None
+    (gone,) = [p.name for p in cache.iterdir()]
+    shutil.rmtree(folder)
+    Tokenizer.load(gguf_path, cache_dir=str(cache))
+    assert gone not in [p.name for p in cache.iterdir()] and len(list(cache.iterdir())) == 1
+
+
+def test_serving_process_does_not_import_transformers(tmp_path, gguf_path, ref):
+    """The memory design: a process that has not imported transformers gets its tokenizer exported by a child
+    process (cold cache) or from the cache, renders chats and encodes without ever importing it."""
+    code = f"""
+import sys
+from kvserve.tokenizer import Tokenizer
+for _ in range(2):  # the first load exports in a child process, the second reads the cache
+    t = Tokenizer.load({gguf_path!r})
+    print(t.encode("Hello world"), repr(t.render_chat([{{"role": "user", "content": "Hi"}}])))
+assert "transformers" not in sys.modules, "transformers was imported"
+"""
+    env = {**os.environ, "KVSERVE_TOKENIZER_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rendered = ref.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    expected = f"{ref.encode('Hello world')} {rendered!r}"
+    assert done.stdout.splitlines() == [expected, expected]
 
 
 # ---------------------------------------------------------------- incremental detokenization
@@ -356,7 +463,7 @@ def _sentencepiece_style_tokenizer() -> Tokenizer:
         vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
     raw = RawTokenizer.from_str(json.dumps(spec))
     hf = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    return Tokenizer(hf, name="sentencepiece-style")
+    return Tokenizer.from_transformers(hf, name="sentencepiece-style")
 
 
 def test_stream_context_dependent_decoding():

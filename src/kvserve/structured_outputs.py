@@ -76,7 +76,7 @@ class GrammarCache:
         import xgrammar
 
         info = xgrammar.TokenizerInfo.from_huggingface(
-            self.tokenizer.hf, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids
+            self.tokenizer.transformers_tokenizer(), vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids
         )
         # One thread: the engine's compute threads own the cores; a compile is milliseconds.
         return xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)

@@ -1,9 +1,12 @@
 """Tokenizer, chat template and incremental detokenization.
 
-transformers does the tokenizing and renders chat templates: it is the reference implementation models are
-published against, so using it (rather than a re-implementation) keeps our token ids identical to everyone else's.
-A GGUF file carries its tokenizer in its metadata; transformers converts that into a fast tokenizer, which takes
-several seconds, so the converted tokenizer is cached on disk (see `_TokenizerCache`).
+transformers is the reference for tokenizing and chat templates: models are published against it, so our token
+ids and prompts must be the ones it gives. But the serving process does not import it (it and its tokenizer
+object cost ~45 MB of the default model's 700 MB memory target): transformers builds each model's tokenizer
+once, in a child process, and writes out its `tokenizers` backend and settings (tokenizer_export.py); that
+output is cached on disk (`_TokenizerCache`), and the engine encodes and decodes with the `tokenizers` backend
+and renders chat templates the way transformers does (chat_template.py). Tests check both against
+transformers.
 
 `IncrementalDetokenizer` turns the token ids a sequence generates into text deltas for streaming: it never emits
 half a UTF-8 character, keeps the spacing that only the tokens' context decides, and cuts the text at stop strings
@@ -19,22 +22,30 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
+from kvserve.chat_template import render, select_template
 from kvserve.models.gguf_metadata import read_gguf_metadata
-
-if TYPE_CHECKING:  # transformers takes seconds to import: only the loaders import it, at run time
-    from transformers import PreTrainedTokenizerBase
+from kvserve.tokenizer_export import BACKEND_FILE, SPEC_FILE, TokenizerSpec, describe, export_tokenizer
 
 logger = logging.getLogger(__name__)
 
 # Files any of which makes a folder a tokenizer folder for transformers (fast tokenizer, its config, a
 # SentencePiece model, a GPT-2 style vocabulary). A folder with none of them has no tokenizer.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Every file of a folder that can change the tokenizer transformers builds: the cache key covers them all.
+_KEY_FILES = _TOKENIZER_FILES + (
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "config.json",
+)
 
 # Bumped when what the cache stores changes, so old entries are ignored rather than misread.
-_CACHE_FORMAT = 1
-_CACHE_META = "kvserve_tokenizer.json"
+_CACHE_FORMAT = 2
 
 REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for an incomplete UTF-8 sequence
 
@@ -73,7 +84,7 @@ def read_gguf_tokenizer_info(path: str) -> GGUFTokenizerInfo:
     )
 
 
-# ---------------------------------------------------------------- on-disk cache of converted GGUF tokenizers
+# ---------------------------------------------------------------- on-disk cache of exported tokenizers
 
 
 def default_cache_dir() -> str:
@@ -89,78 +100,87 @@ def _cache_disabled() -> bool:
     return os.environ.get("KVSERVE_TOKENIZER_CACHE", "").lower() in ("0", "off", "false", "no")
 
 
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "none"
+
+
+def _source_stamp(path: str) -> str:
+    """What identifies the tokenizer a source gives: a .gguf file's size and mtime, or those of each of a
+    folder's tokenizer files (so a replaced or edited file is a different entry)."""
+    if not os.path.isdir(path):
+        st = os.stat(path)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    parts = []
+    for name in _KEY_FILES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            st = os.stat(file)
+            parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return ",".join(parts)
+
+
 @dataclass
 class _TokenizerCache:
-    """Converted GGUF tokenizers saved with save_pretrained (a tokenizer.json loads in ~0.2 s against ~5 s for the
-    conversion). An entry is keyed by the GGUF file's real path, size and mtime (so a replaced file is converted
-    again) and by the transformers/tokenizers versions (so a converter fix is picked up). Entries are written to a
-    temporary folder and renamed into place: a reader sees a whole entry or none, and of two processes converting
-    at once one simply wins the rename."""
+    """Exported tokenizers (tokenizer_export.py: ~0.2 s to load against seconds for transformers to build one,
+    in a child process). An entry is keyed by the source's real path and its files' sizes and mtimes, and by the
+    transformers/tokenizers versions (so a converter fix is picked up). Entries are written to a temporary folder
+    and renamed into place: a reader sees a whole entry or none, and of two processes exporting at once one
+    simply wins the rename. Storing an entry deletes those whose source is gone (models in temporary folders)."""
 
     root: str
 
-    def entry(self, gguf_path: str) -> str:
-        import tokenizers
-        import transformers
-
-        real = os.path.realpath(gguf_path)
-        st = os.stat(real)
-        key = f"{real}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}\0{tokenizers.__version__}"
-        digest = hashlib.sha256(f"{key}\0{_CACHE_FORMAT}".encode()).hexdigest()[:24]
-        stem = os.path.basename(real).removesuffix(".gguf")[:48]
+    def entry(self, source: str) -> str:
+        real = os.path.realpath(source)
+        versions = f"{_package_version('transformers')}\0{_package_version('tokenizers')}"
+        key = f"{real}\0{_source_stamp(real)}\0{versions}\0{_CACHE_FORMAT}"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        stem = os.path.basename(real.rstrip(os.sep)).removesuffix(".gguf")[:48]
         return os.path.join(self.root, f"{stem}-{digest}")
 
-    def load(self, gguf_path: str) -> tuple[PreTrainedTokenizerBase, dict[str, Any]] | None:
-        folder = self.entry(gguf_path)
-        meta_file = os.path.join(folder, _CACHE_META)
-        if not os.path.isfile(meta_file):
+    def load(self, source: str) -> tuple[Any, TokenizerSpec] | None:
+        folder = self.entry(source)
+        if not os.path.isfile(os.path.join(folder, SPEC_FILE)):
             return None
         try:
-            with open(meta_file) as f:
-                meta = json.load(f)
-            if meta.get("format") != _CACHE_FORMAT:
-                return None
-            return _hf_from_folder(folder), meta
-        except Exception as exc:  # noqa: BLE001 - a bad entry only costs a fresh conversion
+            return _read_export(folder)
+        except Exception as exc:  # noqa: BLE001 - a bad entry only costs a fresh export
             logger.warning("ignoring unreadable tokenizer cache entry %s: %s", folder, exc)
             return None
 
-    def store(self, gguf_path: str, hf: PreTrainedTokenizerBase, meta: dict[str, Any]) -> None:
-        folder = self.entry(gguf_path)
-        tmp = None
+    def store(self, source: str, exported: str) -> None:
+        """Moves the export folder `exported` into the cache as `source`'s entry."""
+        folder = self.entry(source)
         try:
             os.makedirs(self.root, exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=".tmp-", dir=self.root)
-            hf.save_pretrained(tmp)
-            with open(os.path.join(tmp, _CACHE_META), "w") as f:
-                json.dump({**meta, "format": _CACHE_FORMAT, "source": os.path.realpath(gguf_path)}, f)
-            try:
-                os.rename(tmp, folder)  # atomic; fails if another process already stored this entry: fine
-                tmp = None
-            except OSError:
-                pass
+            with open(os.path.join(exported, SPEC_FILE + ".source"), "w") as f:
+                f.write(os.path.realpath(source))
+            os.rename(exported, folder)  # atomic; fails if another process already stored this entry: fine
         except OSError as exc:  # read-only home, full disk...: caching is an optimisation, never an error
-            logger.warning("could not cache the converted tokenizer in %s: %s", self.root, exc)
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.isdir(folder):
+                logger.warning("could not cache the tokenizer in %s: %s", self.root, exc)
+        self._prune()
+
+    def _prune(self) -> None:
+        for name in os.listdir(self.root):
+            marker = os.path.join(self.root, name, SPEC_FILE + ".source")
+            try:
+                with open(marker) as f:
+                    source = f.read()
+            except OSError:
+                continue  # an entry being written, or an older format: left alone
+            if source and not os.path.exists(source):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
 
-# ---------------------------------------------------------------- loading through transformers
+def _read_export(folder: str) -> tuple[Any, TokenizerSpec]:
+    from tokenizers import Tokenizer as Backend
 
-
-def _hf_from_folder(folder: str) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-
-
-def _convert_gguf(path: str) -> PreTrainedTokenizerBase:
-    """transformers' own GGUF-to-tokenizer conversion (slow: seconds)."""
-    from transformers import AutoTokenizer
-
-    path = os.path.abspath(path)
-    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True)
+    with open(os.path.join(folder, SPEC_FILE), encoding="utf-8") as f:
+        spec = TokenizerSpec.from_json(json.load(f))
+    return Backend.from_file(os.path.join(folder, BACKEND_FILE)), spec
 
 
 def _generation_config_eos(folder: str) -> set[int]:
@@ -181,24 +201,30 @@ def _generation_config_eos(folder: str) -> set[int]:
 
 # ---------------------------------------------------------------- the tokenizer
 
+# What transformers' decode does to the text when a (WordPiece-style) tokenizer asks for clean-up.
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
+
 
 class Tokenizer:
-    """A transformers tokenizer with the few operations the engine and server need.
+    """A model's tokenizer: the `tokenizers` backend transformers built, and the settings it keeps beside it.
 
-    Attributes: `eos_token_ids` (every id that ends generation), `bos_token_id`, `vocab_size` (len(tokenizer),
-    added tokens included; the model's embedding may be larger), `has_chat_template`, `hf` (the transformers
-    tokenizer itself)."""
+    Attributes: `eos_token_ids` (every id that ends generation), `bos_token_id`, `vocab_size` (the vocabulary
+    with added tokens; the model's embedding may be larger), `has_chat_template`, `spec` (the TokenizerSpec),
+    `backend` (the tokenizers.Tokenizer)."""
 
-    def __init__(self, hf: PreTrainedTokenizerBase, extra_eos_token_ids: set[int] | None = None, name: str = ""):
-        self.hf = hf
+    def __init__(self, backend: Any, spec: TokenizerSpec, extra_eos_token_ids: set[int] | None = None, name: str = ""):
+        self.backend = backend
+        self.spec = spec
         self.name = name
-        eos = set(extra_eos_token_ids or ())
-        if hf.eos_token_id is not None:
-            eos.add(int(hf.eos_token_id))
+        eos = set(extra_eos_token_ids or ()) | set(spec.eos_token_ids)
+        if spec.eos_token_id is not None:
+            eos.add(int(spec.eos_token_id))
         self.eos_token_ids: set[int] = eos
-        self.bos_token_id: int | None = None if hf.bos_token_id is None else int(hf.bos_token_id)
-        self.vocab_size: int = len(hf)
+        self.bos_token_id: int | None = None if spec.bos_token_id is None else int(spec.bos_token_id)
+        self.vocab_size: int = spec.vocab_size
         self._pieces: dict[int, str] = {}  # id_to_piece is called for every logprob entry: memoize
+        self._transformers: Any = None
 
     # ---- loading
 
@@ -211,33 +237,37 @@ class Tokenizer:
         if os.path.isdir(model_path):
             if not any(os.path.isfile(os.path.join(model_path, f)) for f in _TOKENIZER_FILES):
                 return None
-            hf = _hf_from_folder(model_path)
-            return cls(hf, _generation_config_eos(model_path), name=model_path)
+            backend, spec = _exported(model_path, [], cache_dir, use_cache)
+            return cls(backend, spec, _generation_config_eos(model_path), name=model_path)
         if os.path.isfile(model_path):
             with open(model_path, "rb") as f:
                 if f.read(4) != b"GGUF":
                     raise ValueError(f"{model_path!r} is neither a .gguf file nor a Hugging Face model folder")
-            return cls._load_gguf(model_path, cache_dir=cache_dir, use_cache=use_cache)
+            info = read_gguf_tokenizer_info(model_path)
+            if not info.has_tokenizer:
+                return None  # e.g. the tiny GGUF models the tests write: weights only
+            backend, spec = _exported(model_path, list(info.eos_token_ids), cache_dir, use_cache)
+            return cls(backend, spec, name=model_path)
         raise FileNotFoundError(f"no model at {model_path!r}")
 
     @classmethod
-    def _load_gguf(cls, path: str, cache_dir: str | None, use_cache: bool) -> Tokenizer | None:
-        cache = _TokenizerCache(cache_dir or default_cache_dir()) if use_cache and not _cache_disabled() else None
-        if cache is not None:
-            hit = cache.load(path)
-            if hit is not None:
-                hf, meta = hit
-                return cls(hf, set(meta.get("eos_token_ids", ())), name=path)
-        info = read_gguf_tokenizer_info(path)
-        if not info.has_tokenizer:
-            return None  # e.g. the tiny GGUF models the tests write: weights only
-        try:
-            hf = _convert_gguf(path)
-        except Exception as exc:
-            raise ValueError(f"transformers cannot build the {info.model!r} tokenizer of {path}: {exc}") from exc
-        if cache is not None:
-            cache.store(path, hf, {"eos_token_ids": list(info.eos_token_ids)})
-        return cls(hf, set(info.eos_token_ids), name=path)
+    def from_transformers(cls, hf: Any, extra_eos_token_ids: set[int] | None = None, name: str = "") -> Tokenizer:
+        """The tokenizer of a transformers tokenizer object (one built in a script or a test)."""
+        from tokenizers import Tokenizer as Backend
+
+        backend_json, spec = describe(hf)
+        return cls(Backend.from_str(backend_json), spec, extra_eos_token_ids, name=name)
+
+    def transformers_tokenizer(self) -> Any:
+        """This tokenizer as a transformers PreTrainedTokenizerFast, for libraries that take one (xgrammar).
+        Imports transformers: only the features that need it call this."""
+        if self._transformers is None:
+            from transformers import PreTrainedTokenizerFast
+
+            special = {k: v for k, v in self.spec.special_tokens.items() if isinstance(v, str)}
+            self._transformers = PreTrainedTokenizerFast(tokenizer_object=self.backend, **special)
+            self._transformers.chat_template = self.spec.chat_template
+        return self._transformers
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos={sorted(self.eos_token_ids)})"
@@ -249,17 +279,21 @@ class Tokenizer:
         tokenizers, nothing for SmolLM2). Special-token text in `text` ("<|im_end|>") maps to the special id."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, not {type(text).__name__}")
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        text = self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        if self.spec.clean_up_tokenization_spaces:
+            for old, new in _CLEAN_UP:
+                text = text.replace(old, new)
+        return text
 
     def id_to_piece(self, token_id: int) -> str:
         """The decoded text of one token, special tokens included ("<|im_end|>", " world"), as OpenAI logprob dicts
         show tokens. A token holding part of a multi-byte character decodes to U+FFFD, as in OpenAI's output."""
         piece = self._pieces.get(token_id)
         if piece is None:
-            piece = self._pieces[token_id] = self.hf.decode([token_id], skip_special_tokens=False)
+            piece = self._pieces[token_id] = self.decode([token_id], skip_special_tokens=False)
         return piece
 
     convert_ids_to_tokens = id_to_piece
@@ -277,17 +311,19 @@ class Tokenizer:
         elif "{" not in template:  # no Jinja in it: meant as a path
             raise ValueError(f"chat_template: no such file: {template!r}")
         from jinja2 import TemplateSyntaxError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        from kvserve.chat_template import compile_template
 
         try:
-            ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(text)  # as transformers
+            compile_template(text)
         except TemplateSyntaxError as exc:
             raise ValueError(f"chat_template does not parse: {exc}") from None
-        self.hf.chat_template = text
+        self.spec.chat_template = text
+        self._transformers = None
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self.hf, "chat_template", None))
+        return bool(self.spec.chat_template)
 
     def render_chat(
         self,
@@ -303,24 +339,21 @@ class Tokenizer:
         malformed or empty messages, or messages the template itself rejects."""
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
-        if not self.has_chat_template:
-            raise ValueError("this model's tokenizer has no chat template: send a plain prompt instead")
+        template = select_template(self.spec.chat_template, template_kwargs.get("tools"))
         normalized = _normalize_messages(messages)
         from jinja2 import TemplateError
 
         try:
-            text = self.hf.apply_chat_template(
+            return render(
+                template,
                 normalized,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-                tokenize=False,
+                self.spec.special_tokens,
+                add_generation_prompt,
+                continue_final_message,
                 **template_kwargs,
             )
         except TemplateError as exc:  # templates reject e.g. a bad role order with raise_exception(...)
             raise ValueError(f"the chat template rejected these messages: {exc}") from exc
-        if not isinstance(text, str):  # transformers returns a list for batched input; ours never is
-            raise ValueError("the chat template did not render to a single string")
-        return text
 
     def apply_chat_template(
         self,
@@ -333,6 +366,37 @@ class Tokenizer:
         (this is what transformers' apply_chat_template(tokenize=True) does too)."""
         text = self.render_chat(messages, add_generation_prompt, continue_final_message, **template_kwargs)
         return self.encode(text, False)
+
+
+def _exported(
+    source: str, eos_token_ids: list[int], cache_dir: str | None, use_cache: bool
+) -> tuple[Any, TokenizerSpec]:
+    """The exported tokenizer of `source`: from the cache, else exported by transformers (and cached)."""
+    cache = _TokenizerCache(cache_dir or default_cache_dir()) if use_cache and not _cache_disabled() else None
+    if cache is not None:
+        hit = cache.load(source)
+        if hit is not None:
+            return hit
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=_scratch_dir(cache))
+    try:
+        export_tokenizer(source, tmp, eos_token_ids)
+        loaded = _read_export(tmp)
+        if cache is not None:
+            cache.store(source, tmp)
+        return loaded
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _scratch_dir(cache: _TokenizerCache | None) -> str | None:
+    """Where an export is written: inside the cache (so storing it is a rename), else the system's temp folder."""
+    if cache is None:
+        return None
+    try:
+        os.makedirs(cache.root, exist_ok=True)
+        return cache.root
+    except OSError:
+        return None
 
 
 # Arguments of render_chat that are request fields of their own, so never chat_template_kwargs.

@@ -13,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve.router.index import EventSubscriber, KVIndex
+
+if TYPE_CHECKING:  # httpx (and the rich it pulls in, ~6 MB) is imported when a router starts: `kvserve serve`
+    import httpx  # imports this module through the CLI's argument parser, and never checks workers
 
 logger = logging.getLogger("kvserve.router")
 
@@ -74,6 +77,8 @@ class WorkerPool:
         return [w for w in self.workers if w.healthy]
 
     async def start(self) -> None:
+        import httpx
+
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(2.0), headers=self.headers)
         await self.check_all()
         self._task = asyncio.create_task(self._loop())
@@ -95,6 +100,8 @@ class WorkerPool:
         await asyncio.gather(*(self.check(w) for w in self.workers))
 
     async def check(self, worker: Worker) -> None:
+        import httpx
+
         try:
             health = await self._client.get(worker.url + "/health")
             if health.status_code != 200:

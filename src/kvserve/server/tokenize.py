@@ -10,7 +10,6 @@ detokenize(tokenize(text)) gives the text back.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import Request
@@ -49,24 +48,14 @@ async def detokenize(state: ServerState, request: Request) -> JSONResponse:
 async def tokenizer_info(state: ServerState) -> JSONResponse:
     """tokenizer_class, the special tokens, the chat template, model_max_length (the server's
     max_model_len), added_tokens_decoder, and the tokenizer's other JSON-able init settings."""
-    hf = state.need_tokenizer("/tokenizer_info").hf
-    info: dict[str, Any] = {}
-    for key, value in hf.init_kwargs.items():
-        if key in ("name_or_path", "tokenizer_file", "vocab_file", "merges_file") or key.startswith("_"):
-            continue  # local file paths: meaningless to a client
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError):
-            continue  # AddedToken objects and the like: given below in their plain form
-        info[key] = value
+    spec = state.need_tokenizer("/tokenizer_info").spec
+    info: dict[str, Any] = dict(spec.init_kwargs)
     for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        info[name] = getattr(hf, name, None)
-    info["added_tokens_decoder"] = {
-        str(i): {"content": t.content, "special": t.special} for i, t in hf.added_tokens_decoder.items()
-    }
+        info[name] = spec.special_tokens.get(name)
     info |= {
-        "tokenizer_class": type(hf).__name__,
-        "chat_template": getattr(hf, "chat_template", None),
+        "added_tokens_decoder": spec.added_tokens,
+        "tokenizer_class": spec.tokenizer_class,
+        "chat_template": spec.chat_template,
         "model_max_length": state.max_model_len,
     }
     return JSONResponse(info)
