@@ -45,6 +45,27 @@ def test_sampler_does_not_modify_logits():
     assert torch.equal(logits, before)
 
 
+def test_writable_logits_give_the_same_tokens():
+    """logits_writable lets the sampler mask and scale the caller's logits in place instead of a copy: the
+    tokens drawn are the same, and logits are still left alone when a row reports logprobs."""
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.8, min_p=0.1, repetition_penalty=1.3, min_tokens=3)
+    params._eos_token_ids = {7}
+    greedy = SamplingParams(temperature=0.0, min_tokens=3, logit_bias={5: 3.0})
+    greedy._eos_token_ids = {7}
+    for p in (params, greedy):
+        logits = random_logits(4, seed=3)
+        rows = [row(p, prompt=[1, 2], output=[3], seed=i) for i in range(4)]
+        expected = Sampler()(logits, rows).token_ids
+        rows = [row(p, prompt=[1, 2], output=[3], seed=i) for i in range(4)]
+        assert Sampler()(logits.clone(), rows, logits_writable=True).token_ids == expected
+    logits = random_logits(2, seed=4)
+    before = logits.clone()
+    reporting = SamplingParams(temperature=0.0, min_tokens=3, logprobs=2)
+    reporting._eos_token_ids = {7}
+    Sampler()(logits, [row(reporting, prompt=[1], output=[]) for _ in range(2)], logits_writable=True)
+    assert torch.equal(logits, before)
+
+
 def test_top_k_1_equals_greedy_at_high_temperature():
     logits = random_logits(8, seed=1)
     greedy = sample(logits, [row(SamplingParams(temperature=0.0)) for _ in range(8)]).token_ids

@@ -140,8 +140,11 @@ class Engine:
 
     def _load(self, config: EngineConfig, path: str, model_config) -> None:
         group = self.tp.group if self.tp is not None else None
-        self.model_config, model = load_model(path, config, group)
+        # The tokenizer first: parsing its JSON frees ~20 MB in holes between what it keeps, which the model's
+        # loading then fills (loaded after the model, the holes stayed: 25 MiB free in the heap at idle
+        # against 14, and a load peak 12 MiB higher).
         self.tokenizer = Tokenizer.load(path)
+        self.model_config, model = load_model(path, config, group)
         if config.chat_template is not None:
             if self.tokenizer is None:
                 raise ValueError("chat_template: this model has no tokenizer to render it with")
@@ -420,7 +423,7 @@ class Engine:
             if constrained:
                 matchers = {i: row_requests[i].grammar for i in constrained}
                 allowed = (constrained, fill_bitmask(matchers, len(rows), self.model_config.vocab_size))
-            sampled = self.sampler(logits, rows, allowed)
+            sampled = self.sampler(logits, rows, allowed, logits_writable=True)  # not read after this
             now = time.monotonic()
             refused = []
             for seq, token, lp in zip(row_requests, sampled.token_ids, sampled.logprobs):
@@ -624,6 +627,23 @@ def settle_heap() -> None:
     gc.collect()
     gc.freeze()
     return_freed_memory()
+
+
+# glibc's mallopt parameter for the number of malloc arenas.
+_M_ARENA_MAX = -8
+
+
+def share_one_heap() -> None:
+    """Makes every thread allocate from glibc's one main heap (mallopt M_ARENA_MAX = 1) instead of an arena per
+    thread. A server's engine thread and HTTP thread would each keep their own arena, each holding the freed
+    memory of its own busiest moment; one heap shares it. Measured on the default model serving 32 streams at
+    once: peak RSS ~8 MiB lower, throughput unchanged (the engine thread's kernels do not allocate while
+    they run). Called before the threads start; a no-op without glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) on Windows
+        return
+    mallopt(_M_ARENA_MAX, 1)
 
 
 def return_freed_memory() -> None:

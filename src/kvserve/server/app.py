@@ -232,8 +232,9 @@ def default_model_name(config: EngineConfig, model_path: str) -> str:
 def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
     import uvicorn
 
-    from kvserve.engine import Engine
+    from kvserve.engine import Engine, share_one_heap
 
+    share_one_heap()  # before the engine thread starts
     async_engine = AsyncEngine(lambda: Engine(engine_config))
     engine = async_engine.launch()  # loads the model on the engine thread (see async_engine.py for why)
     name = args.served_model_name or default_model_name(engine_config, engine.model_path)
