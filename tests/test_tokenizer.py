@@ -317,6 +317,16 @@ def test_cache_prunes_entries_of_deleted_models(tmp_path, ref, gguf_path):
     assert gone not in [p.name for p in cache.iterdir()] and len(list(cache.iterdir())) == 1
 
 
+def test_unwritable_cache_only_costs_the_cache(tmp_path, gguf_path, ref):
+    """A cache root that cannot be created (here a file stands where the folder should be): the tokenizer still
+    loads, exported to the system's temporary folder, and nothing is cached."""
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a folder")
+    t = Tokenizer.load(gguf_path, cache_dir=str(blocker / "tokenizers"))
+    assert t.encode(TEXTS[0]) == ref.encode(TEXTS[0])
+    assert blocker.read_text() == "not a folder"
+
+
 def test_serving_process_does_not_import_transformers(tmp_path, gguf_path, ref):
     """The memory design: a process that has not imported transformers gets its tokenizer exported by a child
     process (cold cache) or from the cache, renders chats and encodes without ever importing it."""

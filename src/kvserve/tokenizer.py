@@ -151,16 +151,17 @@ class _TokenizerCache:
             return None
 
     def store(self, source: str, exported: str) -> None:
-        """Moves the export folder `exported` into the cache as `source`'s entry."""
+        """Moves the export folder `exported` (written inside the cache's root: see _scratch_dir) into the cache
+        as `source`'s entry; then deletes the entries whose source is gone."""
         folder = self.entry(source)
         try:
-            os.makedirs(self.root, exist_ok=True)
             with open(os.path.join(exported, SPEC_FILE + ".source"), "w") as f:
                 f.write(os.path.realpath(source))
             os.rename(exported, folder)  # atomic; fails if another process already stored this entry: fine
         except OSError as exc:  # read-only home, full disk...: caching is an optimisation, never an error
             if not os.path.isdir(folder):
                 logger.warning("could not cache the tokenizer in %s: %s", self.root, exc)
+            return
         self._prune()
 
     def _prune(self) -> None:
