@@ -141,7 +141,7 @@ def main() -> None:
             if not args.skip_no_shared and cascade:
                 result = run_workload(llm, distinct, output_lens, args.concurrency)
                 runs.setdefault(f"no-shared/{name}", []).append(result)
-    base.engine.runner.cascade_attention = True
+    base.engine.runner.cascade_attention = None  # back to the engine's own rule
     results = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
 
     print(
@@ -207,7 +207,7 @@ def decode_step_times(llm: LLM, system: list[int], prompts: list[list[int]], ste
         start = time.perf_counter()
         engine.step()
         times["cascade" if cascade else "no-cascade"].append(1000 * (time.perf_counter() - start))
-    engine.runner.cascade_attention = True
+    engine.runner.cascade_attention = None  # back to the engine's own rule
     for request_id in ids:
         engine.abort(request_id)
     return {name: statistics.median(t) for name, t in times.items()}

@@ -8,7 +8,7 @@ import torch
 from helpers import assert_same_or_near_tie, save_tiny_model
 
 import kvserve.models.attention as attention
-from kvserve import LLM, SamplingParams
+from kvserve import LLM, SamplingParams, kernels
 from kvserve.kv.quant import QuantizedKVCache, dequantize_values
 from kvserve.models.attention import (
     AttentionMetadata,
@@ -168,8 +168,11 @@ def test_cascade_stops_before_the_new_tokens_block():
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "float16", "float16 plain PyTorch"])
 def test_engine_shared_prefix_decodes_equal_each_alone(tmp_path, monkeypatch, kv_cache_dtype):
     """Cascade decodes over a shared cached prefix, plain, int8 and float16 caches (the float16 one read
-    by the compiled kernels, and by the plain PyTorch path, which converts what it gathers)."""
-    if kv_cache_dtype.endswith("plain PyTorch"):
+    by the compiled kernels, and by the plain PyTorch path, which converts what it gathers). The engine
+    runs the cascade on its own only where decodes gather (the plain path); it is forced on here where
+    the kernels read blocks in place, so that its result is checked on every cache."""
+    plain_path = kv_cache_dtype.endswith("plain PyTorch")
+    if plain_path:
         monkeypatch.setenv("KVSERVE_CPU_KERNELS", "0")
         kv_cache_dtype = kv_cache_dtype.split()[0]
     save_tiny_model(str(tmp_path), "llama")
@@ -195,6 +198,8 @@ def test_engine_shared_prefix_decodes_equal_each_alone(tmp_path, monkeypatch, kv
     assert not calls  # one decode at a time: nothing to share
 
     llm = LLM(**options)
+    assert llm.engine.runner.decodes_read_in_place is not plain_path
+    llm.engine.runner.cascade_attention = True
     llm.generate([system], SamplingParams(max_tokens=1), use_tqdm=False)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert len(calls) == 19 * 3  # every decode step after the first token (from prefill), in each of 3 layers
@@ -202,3 +207,29 @@ def test_engine_shared_prefix_decodes_equal_each_alone(tmp_path, monkeypatch, kv
         assert out.num_cached_tokens == 64
         assert_same_or_near_tie(out.outputs[0].token_ids, ref.outputs[0].token_ids, ref.outputs[0].logprobs)
     llm.engine.check_idle()
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_engine_runs_the_cascade_only_where_decodes_gather(tmp_path, monkeypatch, kernels_on):
+    """By default the cascade runs where decode attention gathers blocks (the plain PyTorch path) and not
+    where the compiled kernels read them in place; the outputs are the same either way."""
+    if not kernels_on:
+        monkeypatch.setenv("KVSERVE_CPU_KERNELS", "0")
+    elif kernels.compute_ops() is None:
+        pytest.skip("the compiled CPU kernels are not built on this machine")
+    save_tiny_model(str(tmp_path), "llama")
+    calls = []
+    cascade_attention = attention.cascade_decode_attention
+    monkeypatch.setattr(
+        attention, "cascade_decode_attention", lambda *a, **k: calls.append(1) or cascade_attention(*a, **k)
+    )
+    system = [(7 * i) % 300 + 3 for i in range(64)]
+    prompts = [system + [(11 * i + j) % 300 + 3 for j in range(3 + i)] for i in range(4)]
+    llm = LLM(model=str(tmp_path), kv_cache_memory="16MiB", kv_cache_dtype="float16")
+    llm.generate([system], SamplingParams(max_tokens=1), use_tqdm=False)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert len(calls) == (0 if kernels_on else 5 * 3)  # 5 decode steps after the prefill's token, 3 layers
+    llm.engine.runner.cascade_attention = not kernels_on  # the other way round: the same tokens
+    for out, ref in zip(llm.generate(prompts, params, use_tqdm=False), outs):
+        assert_same_or_near_tie(out.outputs[0].token_ids, ref.outputs[0].token_ids, ref.outputs[0].logprobs)

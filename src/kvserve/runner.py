@@ -29,6 +29,7 @@ from kvserve.models.attention import (
     PrefillSpan,
     WindowBlocks,
     block_tables_and_mask,
+    decode_reads_in_place,
 )
 from kvserve.models.layers import use_cpu_kernels
 from kvserve.models.llama import LlamaForCausalLM
@@ -148,7 +149,15 @@ def load_model(path: str, config: EngineConfig, tp: ParallelGroup | None = None)
 
 
 class ModelRunner:
-    cascade_attention = True  # decodes attend shared leading blocks once; False only to measure against
+    # Decodes that share cached leading blocks attend them once, together (DecodeCascade), where decode
+    # attention gathers each row's blocks (the plain PyTorch path, CUDA): the shared part is gathered once.
+    # Not where the compiled kernels read the blocks in place (the CPU, kvserve/kernels): there a shared
+    # prefix costs no copy, stays in cache across the rows that read it, and the cascade only adds its
+    # gathers and drops the step out of the compiled decode stack. Measured on the default model (Zen 4,
+    # 32 decodes sharing a 400-token prefix, 64 tokens each): 277 tok/s with it, 479 without (float16
+    # cache; fp32 318/454, int8 178/276), and its gather buffers kept 36 MB. None: that rule; True or
+    # False force it (tests, benchmarks).
+    cascade_attention: bool | None = None
 
     def __init__(
         self,
@@ -174,6 +183,7 @@ class ModelRunner:
         if config.kv_cache_dtype == "int8" and self.device.type == "cpu":
             kernels.cpu_ops()  # built (once per machine) or loaded now, not inside the first step
         self.compute_ops = compute_kernels(config)  # attention's compiled decode path
+        self.decodes_read_in_place = decode_reads_in_place(self.kv_caches[0], self.compute_ops, config.torch_dtype)
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> RunnerOutput:
@@ -308,7 +318,8 @@ class ModelRunner:
             windows = (plan.window_slots, plan.window_starts) if self.windows else None
             if windows is not None:
                 meta.decode_window = WindowBlocks.of_rows(lens, *windows, bs, device)
-            if self.cascade_attention:
+            cascade = self.cascade_attention
+            if cascade if cascade is not None else not self.decodes_read_in_place:
                 meta.decode_cascade = DecodeCascade.build(tables, lens, bs, device, windows)
         return meta
 

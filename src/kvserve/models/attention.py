@@ -402,6 +402,19 @@ def gather_blocks(
     return kv[0], kv[1]
 
 
+def decode_reads_in_place(kv_cache: KVCache, compute_ops, dtype: torch.dtype) -> bool:
+    """Whether paged_attention's decodes read this cache's blocks where they lie (the compiled kernels:
+    an int8 cache, or a plain fp32/fp16 one under an fp32 model) instead of gathering them."""
+    if fused_int8_ops(kv_cache) is not None:
+        return True
+    return (
+        compute_ops is not None
+        and isinstance(kv_cache, torch.Tensor)
+        and dtype == torch.float32
+        and kv_cache.dtype in KERNEL_KV_DTYPES
+    )
+
+
 def fused_int8_ops(kv_cache: KVCache):  # -> torch.ops.kvserve | None
     """The compiled kernels (kvserve/kernels), when they can read this cache: int8 on the CPU."""
     if isinstance(kv_cache, QuantizedKVCache) and kv_cache.data.dtype == torch.int8 and kv_cache.data.is_cpu:
