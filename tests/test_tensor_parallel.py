@@ -187,6 +187,7 @@ def test_tiers_move_every_ranks_shard(tmp_path):
             kv_offload_dir=str(disk),
             kv_offload_disk=400 * (block + 4096),
             max_model_len=128,
+            max_num_batched_tokens=512,  # the counts below: 5 of 6 prompts prefilled in the first step
             tensor_parallel_size=tp,
         )
 

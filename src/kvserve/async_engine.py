@@ -39,7 +39,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvserve.engine import Engine, StepFailed, return_freed_memory
+from kvserve.engine import Engine, StepFailed
+from kvserve.heap import return_freed_memory
 from kvserve.outputs import RequestOutput, SequenceDelta
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.stats_log import EngineObserver, PeriodicStats, RequestRecord, log_request

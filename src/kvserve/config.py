@@ -61,7 +61,7 @@ HELP = {
     "block_size": "tokens per KV block",
     "max_model_len": "longest request (prompt + output) in tokens; default: the model's context length",
     "max_num_seqs": "most requests running at once",
-    "max_num_batched_tokens": "token budget of one engine step (default 512 on CPU, 2048 on CUDA)",
+    "max_num_batched_tokens": "token budget of one engine step (default 256 on CPU, 2048 on CUDA)",
     "enable_prefix_caching": "reuse the KV of shared prompt prefixes",
     "kv_offload_memory": "host RAM tier for prefix blocks evicted from the KV cache (e.g. 8GiB; default off)",
     "kv_offload_dir": "folder of the disk tier for prefix blocks, kept across restarts (needs --kv-offload-disk)",
@@ -210,7 +210,9 @@ class EngineConfig:
         if self.kv_cache_dtype == "fp8" and not on_cuda:
             raise ValueError("kv_cache_dtype fp8 needs a CUDA GPU; on the CPU use int8")
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = 2048 if on_cuda else 512
+            # On the CPU a step's activations are a server's largest transient memory: 256 tokens keep a
+            # prefill step's at ~9 MiB on the default model (17 at 512), for ~3% of long prompts' prefill speed.
+            self.max_num_batched_tokens = 2048 if on_cuda else 256
         if self.max_model_len is None:
             self.max_model_len = model_max_len
         elif self.max_model_len > model_max_len:

@@ -45,6 +45,7 @@ from kvserve.distributed.group import (
     RankFailed,
 )
 from kvserve.distributed.protocol import unpack_plan
+from kvserve.heap import load_outside_the_heap, settle_heap
 from kvserve.kv.block_io import BlockIO
 
 logger = logging.getLogger(__name__)
@@ -277,9 +278,11 @@ def _worker(rank: int, config: EngineConfig, local_rank: int, processes: list) -
     config, model_path = received
     config.device = str(rank_device(config, local_rank))
     config.torch_device = torch.device(config.device)
-    _, model = load_model(model_path, config, group)
-    num_blocks, open_slots = group.min_over_ranks(list(kv_budget(config, model)[:2]))
-    runner = ModelRunner(config, model, num_blocks, open_slots, kv=None, tp=group)
+    with load_outside_the_heap():  # as rank 0 loads (kvserve/heap.py)
+        _, model = load_model(model_path, config, group)
+        num_blocks, open_slots = group.min_over_ranks(list(kv_budget(config, model)[:2]))
+        runner = ModelRunner(config, model, num_blocks, open_slots, kv=None, tp=group)
+    settle_heap()
     logger.info("tensor-parallel rank %d of %d ready: %d KV blocks", rank, group.world_size, num_blocks)
     block_io: BlockIO | None = None
     with torch.inference_mode():

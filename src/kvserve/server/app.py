@@ -232,7 +232,8 @@ def default_model_name(config: EngineConfig, model_path: str) -> str:
 def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
     import uvicorn
 
-    from kvserve.engine import Engine, share_one_heap
+    from kvserve.engine import Engine
+    from kvserve.heap import share_one_heap
 
     share_one_heap()  # before the engine thread starts
     async_engine = AsyncEngine(lambda: Engine(engine_config))
