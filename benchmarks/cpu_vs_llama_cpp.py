@@ -17,6 +17,14 @@ cache; kvserve with the same cache type (`--kv-cache-dtype float16`, `--kv-cache
 and `--kv-cache-memory 256MiB` on the Q4_1 file (the memory target's setting; its peak RSS is read
 from /proc: 11,648 tokens in float16), 512 MiB on F32. Before the servers, kvserve's offline prefill (one 512-token prompt) and
 batch-1 decode speed are measured on the Q4_1 file. Ratios are kvserve / llama-server from this one run.
+
+The AVX2 paths on a machine with AVX-512 (both sides restricted; the same hardware, not the AVX2 kind):
+
+    KVSERVE_CPU_KERNELS=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python benchmarks/cpu_vs_llama_cpp.py --llama-server PATH
+
+with PATH a llama-server built with `-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+-DGGML_AVX512=OFF` (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -51,7 +59,9 @@ def cpu_kind() -> str:
     with open("/proc/cpuinfo") as f:
         flags = next((line for line in f if line.startswith("flags")), "")
     avx512 = sorted({f for f in flags.split() if f.startswith("avx512")})
-    return f"AVX-512 ({' '.join(avx512)})" if avx512 else "AVX2 (no AVX-512)"
+    kind = f"AVX-512 ({' '.join(avx512)})" if avx512 else "AVX2 (no AVX-512)"
+    restricted = {v: os.environ[v] for v in ("KVSERVE_CPU_KERNELS", "ATEN_CPU_CAPABILITY") if v in os.environ}
+    return kind + (f", restricted: {restricted}" if restricted else "")
 
 
 def peer_paths() -> dict[str, str]:
@@ -143,8 +153,11 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--kv-cache-dtype", default="float16", help="kvserve's KV cache type (llama-server's is f16)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--llama-server", default=None, help="this llama-server binary instead of the peer script's")
     args = parser.parse_args()
     paths = peer_paths()
+    if args.llama_server:
+        paths["LLAMA_SERVER"] = args.llama_server
     report: dict = {"cpu": cpu_kind(), "machine": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M"), "runs": {}}
     report["kvserve_kv_cache_dtype"] = args.kv_cache_dtype
     print(f"CPU: {report['cpu']}", flush=True)

@@ -285,3 +285,23 @@ def test_decode_attention_f32_matches_the_gather_and_sdpa_path(ops, group, block
         ops.decode_attention_f32(
             q.view(len(lens), heads, group, dim), cache, block_tables, torch.tensor(lens) + 4, 0.125
         )
+
+
+def test_the_environment_can_pick_one_instruction_set(monkeypatch):
+    """KVSERVE_CPU_KERNELS=avx2 runs the AVX2 build on a machine that has AVX-512 too (to measure one
+    kind of machine's path on the other); 0 turns the kernels off; anything else takes the best."""
+    for isa in ("avx2", "avx512"):
+        monkeypatch.setenv("KVSERVE_CPU_KERNELS", isa)
+        assert kernels.best_isa() == isa
+    monkeypatch.setenv("KVSERVE_CPU_KERNELS", "0")
+    assert kernels.compute_ops() is None
+    monkeypatch.setenv("KVSERVE_CPU_KERNELS", "1")
+    flags = kernels.cpu_flags()
+    expected = (
+        "avx512" if kernels.ISA_NEEDS["avx512"] <= flags else "avx2" if kernels.ISA_NEEDS["avx2"] <= flags else None
+    )
+    assert kernels.best_isa() == expected
+    if "avx2" in kernels.available_isas() and shutil.which("c++"):
+        monkeypatch.setenv("KVSERVE_CPU_KERNELS", "avx2")
+        ops = kernels.compute_ops()
+        assert ops is None or ops is kernels.compute_ops("avx2")

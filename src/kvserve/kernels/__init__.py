@@ -15,9 +15,10 @@ kvserve's cache folder, keyed by the sources, the flags, the torch version and t
   both on a machine that has AVX-512.
 
 Without a compiler, on a CPU without AVX2, or with KVSERVE_CPU_KERNELS=0, both return None and the
-callers keep their plain PyTorch paths: the same results up to float rounding, only slower. The
-variable is the one setting read from the environment, since it selects an implementation, not a
-behaviour.
+callers keep their plain PyTorch paths: the same results up to float rounding, only slower.
+KVSERVE_CPU_KERNELS=avx2 (or avx512) picks that build on a CPU that runs both, to measure one kind
+of machine's path on the other. The variable is the one setting read from the environment, since it
+selects an implementation, not a behaviour.
 """
 
 from __future__ import annotations
@@ -92,7 +93,11 @@ def cpu_flags() -> set[str]:
 
 
 def best_isa() -> str | None:
-    """avx512 where the CPU has it, else avx2, else None (no compiled compute kernels)."""
+    """The one KVSERVE_CPU_KERNELS names (avx2 or avx512), else avx512 where the CPU has it, else avx2,
+    else None (no compiled compute kernels)."""
+    chosen = os.environ.get("KVSERVE_CPU_KERNELS", "1")
+    if chosen in ISA_NEEDS:
+        return chosen  # compute_ops raises if this CPU lacks it
     flags = cpu_flags()
     for isa in ("avx512", "avx2"):
         if ISA_NEEDS[isa] <= flags:
