@@ -43,8 +43,9 @@ LOAD_MMAP_THRESHOLD = 64 << 10
 # ones come from the heap's top, reused step after step, kept (up to SERVE_TRIM_THRESHOLD free) for the
 # next step and handed back when the engine falls idle. Measured on the default model serving (Zen 4,
 # 256-token steps): peak RSS 658-661 MiB against 662-671 with glibc's own rule, which raises the
-# threshold to 32 MiB and lets every activation grow the heap; throughput unchanged (a mapping's page faults, ~1,500 for a 32-row decode's
-# 6 MB of logits, cost ~1 ms of a ~90 ms step). Setting a threshold turns glibc's rule off, so both are set.
+# threshold to 32 MiB and lets every activation grow the heap; throughput unchanged (a mapping's page
+# faults, ~1,500 for a 32-row decode's 6 MB of logits, cost ~1 ms of a ~90 ms step). Setting a
+# threshold turns glibc's rule off, so both are set.
 SERVE_MMAP_THRESHOLD = 1 << 20
 SERVE_TRIM_THRESHOLD = 64 << 20
 
