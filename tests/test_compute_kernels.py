@@ -289,7 +289,8 @@ def test_decode_attention_f32_matches_the_gather_and_sdpa_path(ops, group, block
 
 def test_the_environment_can_pick_one_instruction_set(monkeypatch):
     """KVSERVE_CPU_KERNELS=avx2 runs the AVX2 build on a machine that has AVX-512 too (to measure one
-    kind of machine's path on the other); 0 turns the kernels off; anything else takes the best."""
+    kind of machine's path on the other); 0 turns the kernels off; 1 takes the best; anything else is
+    refused by name."""
     for isa in ("avx2", "avx512"):
         monkeypatch.setenv("KVSERVE_CPU_KERNELS", isa)
         assert kernels.best_isa() == isa
@@ -301,6 +302,9 @@ def test_the_environment_can_pick_one_instruction_set(monkeypatch):
         "avx512" if kernels.ISA_NEEDS["avx512"] <= flags else "avx2" if kernels.ISA_NEEDS["avx2"] <= flags else None
     )
     assert kernels.best_isa() == expected
+    monkeypatch.setenv("KVSERVE_CPU_KERNELS", "avx")
+    with pytest.raises(ValueError, match="KVSERVE_CPU_KERNELS='avx': expected one of 0, 1, avx2, avx512"):
+        kernels.compute_ops()
     if "avx2" in kernels.available_isas() and shutil.which("c++"):
         monkeypatch.setenv("KVSERVE_CPU_KERNELS", "avx2")
         ops = kernels.compute_ops()

@@ -61,8 +61,19 @@ _tried = False
 _compute: dict[str, ModuleType | None] = {}
 
 
+KERNELS_SETTINGS = ("0", "1", "avx2", "avx512")
+
+
+def _setting() -> str:
+    """KVSERVE_CPU_KERNELS: 0 (off), 1 (the default: the best build for this CPU), avx2 or avx512."""
+    value = os.environ.get("KVSERVE_CPU_KERNELS", "1")
+    if value not in KERNELS_SETTINGS:
+        raise ValueError(f"KVSERVE_CPU_KERNELS={value!r}: expected one of {', '.join(KERNELS_SETTINGS)}")
+    return value
+
+
 def enabled() -> bool:
-    return os.environ.get("KVSERVE_CPU_KERNELS", "1") != "0"
+    return _setting() != "0"
 
 
 def cpu_ops() -> Any:
@@ -95,7 +106,7 @@ def cpu_flags() -> set[str]:
 def best_isa() -> str | None:
     """The one KVSERVE_CPU_KERNELS names (avx2 or avx512), else avx512 where the CPU has it, else avx2,
     else None (no compiled compute kernels)."""
-    chosen = os.environ.get("KVSERVE_CPU_KERNELS", "1")
+    chosen = _setting()
     if chosen in ISA_NEEDS:
         return chosen  # compute_ops raises if this CPU lacks it
     flags = cpu_flags()
