@@ -10,9 +10,10 @@ this module decides that:
 - `load_outside_the_heap()`: while the model loads, an allocation of 64 KiB or more never grows the
   heap: it takes free heap space where some fits, else a mapping of its own, unmapped whole when
   freed. Loading makes hundreds of MB of short-lived arrays (the file's blocks, repacked codes, the
-  parts a fused projection concatenates) among the weights and the KV cache it keeps; in the heap they left a ~210 MB hole under the KV cache (the default model), in
-  which every step's activations then landed, touching fresh pages: the server's resident memory
-  crept up by ~50 MiB over a benchmark. With them mapped, the heap after loading holds small objects
+  parts a fused projection concatenates) among the weights and the KV cache it keeps; in the heap
+  they left a ~210 MB hole under the KV cache (the default model), in which every step's activations
+  then landed, touching fresh pages: the server's resident memory crept up by ~50 MiB over a
+  benchmark. With them mapped, the heap after loading holds small objects
   only; serving keeps its large activations out of it the same way (SERVE_MMAP_THRESHOLD).
 - `share_one_heap()`: the server's threads allocate from one heap, not an arena each.
 - `return_freed_memory()` / `settle_heap()`: free pages back to the OS, after loading and whenever

@@ -185,6 +185,11 @@ class ModelRunner:
         self.compute_ops = compute_kernels(config)  # attention's compiled decode path
         self.decodes_read_in_place = decode_reads_in_place(self.kv_caches[0], self.compute_ops, config.torch_dtype)
 
+    @property
+    def uses_cascade(self) -> bool:
+        """cascade_attention where it is set, else the rule: where decodes gather their blocks."""
+        return self.cascade_attention if self.cascade_attention is not None else not self.decodes_read_in_place
+
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> RunnerOutput:
         plan, sample_requests, prompt_lp_spans, embed_spans = self.plan(batch)
@@ -318,8 +323,7 @@ class ModelRunner:
             windows = (plan.window_slots, plan.window_starts) if self.windows else None
             if windows is not None:
                 meta.decode_window = WindowBlocks.of_rows(lens, *windows, bs, device)
-            cascade = self.cascade_attention
-            if cascade if cascade is not None else not self.decodes_read_in_place:
+            if self.uses_cascade:
                 meta.decode_cascade = DecodeCascade.build(tables, lens, bs, device, windows)
         return meta
 

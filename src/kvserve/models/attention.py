@@ -402,17 +402,21 @@ def gather_blocks(
     return kv[0], kv[1]
 
 
-def decode_reads_in_place(kv_cache: KVCache, compute_ops, dtype: torch.dtype) -> bool:
-    """Whether paged_attention's decodes read this cache's blocks where they lie (the compiled kernels:
-    an int8 cache, or a plain fp32/fp16 one under an fp32 model) instead of gathering them."""
-    if fused_int8_ops(kv_cache) is not None:
-        return True
+def plain_cache_kernel_reads(kv_cache: KVCache, compute_ops, dtype: torch.dtype) -> bool:
+    """Whether the compiled decode attention (paged_attention.cpp) reads this cache: a plain fp32 or fp16
+    cache under an fp32 model, with the compute kernels built."""
     return (
         compute_ops is not None
         and isinstance(kv_cache, torch.Tensor)
         and dtype == torch.float32
         and kv_cache.dtype in KERNEL_KV_DTYPES
     )
+
+
+def decode_reads_in_place(kv_cache: KVCache, compute_ops, dtype: torch.dtype) -> bool:
+    """Whether paged_attention's decodes read this cache's blocks where they lie (the compiled kernels:
+    an int8 cache, or a plain fp32/fp16 one under an fp32 model) instead of gathering them."""
+    return fused_int8_ops(kv_cache) is not None or plain_cache_kernel_reads(kv_cache, compute_ops, dtype)
 
 
 def fused_int8_ops(kv_cache: KVCache):  # -> torch.ops.kvserve | None
@@ -543,12 +547,7 @@ def paged_attention(
                 scale,
                 attn,
             )
-        elif (
-            meta.compute_ops is not None
-            and isinstance(kv_cache, torch.Tensor)
-            and q.dtype == torch.float32
-            and kv_cache.dtype in KERNEL_KV_DTYPES
-        ):
+        elif plain_cache_kernel_reads(kv_cache, meta.compute_ops, q.dtype):
             # a plain fp32 or fp16 cache read in place, block by block: no gather, no padding (paged_attention.cpp)
             lens = meta.decode_rows()[0]
             attn = meta.compute_ops.decode_attention_f32(
