@@ -15,8 +15,9 @@ greedy, ignore_eos) sends them the same workloads:
 llama-server runs as PEERS.md records (`-t 2 --parallel 32 -c 16384`), with its default float16 KV
 cache; kvserve with the same cache type (`--kv-cache-dtype float16`, `--kv-cache-dtype auto` for fp32)
 and `--kv-cache-memory 256MiB` on the Q4_1 file (the memory target's setting; its peak RSS is read
-from /proc: 11,648 tokens in float16), 512 MiB on F32. Before the servers, kvserve's offline prefill (one 512-token prompt) and
-batch-1 decode speed are measured on the Q4_1 file. Ratios are kvserve / llama-server from this one run.
+from /proc: 11,648 tokens in float16), 512 MiB on F32. Before the servers, kvserve's offline prefill (one 512-token prompt),
+batch-1 decode speed and the 32-at-once workload without HTTP (token ids, no client) are measured on
+the Q4_1 file. Ratios are kvserve / llama-server from this one run.
 
 The AVX2 paths on a machine with AVX-512 (both sides restricted; the same hardware, not the AVX2 kind):
 
@@ -123,11 +124,13 @@ def serve_and_measure(name: str, command: list[str], tokenizer, workloads: list[
         log.close()
 
 
-def offline(model: str) -> dict:
-    """kvserve's prefill tok/s (one 512-token prompt) and batch-1 greedy decode tok/s (128 tokens), in a
-    subprocess."""
+def offline(model: str, kv_cache_dtype: str) -> dict:
+    """kvserve's prefill tok/s (one 512-token prompt), batch-1 greedy decode tok/s (128 tokens), and the
+    32-at-once workload's output tok/s without the server (64 prompts of 128 token ids, 128 out, 32 at a
+    time, the served KV cache type): what the HTTP side and the client cost shows against the served
+    figure. In a subprocess."""
     code = f"""
-import json, time
+import json, random, time
 from kvserve import LLM, SamplingParams
 llm = LLM({model!r}, kv_cache_memory="256MiB")
 ids = [100 + (37 * i) % 40000 for i in range(512)]
@@ -140,7 +143,16 @@ engine.step()  # the prefill and the first token
 t = time.perf_counter(); steps = 0
 while engine.has_unfinished():
     engine.step(); steps += 1
-print(json.dumps(dict(prefill_tok_s=prefill, decode_tok_s=steps / (time.perf_counter() - t))))
+decode = steps / (time.perf_counter() - t)
+del llm, engine
+llm = LLM({model!r}, kv_cache_memory="256MiB", kv_cache_dtype={kv_cache_dtype!r}, max_num_seqs=32)
+rng = random.Random(0)
+prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(64)]
+llm.generate([prompts[0][:32]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm up
+t = time.perf_counter()
+outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=128, ignore_eos=True), use_tqdm=False)
+batch = sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - t)
+print(json.dumps(dict(prefill_tok_s=prefill, decode_tok_s=decode, thirty_two_at_once_tok_s=batch)))
 """
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -163,7 +175,7 @@ def main() -> None:
     print(f"CPU: {report['cpu']}", flush=True)
     tokenizer = load_tokenizer("default")  # exact prompt lengths in the model's tokens, for both servers
     if not args.skip_offline:
-        report["offline"] = offline(paths["Q41_GGUF"])
+        report["offline"] = offline(paths["Q41_GGUF"], args.kv_cache_dtype)
         print(f"  kvserve offline (Q4_1): {report['offline']}", flush=True)
     kvserve = [sys.executable, "-m", "kvserve.cli", "serve", "--host", "127.0.0.1", "--port", str(PORT)]
     kvserve += ["--kv-cache-dtype", args.kv_cache_dtype]
