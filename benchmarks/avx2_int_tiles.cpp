@@ -10,7 +10,9 @@
 //    build runs it: int16 activations (madd_epi16 of pairs, int32 sums, converted and scaled once per
 //    block into out); the same loop without the per-block scaling (the multiply-adds alone: a bound, its
 //    results not a product); and int8 activations as llama.cpp uses them (maddubs_epi16 of 4-bit codes
-//    x int8, int16 sums over a block, widened once per block). Best of 40 rounds, GMAC/s.
+//    x int8, int16 sums over a block, widened once per block). Best of 40 rounds, GMAC/s. The tiles
+//    alone: in linear.cpp's whole product (packing, quantizing, scaling) their gains shrink (int8:
+//    1.65x here, 1.0-1.27x there; benchmarks/README.md).
 #include <immintrin.h>
 
 #include <algorithm>
