@@ -51,6 +51,22 @@ void ports() {
                                          MADD(5) FMA(11))
 }
 
+// One step's three weight vectors (24 outputs' units) at p.
+inline void load_units(const int32_t* p, __m256i (&w)[3]) {
+  for (int j = 0; j < 3; ++j) w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8 * j));
+}
+
+// Block b's int32 sums of row t of x, vector j, into out: scaled by the weight scales x x's block scale,
+// plus the mins' term (both tiles end each block with this).
+inline void add_block(__m256i sum, const float* scales, const float* mins, const float* xd, const float* xs, int64_t b,
+                      int t, int j, float* out) {
+  float* o = out + t * kPanel + 8 * j;
+  const __m256 d = _mm256_set1_ps(xd[t * kNbx + b]), total = _mm256_set1_ps(xs[t * kNbx + b]);
+  const __m256 acc = _mm256_fmadd_ps(_mm256_loadu_ps(mins + b * kPanel + 8 * j), total, _mm256_loadu_ps(o));
+  const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(scales + b * kPanel + 8 * j), d);
+  _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc));
+}
+
 // int16: pairs [16 per block][24] 32-bit units (two codes of one output row), x int16.
 template <bool Scale>
 __attribute__((noinline)) void tile_int16(const int32_t* pairs, const float* scales, const float* mins,
@@ -62,10 +78,8 @@ __attribute__((noinline)) void tile_int16(const int32_t* pairs, const float* sca
 #pragma GCC unroll 4
     for (int i = 0; i < 16; ++i) {
       const int64_t c = b * 16 + i;
-      const int32_t* p = pairs + c * kPanel;
-      const __m256i w[3] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8)),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16))};
+      __m256i w[3];
+      load_units(pairs + c * kPanel, w);
       for (int t = 0; t < 3; ++t) {
         int32_t pair;
         std::memcpy(&pair, xq + t * kLdx + 2 * c, 4);
@@ -75,15 +89,9 @@ __attribute__((noinline)) void tile_int16(const int32_t* pairs, const float* sca
     }
     for (int t = 0; t < 3; ++t)
       for (int j = 0; j < 3; ++j) {
-        float* o = out + t * kPanel + 8 * j;
-        if (!Scale) {  // the multiply-adds alone: keep the sums observable, nothing more
-          if (b == kBlocks - 1) _mm256_storeu_ps(o, _mm256_cvtepi32_ps(sum[t][j]));
-          continue;
-        }
-        const __m256 d = _mm256_set1_ps(xd[t * kNbx + b]), total = _mm256_set1_ps(xs[t * kNbx + b]);
-        const __m256 acc = _mm256_fmadd_ps(_mm256_loadu_ps(mins + b * kPanel + 8 * j), total, _mm256_loadu_ps(o));
-        const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(scales + b * kPanel + 8 * j), d);
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[t][j]), scale, acc));
+        if (Scale) add_block(sum[t][j], scales, mins, xd, xs, b, t, j, out);
+        else if (b == kBlocks - 1)  // the multiply-adds alone: keep the sums observable, nothing more
+          _mm256_storeu_ps(out + t * kPanel + 8 * j, _mm256_cvtepi32_ps(sum[t][j]));
       }
   }
 }
@@ -100,10 +108,8 @@ __attribute__((noinline)) void tile_int8(const int32_t* quads, const float* scal
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
       const int64_t c = b * 8 + i;
-      const int32_t* p = quads + c * kPanel;
-      const __m256i w[3] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8)),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16))};
+      __m256i w[3];
+      load_units(quads + c * kPanel, w);
       for (int t = 0; t < 3; ++t) {
         int32_t quad;
         std::memcpy(&quad, xq + t * kLdx + 4 * c, 4);
@@ -112,14 +118,7 @@ __attribute__((noinline)) void tile_int8(const int32_t* quads, const float* scal
       }
     }
     for (int t = 0; t < 3; ++t)
-      for (int j = 0; j < 3; ++j) {
-        float* o = out + t * kPanel + 8 * j;
-        const __m256 d = _mm256_set1_ps(xd[t * kNbx + b]), total = _mm256_set1_ps(xs[t * kNbx + b]);
-        const __m256 acc = _mm256_fmadd_ps(_mm256_loadu_ps(mins + b * kPanel + 8 * j), total, _mm256_loadu_ps(o));
-        const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(scales + b * kPanel + 8 * j), d);
-        const __m256i widened = _mm256_madd_epi16(sum[t][j], ones);
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(widened), scale, acc));
-      }
+      for (int j = 0; j < 3; ++j) add_block(_mm256_madd_epi16(sum[t][j], ones), scales, mins, xd, xs, b, t, j, out);
   }
 }
 

@@ -144,7 +144,7 @@ t = time.perf_counter(); steps = 0
 while engine.has_unfinished():
     engine.step(); steps += 1
 decode = steps / (time.perf_counter() - t)
-del llm, engine
+del llm, engine  # a second engine with the served KV type; the first keeps the earlier runs' settings
 llm = LLM({model!r}, kv_cache_memory="256MiB", kv_cache_dtype={kv_cache_dtype!r}, max_num_seqs=32)
 rng = random.Random(0)
 prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(64)]
