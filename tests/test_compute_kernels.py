@@ -177,9 +177,12 @@ def test_add_rms_norm(ops):
     torch.testing.assert_close(alone, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_silu_mul(ops):
-    gate_up = torch.randn(5, 2 * 72, generator=torch.Generator().manual_seed(0)) * 6
-    expected = F.silu(gate_up[:, :72]) * gate_up[:, 72:]
+@pytest.mark.parametrize("inner", [72, 77, 1536])  # the vector loop with and without a scalar tail
+def test_silu_mul(ops, inner):
+    gate_up = torch.randn(5, 2 * inner, generator=torch.Generator().manual_seed(0)) * 6
+    gate_up[0, :6] = torch.tensor([-200.0, -88.0, -30.0, 30.0, 88.0, 200.0])  # past exp's clamp: 0 and the gate
+    expected = F.silu(gate_up[:, :inner]) * gate_up[:, inner:]
+    # exp8's polynomial: ~1e-7 relative error per exponential, under the tolerance's 1e-5
     torch.testing.assert_close(ops.silu_mul(gate_up), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -238,6 +241,61 @@ def test_decode_attention_reads_a_float16_cache_exactly(ops, group, block_size, 
     torch.testing.assert_close(
         out, ops.decode_attention_f32(q, narrow.float(), tables, lens, 0.125), rtol=1e-6, atol=1e-6
     )
+
+
+def test_products_write_into_a_given_buffer(ops):
+    """q_linear and silu_mul write into `out` (models/layers.py's Workspace) exactly what they return
+    without it, on both product paths, and refuse a buffer of the wrong shape or type."""
+    gen = torch.Generator().manual_seed(1)
+    q = from_gguf(random_gguf("Q4_1", 101, 96), "Q4_1", 101, 96)
+    for m, max_int_rows in ((3, 10**6), (40, 0)):  # the row-wise path, then the integer panels
+        x = torch.randn(m, 96, generator=gen)
+        buffer = torch.full((m, 101), float("nan"))
+        got = ops.q_linear(x, q.codes, q.scales, q.mins, torch.empty(0), q.bits, max_int_rows, buffer)
+        assert got.data_ptr() == buffer.data_ptr()
+        torch.testing.assert_close(buffer, q_linear(ops, x, q, None, max_int_rows), rtol=0, atol=0)
+        gate_up, silu = torch.randn(m, 2 * 101, generator=gen), torch.full((m, 101), float("nan"))
+        assert ops.silu_mul(gate_up, out=silu).data_ptr() == silu.data_ptr()
+        torch.testing.assert_close(silu, ops.silu_mul(gate_up), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"out must be \[M, N\]"):
+        ops.q_linear(x, q.codes, q.scales, q.mins, torch.empty(0), q.bits, 0, torch.empty(m, 100))
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.q_linear(x, q.codes, q.scales, q.mins, torch.empty(0), q.bits, 0, torch.empty(m, 101).double())
+    with pytest.raises(RuntimeError, match=r"out must be \[T, I\]"):
+        ops.silu_mul(gate_up, out=torch.empty(m + 1, 101))
+
+
+def test_swiglu_reuses_the_workspace_for_large_steps(ops):
+    """Past WORKSPACE_MIN_BYTES of intermediate the MLP writes its [T, 2I] and [T, I] products into the
+    thread's workspace buffers, the same ones step after step, with the result of the path without
+    them; a step's end drops the ones it did not use, release() all."""
+    torch.manual_seed(0)
+    mlp = layers.SwiGLU(64, 4096)  # [T, 8192] fp32: 32 KiB a row, so 32 rows or more take the workspace
+    for proj in (mlp.gate_up_proj, mlp.down_proj):
+        w = torch.randn(proj.out_features, proj.in_features) * 0.05
+        proj.set_quantized(quantize_int8(w))
+    layers.use_cpu_kernels(mlp, ops)
+    x = torch.randn(40, 64)
+    layers.WORKSPACE.release()
+    mlp(torch.randn(31, 64))  # under the threshold: no buffer
+    assert layers.WORKSPACE.held_bytes() == 0
+    got = mlp(x)
+    assert layers.WORKSPACE.held_bytes() == 40 * (8192 + 4096) * 4
+    buffer = layers.WORKSPACE.get("gate_up", 1, 1)
+    mlp(torch.randn(33, 64))  # a smaller step: the same buffer, not a new one
+    assert layers.WORKSPACE.get("gate_up", 1, 1).data_ptr() == buffer.data_ptr()
+    gate_up = mlp.gate_up_proj(x)
+    expected = mlp.down_proj(ops.silu_mul(gate_up))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    layers.WORKSPACE.end_step()  # a step that used both buffers keeps them
+    assert layers.WORKSPACE.get("gate_up", 1, 1).data_ptr() == buffer.data_ptr()
+    layers.WORKSPACE.end_step()  # get() counts as a use: gate_up stays, silu goes
+    assert layers.WORKSPACE.held_bytes() == 40 * 8192 * 4
+    layers.WORKSPACE.end_step()  # a step that used none
+    assert layers.WORKSPACE.held_bytes() == 0
+    mlp(x)
+    layers.WORKSPACE.release()
+    assert layers.WORKSPACE.held_bytes() == 0
 
 
 def test_linear_module_plain_path_is_the_reference():

@@ -14,7 +14,8 @@ this module decides that:
   they left a ~210 MB hole under the KV cache (the default model), in which every step's activations
   then landed, touching fresh pages: the server's resident memory crept up by ~50 MiB over a
   benchmark. With them mapped, the heap after loading holds small objects
-  only; serving keeps its large activations out of it the same way (SERVE_MMAP_THRESHOLD).
+  only; serving keeps its large activations out of it the same way (SERVE_MMAP_THRESHOLD), or in
+  buffers it reuses (models/layers.py's Workspace).
 - `share_one_heap()`: the server's threads allocate from one heap, not an arena each.
 - `return_freed_memory()` / `settle_heap()`: free pages back to the OS, after loading and whenever
   the engine falls idle.
@@ -39,14 +40,17 @@ _M_ARENA_MAX = -8
 # 128 KiB and rises with every mapped chunk freed, up to 32 MiB: after the first large free, loading's
 # arrays all went to the heap).
 LOAD_MMAP_THRESHOLD = 64 << 10
-# While serving: a step's activations of 1 MiB or more (a prefill's MLP intermediates, a decode batch's
-# logits) never grow the heap either, so they never leave holes in it under what a step keeps; smaller
-# ones come from the heap's top, reused step after step, kept (up to SERVE_TRIM_THRESHOLD free) for the
-# next step and handed back when the engine falls idle. Measured on the default model serving (Zen 4,
-# 256-token steps): peak RSS 658-661 MiB against 662-671 with glibc's own rule, which raises the
-# threshold to 32 MiB and lets every activation grow the heap; throughput unchanged (a mapping's page
-# faults, ~1,500 for a 32-row decode's 6 MB of logits, cost ~1 ms of a ~90 ms step). Setting a
-# threshold turns glibc's rule off, so both are set.
+# While serving: a step's activations of 1 MiB or more (a decode batch's logits) never grow the heap
+# either, so they never leave holes in it under what a step keeps; smaller ones come from the heap's
+# top, reused step after step, kept (up to SERVE_TRIM_THRESHOLD free) for the next step and handed back
+# when the engine falls idle. Measured on the default model serving (Zen 4, 256-token steps): peak RSS
+# 658-661 MiB against 662-671 with glibc's own rule, which raises the threshold to 32 MiB and lets
+# every activation grow the heap. A mapping's pages are faulted in again, zeroed, each time: ~1,500
+# faults for a 32-row decode's 6 MB of logits, ~1 ms of the step; but ~34,000 for a 256-token prefill
+# step's MLP intermediates (~75 ms of system CPU time a step, ~10% of its CPU time), which therefore
+# live in models/layers.py's Workspace instead (peak RSS 663-664 MiB). (The eighth session found 1, 4
+# and 32 MiB equally fast interleaved in one process: there the heap, once grown at 32 MiB, kept
+# serving the large tensors at 1 MiB too.) Setting a threshold turns glibc's rule off, so both are set.
 SERVE_MMAP_THRESHOLD = 1 << 20
 SERVE_TRIM_THRESHOLD = 64 << 20
 

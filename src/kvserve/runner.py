@@ -31,7 +31,7 @@ from kvserve.models.attention import (
     block_tables_and_mask,
     decode_reads_in_place,
 )
-from kvserve.models.layers import use_cpu_kernels
+from kvserve.models.layers import WORKSPACE, use_cpu_kernels
 from kvserve.models.llama import LlamaForCausalLM
 from kvserve.models.loader import load_model_config, load_weights
 from kvserve.models.model_config import ModelConfig
@@ -293,6 +293,7 @@ class ModelRunner:
             self.kv_caches,
             meta,
         )
+        WORKSPACE.end_step()  # before the logits: buffers this step did not use are not kept through them
         rows = plan.logit_rows
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=device)]) if rows else None
         return hidden, logits

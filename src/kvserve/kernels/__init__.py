@@ -23,6 +23,7 @@ selects an implementation, not a behaviour.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
@@ -150,7 +151,8 @@ def _build(name: str, sources: list[str], cflags: list[str], python_module: bool
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     digest = hashlib.sha256(torch.__version__.encode() + " ".join(cflags).encode() + _cpu_id())
-    for source in sources:
+    headers = sorted(glob.glob(os.path.join(os.path.dirname(sources[0]), "*.h")))  # what the sources include
+    for source in [*sources, *headers]:
         with open(source, "rb") as f:
             digest.update(f.read())
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

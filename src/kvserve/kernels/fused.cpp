@@ -9,6 +9,7 @@
 //   (rotate-half / GPT-NeoX convention, as layers.apply_rotary) and writes the keys and values into
 //   their slots of a plain [2, blocks, block_size, Hkv, D] cache.
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -16,8 +17,11 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vec_math.h"
+
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
-                    const at::Tensor& bias, int64_t bits, int64_t max_int_rows);
+                    const at::Tensor& bias, int64_t bits, int64_t max_int_rows,
+                    const c10::optional<at::Tensor>& out_buffer);
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t max_dot_rows);
 at::Tensor decode_attention_f32(const at::Tensor& queries, const at::Tensor& cache, const at::Tensor& block_tables,
                                 const at::Tensor& lens, double scale);
@@ -73,12 +77,19 @@ at::Tensor add_rms_norm(const c10::optional<at::Tensor>& x, at::Tensor& residual
   return out;
 }
 
-// gate_up [T, 2I] -> silu(gate_up[:, :I]) * gate_up[:, I:], [T, I].
-at::Tensor silu_mul(const at::Tensor& gate_up) {
+// gate_up [T, 2I] -> silu(gate_up[:, :I]) * gate_up[:, I:], [T, I]. Eight lanes at a time through
+// vec_math.h's exp8: with std::exp per element it took ~15 ms of a 256-token prefill step of the
+// default model (Zen 4, either build), 4% of the step.
+// out_buffer: where to write it (as q_linear's), else a new tensor.
+at::Tensor silu_mul(const at::Tensor& gate_up, const c10::optional<at::Tensor>& out_buffer) {
   check_rows(gate_up, "gate_up");
   const int64_t tokens = gate_up.size(0), inner = gate_up.size(1) / 2;
   TORCH_CHECK(gate_up.size(1) == 2 * inner, "gate_up must have an even width");
-  at::Tensor out = at::empty({tokens, inner}, gate_up.options());
+  at::Tensor out = out_buffer.has_value() ? *out_buffer : at::empty({tokens, inner}, gate_up.options());
+  if (out_buffer.has_value()) {
+    TORCH_CHECK(out.is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous(), "out must be contiguous float32");
+    TORCH_CHECK(out.dim() == 2 && out.size(0) == tokens && out.size(1) == inner, "out must be [T, I]");
+  }
   const float* g = gate_up.data_ptr<float>();
   const int64_t stride = gate_up.stride(0);
   float* o = out.data_ptr<float>();
@@ -88,7 +99,13 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
       const float* __restrict__ gate = g + t * stride;
       const float* __restrict__ up = gate + inner;
       float* __restrict__ dst = o + t * inner;
-      for (int64_t i = i0; i < i1; ++i) dst[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+      int64_t i = i0;
+      for (; i + 8 <= i1; i += 8) {
+        const __m256 g8 = _mm256_loadu_ps(gate + i);
+        const __m256 denominator = _mm256_add_ps(_mm256_set1_ps(1.0f), kvserve_vec::exp8(_mm256_sub_ps(_mm256_setzero_ps(), g8)));
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_div_ps(g8, denominator), _mm256_loadu_ps(up + i)));
+      }
+      for (; i < i1; ++i) dst[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
       begin += i1 - i0;
     }
   });
@@ -167,10 +184,12 @@ void rope_kv_write(at::Tensor& qkv, int64_t num_heads, int64_t num_kv_heads, con
 // streams tokens meanwhile instead of waiting for the engine thread's next Python line.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
-  m.def("q_linear", &q_linear, "x @ W^T for a quantized W (linear.cpp)", release());
+  m.def("q_linear", &q_linear, "x @ W^T for a quantized W (linear.cpp)", py::arg("x"), py::arg("codes"),
+        py::arg("scales"), py::arg("mins"), py::arg("bias"), py::arg("bits"), py::arg("max_int_rows"),
+        py::arg("out") = py::none(), release());
   m.def("f32_linear", &f32_linear, "x @ W^T for an fp32 W (linear.cpp)", release());
   m.def("add_rms_norm", &add_rms_norm, "residual += x; rms_norm(residual) * weight", release());
-  m.def("silu_mul", &silu_mul, "silu(gate) * up", release());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up", py::arg("gate_up"), py::arg("out") = py::none(), release());
   m.def("rope_kv_write", &rope_kv_write, "rotary embedding in place, keys and values into the cache", release());
   m.def("decode_attention_f32", &decode_attention_f32, "decode attention from a plain fp32 or fp16 paged cache (paged_attention.cpp)",
         release());

@@ -715,8 +715,12 @@ constexpr int64_t kDefaultIntRows = 8;
 // x [M, K] fp32; codes/scales/mins as above (mins may be empty); bias [N] or empty -> [M, N] fp32.
 // Up to max_int_rows rows of x (kDefaultIntRows when negative) take the row-wise integer path; more take
 // the integer panels.
+// out_buffer: where to write the [M, N] result (float32, contiguous), else a new tensor. A caller that
+// makes the same large product every step passes one it keeps (layers.Workspace): a fresh tensor of a
+// MiB or more is a fresh mapping (kvserve/heap.py), its pages faulted in again each time.
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
-                    const at::Tensor& bias, int64_t bits, int64_t max_int_rows) {
+                    const at::Tensor& bias, int64_t bits, int64_t max_int_rows,
+                    const c10::optional<at::Tensor>& out_buffer) {
   check_cpu_float(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
@@ -738,7 +742,11 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
     check_cpu_float(bias, "bias");
     TORCH_CHECK(bias.numel() == n, "bias must have N elements");
   }
-  at::Tensor out = at::empty({m, n}, x.options());
+  at::Tensor out = out_buffer.has_value() ? *out_buffer : at::empty({m, n}, x.options());
+  if (out_buffer.has_value()) {
+    check_cpu_float(out, "out");
+    TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n, "out must be [M, N] = [", m, ", ", n, "]");
+  }
   if (m == 0) return out;
   PackedWeight w{static_cast<const uint8_t*>(codes.data_ptr()),  // int8 codes are read as bytes too
                  reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),

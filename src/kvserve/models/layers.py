@@ -9,6 +9,7 @@ with KVSERVE_CPU_KERNELS=0, and then the module runs its plain PyTorch path, the
 from __future__ import annotations
 
 import math
+import threading
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,58 @@ F32_KERNEL_MAX_ROWS = 4
 # kDefaultIntRows: 8 rows); a number forces it.
 INT_KERNEL_MAX_ROWS = -1
 _EMPTY = torch.empty(0)
+
+
+class Workspace:
+    """Buffers that a step's large activations reuse, layer after layer and step after step, one set per
+    thread (each engine runs its steps on one thread). A fresh tensor of a MiB or more is a fresh
+    mapping (kvserve/heap.py), its pages faulted in again, zeroed, every time: the MLP's [T, 2I] and
+    [T, I] intermediates of a 256-token prefill step took ~34,000 page faults a step in 30 layers. A
+    buffer that a step did not use is dropped at the step's end (`end_step`: a decode-only step after
+    prefill steps does not keep them through its logits, so the peak memory stays what the mappings'
+    was), and all of them when the engine falls idle (`release`)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def _state(self) -> tuple[dict[str, torch.Tensor], set[str]]:
+        local = self._local
+        if not hasattr(local, "buffers"):
+            local.buffers, local.used = {}, set()
+        return local.buffers, local.used
+
+    def get(self, name: str, rows: int, cols: int) -> torch.Tensor:
+        """A float32 [rows, cols] view of the buffer `name`, grown to fit; its contents are garbage."""
+        buffers, used = self._state()
+        need = rows * cols
+        buffer = buffers.get(name)
+        if buffer is None or buffer.numel() < need:
+            buffers[name] = buffer = torch.empty(need)
+        used.add(name)
+        return buffer[:need].view(rows, cols)
+
+    def end_step(self) -> None:
+        """After a forward: drops this thread's buffers that it did not use."""
+        buffers, used = self._state()
+        for name in [name for name in buffers if name not in used]:
+            del buffers[name]
+        used.clear()
+
+    def held_bytes(self) -> int:
+        """What this thread's buffers hold."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self._state()[0].values())
+
+    def release(self) -> None:
+        """Drops this thread's buffers (the engine fell idle: their memory goes back to the OS)."""
+        buffers, used = self._state()
+        buffers.clear()
+        used.clear()
+
+
+WORKSPACE = Workspace()
+# Products whose output is at least this large write into WORKSPACE: glibc maps (and unmaps) allocations
+# of 1 MiB or more (heap.SERVE_MMAP_THRESHOLD); smaller ones come from the heap, reused anyway.
+WORKSPACE_MIN_BYTES = 1 << 20
 
 
 def kernel_for(module: nn.Module, x: torch.Tensor) -> ModuleType | None:
@@ -63,11 +116,17 @@ class Linear(nn.Module):
         self.qweight = qweight
         self.weight = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._product(x)
-        return out if self.reduce is None else self.reduce.all_reduce(out)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W^T (+ b). `out`: a float32 [rows of x, out_features] buffer to write the result into, taken
+        where the compiled quantized product runs (`writes_into(x)`); elsewhere a new tensor."""
+        result = self._product(x, out)
+        return result if self.reduce is None else self.reduce.all_reduce(result)
 
-    def _product(self, x: torch.Tensor) -> torch.Tensor:
+    def writes_into(self, x: torch.Tensor) -> bool:
+        """Whether forward(x, out) writes into out: the compiled product of a quantized weight, unreduced."""
+        return self.qweight is not None and self.reduce is None and kernel_for(self, x) is not None
+
+    def _product(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         ops = self.ops
         if self.qweight is not None:
             if ops is not None and x.dtype == torch.float32 and x.is_cpu:
@@ -81,6 +140,7 @@ class Linear(nn.Module):
                     _EMPTY if self.bias is None else self.bias,
                     q.bits,
                     INT_KERNEL_MAX_ROWS,
+                    out,
                 )
                 return out if x2 is x else out.view(*x.shape[:-1], self.out_features)
             return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
@@ -179,7 +239,16 @@ class SwiGLU(nn.Module):
         self.ops: ModuleType | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        gate_up_proj, rows = self.gate_up_proj, x.numel() // x.shape[-1]
+        if (
+            x.dim() == 2
+            and rows * gate_up_proj.out_features * 4 >= WORKSPACE_MIN_BYTES
+            and (ops := kernel_for(self, x)) is not None
+            and gate_up_proj.writes_into(x)
+        ):  # a prefill step's: both intermediates in WORKSPACE's buffers, reused
+            gate_up = gate_up_proj(x, WORKSPACE.get("gate_up", rows, gate_up_proj.out_features))
+            return self.down_proj(ops.silu_mul(gate_up, WORKSPACE.get("silu", rows, self.intermediate_size)))
+        gate_up = gate_up_proj(x)  # [T, 2I]
         if (ops := kernel_for(self, gate_up)) is not None and gate_up.dim() == 2:
             return self.down_proj(ops.silu_mul(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)  # [T, I] each
