@@ -244,8 +244,8 @@ def test_decode_attention_reads_a_float16_cache_exactly(ops, group, block_size, 
 
 
 def test_products_write_into_a_given_buffer(ops):
-    """q_linear and silu_mul write into `out` (models/layers.py's Workspace) exactly what they return
-    without it, on both product paths, and refuse a buffer of the wrong shape or type."""
+    """q_linear, f32_linear and silu_mul write into `out` (models/layers.py's Workspace) exactly what they
+    return without it, on each product path, and refuse a buffer of the wrong shape or type."""
     gen = torch.Generator().manual_seed(1)
     q = from_gguf(random_gguf("Q4_1", 101, 96), "Q4_1", 101, 96)
     for m, max_int_rows in ((3, 10**6), (40, 0)):  # the row-wise path, then the integer panels
@@ -257,6 +257,14 @@ def test_products_write_into_a_given_buffer(ops):
         gate_up, silu = torch.randn(m, 2 * 101, generator=gen), torch.full((m, 101), float("nan"))
         assert ops.silu_mul(gate_up, out=silu).data_ptr() == silu.data_ptr()
         torch.testing.assert_close(silu, ops.silu_mul(gate_up), rtol=0, atol=0)
+    weight = q.dequantize()
+    for m, max_dot_rows in ((3, 4), (40, 4)):  # f32_linear's dot products, then its panels
+        x = torch.randn(m, 96, generator=gen)
+        buffer = torch.full((m, 101), float("nan"))
+        assert ops.f32_linear(x, weight, torch.empty(0), max_dot_rows, out=buffer).data_ptr() == buffer.data_ptr()
+        torch.testing.assert_close(buffer, ops.f32_linear(x, weight, torch.empty(0), max_dot_rows), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"out must be \[M, N\]"):
+        ops.f32_linear(x, weight, torch.empty(0), 4, out=torch.empty(m, 102))
     with pytest.raises(RuntimeError, match=r"out must be \[M, N\]"):
         ops.q_linear(x, q.codes, q.scales, q.mins, torch.empty(0), q.bits, 0, torch.empty(m, 100))
     with pytest.raises(RuntimeError, match="float32"):
@@ -265,7 +273,8 @@ def test_products_write_into_a_given_buffer(ops):
         ops.silu_mul(gate_up, out=torch.empty(m + 1, 101))
 
 
-def test_swiglu_reuses_the_workspace_for_large_steps(ops):
+@pytest.mark.parametrize("quantized", [True, False], ids=["int8", "fp32"])
+def test_swiglu_reuses_the_workspace_for_large_steps(ops, quantized):
     """Past WORKSPACE_MIN_BYTES of intermediate the MLP writes its [T, 2I] and [T, I] products into the
     thread's workspace buffers, the same ones step after step, with the result of the path without
     them; a step's end drops the ones it did not use, release() all."""
@@ -273,7 +282,10 @@ def test_swiglu_reuses_the_workspace_for_large_steps(ops):
     mlp = layers.SwiGLU(64, 4096)  # [T, 8192] fp32: 32 KiB a row, so 32 rows or more take the workspace
     for proj in (mlp.gate_up_proj, mlp.down_proj):
         w = torch.randn(proj.out_features, proj.in_features) * 0.05
-        proj.set_quantized(quantize_int8(w))
+        if quantized:
+            proj.set_quantized(quantize_int8(w))
+        else:
+            proj.weight.data.copy_(w)
     layers.use_cpu_kernels(mlp, ops)
     x = torch.randn(40, 64)
     layers.WORKSPACE.release()

@@ -19,7 +19,8 @@
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                     const at::Tensor& bias, int64_t bits, int64_t max_int_rows,
                     const c10::optional<at::Tensor>& out_buffer);
-at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t max_dot_rows);
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t max_dot_rows,
+                      const c10::optional<at::Tensor>& out_buffer);
 at::Tensor add_rms_norm(const c10::optional<at::Tensor>& x, at::Tensor& residual, const at::Tensor& weight,
                         double eps);
 at::Tensor silu_mul(const at::Tensor& gate_up, const c10::optional<at::Tensor>& out_buffer);
@@ -41,7 +42,7 @@ struct Projection {
 
   at::Tensor operator()(const at::Tensor& x) const {
     if (codes.defined() && codes.numel() > 0) return q_linear(x, codes, scales, mins, bias, bits, max_int_rows, c10::nullopt);
-    return f32_linear(x, weight, bias, max_f32_rows);
+    return f32_linear(x, weight, bias, max_f32_rows, c10::nullopt);
   }
 };
 

@@ -22,7 +22,8 @@
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                     const at::Tensor& bias, int64_t bits, int64_t max_int_rows,
                     const c10::optional<at::Tensor>& out_buffer);
-at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t max_dot_rows);
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t max_dot_rows,
+                      const c10::optional<at::Tensor>& out_buffer);
 at::Tensor decode_attention_f32(const at::Tensor& queries, const at::Tensor& cache, const at::Tensor& block_tables,
                                 const at::Tensor& lens, double scale);
 void bind_decoder(pybind11::module& m);
@@ -187,7 +188,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q_linear", &q_linear, "x @ W^T for a quantized W (linear.cpp)", py::arg("x"), py::arg("codes"),
         py::arg("scales"), py::arg("mins"), py::arg("bias"), py::arg("bits"), py::arg("max_int_rows"),
         py::arg("out") = py::none(), release());
-  m.def("f32_linear", &f32_linear, "x @ W^T for an fp32 W (linear.cpp)", release());
+  m.def("f32_linear", &f32_linear, "x @ W^T for an fp32 W (linear.cpp)", py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("max_dot_rows"), py::arg("out") = py::none(), release());
   m.def("add_rms_norm", &add_rms_norm, "residual += x; rms_norm(residual) * weight", release());
   m.def("silu_mul", &silu_mul, "silu(gate) * up", py::arg("gate_up"), py::arg("out") = py::none(), release());
   m.def("rope_kv_write", &rope_kv_write, "rotary embedding in place, keys and values into the cache", release());

@@ -675,6 +675,17 @@ void check_cpu_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// A product's [M, N] float32 result: out_buffer where the caller passes one (checked), else a new tensor.
+// A caller that makes the same large product every step passes one it keeps (layers.Workspace): a fresh
+// tensor of a MiB or more is a fresh mapping (kvserve/heap.py), its pages faulted in again each time.
+at::Tensor product_output(const at::Tensor& x, int64_t m, int64_t n, const c10::optional<at::Tensor>& out_buffer) {
+  if (!out_buffer.has_value()) return at::empty({m, n}, x.options());
+  check_cpu_float(*out_buffer, "out");
+  TORCH_CHECK(out_buffer->dim() == 2 && out_buffer->size(0) == m && out_buffer->size(1) == n, "out must be [M, N] = [",
+              m, ", ", n, "]");
+  return *out_buffer;
+}
+
 thread_local QuantizedActs tls_acts;  // reused: a product allocates nothing once warm
 
 // A weight's format as types: 4-bit (32-element groups) or 8-bit codes, 16- or 32-element scale groups,
@@ -715,9 +726,7 @@ constexpr int64_t kDefaultIntRows = 8;
 // x [M, K] fp32; codes/scales/mins as above (mins may be empty); bias [N] or empty -> [M, N] fp32.
 // Up to max_int_rows rows of x (kDefaultIntRows when negative) take the row-wise integer path; more take
 // the integer panels.
-// out_buffer: where to write the [M, N] result (float32, contiguous), else a new tensor. A caller that
-// makes the same large product every step passes one it keeps (layers.Workspace): a fresh tensor of a
-// MiB or more is a fresh mapping (kvserve/heap.py), its pages faulted in again each time.
+// out_buffer: where to write the result (product_output), else a new tensor.
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                     const at::Tensor& bias, int64_t bits, int64_t max_int_rows,
                     const c10::optional<at::Tensor>& out_buffer) {
@@ -742,11 +751,7 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
     check_cpu_float(bias, "bias");
     TORCH_CHECK(bias.numel() == n, "bias must have N elements");
   }
-  at::Tensor out = out_buffer.has_value() ? *out_buffer : at::empty({m, n}, x.options());
-  if (out_buffer.has_value()) {
-    check_cpu_float(out, "out");
-    TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n, "out must be [M, N] = [", m, ", ", n, "]");
-  }
+  at::Tensor out = product_output(x, m, n, out_buffer);
   if (m == 0) return out;
   PackedWeight w{static_cast<const uint8_t*>(codes.data_ptr()),  // int8 codes are read as bytes too
                  reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
@@ -807,7 +812,9 @@ inline void f32_row_tile(const float* w, const float* x, int64_t k, float* out) 
 // x [M, K] fp32, weight [N, K] fp32, bias [N] or empty -> [M, N]. Up to max_dot_rows rows of x, each
 // weight row meets a few rows of x in dot products (the weight streams from memory once); more take the
 // panels, as quantized weights do.
-at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t max_dot_rows) {
+// out_buffer: as q_linear's.
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t max_dot_rows,
+                      const c10::optional<at::Tensor>& out_buffer) {
   check_cpu_float(x, "x");
   check_cpu_float(weight, "weight");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "x [M, K] and weight [N, K] must share K");
@@ -817,7 +824,7 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::T
     check_cpu_float(bias, "bias");
     TORCH_CHECK(bias.numel() == n, "bias must have N elements");
   }
-  at::Tensor out = at::empty({m, n}, x.options());
+  at::Tensor out = product_output(x, m, n, out_buffer);
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;

@@ -118,13 +118,15 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W^T (+ b). `out`: a float32 [rows of x, out_features] buffer to write the result into, taken
-        where the compiled quantized product runs (`writes_into(x)`); elsewhere a new tensor."""
+        where a compiled product runs (`writes_into(x)`); elsewhere a new tensor."""
         result = self._product(x, out)
         return result if self.reduce is None else self.reduce.all_reduce(result)
 
     def writes_into(self, x: torch.Tensor) -> bool:
-        """Whether forward(x, out) writes into out: the compiled product of a quantized weight, unreduced."""
-        return self.qweight is not None and self.reduce is None and kernel_for(self, x) is not None
+        """Whether forward(x, out) writes into out: a compiled product (q_linear, f32_linear), unreduced."""
+        if self.reduce is not None or kernel_for(self, x) is None:
+            return False
+        return self.qweight is not None or self.weight.dtype == torch.float32
 
     def _product(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         ops = self.ops
@@ -148,7 +150,7 @@ class Linear(nn.Module):
         if ops is not None and self.weight.dtype == torch.float32:
             x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, self.in_features).contiguous()
             bias = _EMPTY if self.bias is None else self.bias
-            out = ops.f32_linear(x2, self.weight, bias, F32_KERNEL_MAX_ROWS)
+            out = ops.f32_linear(x2, self.weight, bias, F32_KERNEL_MAX_ROWS, out)
             return out if x2 is x else out.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
