@@ -32,19 +32,20 @@ def base_build(revision: str, isa: str):
     """The compute kernels of `revision`, built for `isa` under their own module name."""
     root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
     folder = tempfile.mkdtemp(prefix="kvserve-kernel-ab-")
+    cwd = root.stdout.strip()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+    listed = git("ls-tree", "--name-only", f"{revision}:src/kvserve/kernels").split()
+    headers = [name for name in listed if name.endswith(".h")]  # what the sources include (vec_math.h on)
     paths = []
-    for name in SOURCES:
-        text = subprocess.run(
-            ["git", "show", f"{revision}:src/kvserve/kernels/{name}"],
-            cwd=root.stdout.strip(),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+    for name in [*SOURCES, *headers]:
         path = os.path.join(folder, name)
         with open(path, "w") as f:
-            f.write(text)
-        paths.append(path)
+            f.write(git("show", f"{revision}:src/kvserve/kernels/{name}"))
+        if name in SOURCES:
+            paths.append(path)
     return kernels._build(f"kvserve_base_{isa}", paths, kernels.ISA_FLAGS[isa], python_module=True)
 
 

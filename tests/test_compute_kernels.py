@@ -180,7 +180,8 @@ def test_add_rms_norm(ops):
 @pytest.mark.parametrize("inner", [72, 77, 1536])  # the vector loop with and without a scalar tail
 def test_silu_mul(ops, inner):
     gate_up = torch.randn(5, 2 * inner, generator=torch.Generator().manual_seed(0)) * 6
-    gate_up[0, :6] = torch.tensor([-200.0, -88.0, -30.0, 30.0, 88.0, 200.0])  # past exp's clamp: 0 and the gate
+    # past exp8's clamp: ~0 and the gate (silu(-200) is -0 with exp8(88.3762) finite or infinite alike)
+    gate_up[0, :6] = torch.tensor([-200.0, -88.0, -30.0, 30.0, 88.0, 200.0])
     expected = F.silu(gate_up[:, :inner]) * gate_up[:, inner:]
     # exp8's polynomial: ~1e-7 relative error per exponential, under the tolerance's 1e-5
     torch.testing.assert_close(ops.silu_mul(gate_up), expected, rtol=1e-5, atol=1e-6)
@@ -275,11 +276,11 @@ def test_products_write_into_a_given_buffer(ops):
 
 @pytest.mark.parametrize("quantized", [True, False], ids=["int8", "fp32"])
 def test_swiglu_reuses_the_workspace_for_large_steps(ops, quantized):
-    """Past WORKSPACE_MIN_BYTES of intermediate the MLP writes its [T, 2I] and [T, I] products into the
+    """Past WORKSPACE_MIN_BYTES the MLP writes its [T, 2I] product, and past it too its [T, I] one, into the
     thread's workspace buffers, the same ones step after step, with the result of the path without
     them; a step's end drops the ones it did not use, release() all."""
     torch.manual_seed(0)
-    mlp = layers.SwiGLU(64, 4096)  # [T, 8192] fp32: 32 KiB a row, so 32 rows or more take the workspace
+    mlp = layers.SwiGLU(64, 4096)  # fp32 rows: [T, 8192] 32 KiB, [T, 4096] 16 KiB: 32 and 64 rows reach 1 MiB
     for proj in (mlp.gate_up_proj, mlp.down_proj):
         w = torch.randn(proj.out_features, proj.in_features) * 0.05
         if quantized:
@@ -287,27 +288,27 @@ def test_swiglu_reuses_the_workspace_for_large_steps(ops, quantized):
         else:
             proj.weight.data.copy_(w)
     layers.use_cpu_kernels(mlp, ops)
-    x = torch.randn(40, 64)
-    layers.WORKSPACE.release()
-    mlp(torch.randn(31, 64))  # under the threshold: no buffer
-    assert layers.WORKSPACE.held_bytes() == 0
+    workspace = layers.WORKSPACE
+    x = torch.randn(70, 64)
+    workspace.release()
+    mlp(torch.randn(31, 64))  # under the bar: no buffer
+    assert workspace.held_bytes() == 0
     got = mlp(x)
-    assert layers.WORKSPACE.held_bytes() == 40 * (8192 + 4096) * 4
-    buffer = layers.WORKSPACE.get("gate_up", 1, 1)
-    mlp(torch.randn(33, 64))  # a smaller step: the same buffer, not a new one
-    assert layers.WORKSPACE.get("gate_up", 1, 1).data_ptr() == buffer.data_ptr()
-    gate_up = mlp.gate_up_proj(x)
-    expected = mlp.down_proj(ops.silu_mul(gate_up))
+    assert workspace.held_bytes() == 70 * (8192 + 4096) * 4
+    workspace.end_step()  # a step that used both keeps both
+    assert workspace.held_bytes() == 70 * (8192 + 4096) * 4
+    buffer = workspace.get("gate_up", 1, 1)
+    mlp(torch.randn(40, 64))  # a smaller step: the same gate_up buffer; its [40, 4096] under the bar
+    assert workspace.get("gate_up", 1, 1).data_ptr() == buffer.data_ptr()
+    expected = mlp.down_proj(ops.silu_mul(mlp.gate_up_proj(x)))
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    layers.WORKSPACE.end_step()  # a step that used both buffers keeps them
-    assert layers.WORKSPACE.get("gate_up", 1, 1).data_ptr() == buffer.data_ptr()
-    layers.WORKSPACE.end_step()  # get() counts as a use: gate_up stays, silu goes
-    assert layers.WORKSPACE.held_bytes() == 40 * 8192 * 4
-    layers.WORKSPACE.end_step()  # a step that used none
-    assert layers.WORKSPACE.held_bytes() == 0
+    workspace.end_step()  # since the last end_step, gate_up was used and silu was not
+    assert workspace.held_bytes() == 70 * 8192 * 4
+    workspace.end_step()  # a step that used none
+    assert workspace.held_bytes() == 0
     mlp(x)
-    layers.WORKSPACE.release()
-    assert layers.WORKSPACE.held_bytes() == 0
+    workspace.release()
+    assert workspace.held_bytes() == 0
 
 
 def test_linear_module_plain_path_is_the_reference():

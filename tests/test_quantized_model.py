@@ -72,7 +72,12 @@ def test_quantized_default_model_matches_fp32(reference, quantized, path, monkey
     ids, (ref_logits, ref_top1, ref_ppl) = reference
     if path == "integer":
         monkeypatch.setattr(layers, "INT_KERNEL_MAX_ROWS", 10**6)
+    uses: list[str] = []  # the 256-token prefill steps' MLP intermediates go through the step workspace
+    get = layers.WORKSPACE.get
+    monkeypatch.setattr(layers.WORKSPACE, "get", lambda name, *shape: uses.append(name) or get(name, *shape))
     logits, top1, ppl = score(quantized, ids)
+    assert uses.count("gate_up") >= 30 and uses.count("silu") >= 30
+    assert layers.WORKSPACE.held_bytes() == 0  # released when the engine fell idle
     agreement = sum(a == b for a, b in zip(top1, ref_top1)) / len(top1)
     max_diff = (logits - ref_logits).abs().max().item()
     with capsys.disabled():

@@ -31,6 +31,7 @@ from kvserve.kv.offload import TieredKVStore
 from kvserve.kv.prefix_hash import root_hash
 from kvserve.kv.quant import QUANTIZED_FORMAT, num_open_slots, plain_kv_dtype
 from kvserve.kv_state import MAX_CELLS, TREE_ROOTS, KVStateTracker
+from kvserve.models.layers import WORKSPACE
 from kvserve.models.loader import load_model_config
 from kvserve.models.paths import resolve_model_path
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, SequenceDelta
@@ -366,6 +367,8 @@ class Engine:
             raise StepFailed(outputs, exc) from exc
         finally:
             self.publish_kv_events()
+            if not self.has_unfinished():
+                WORKSPACE.release()  # the steps' reused buffers (models/layers.py) go when the engine falls idle
 
     def _run(self, batch: SchedulerOutput) -> list[SequenceDelta]:
         self.stats.num_steps += 1

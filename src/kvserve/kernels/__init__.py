@@ -151,7 +151,8 @@ def _build(name: str, sources: list[str], cflags: list[str], python_module: bool
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     digest = hashlib.sha256(torch.__version__.encode() + " ".join(cflags).encode() + _cpu_id())
-    headers = sorted(glob.glob(os.path.join(os.path.dirname(sources[0]), "*.h")))  # what the sources include
+    # the headers beside the sources (what they may include): a header's change rebuilds every build here
+    headers = sorted(glob.glob(os.path.join(os.path.dirname(sources[0]), "*.h")))
     for source in [*sources, *headers]:
         with open(source, "rb") as f:
             digest.update(f.read())

@@ -40,8 +40,9 @@ class Workspace:
     mapping (kvserve/heap.py), its pages faulted in again, zeroed, every time: the MLP's [T, 2I] and
     [T, I] intermediates of a 256-token prefill step took ~34,000 page faults a step in 30 layers. A
     buffer that a step did not use is dropped at the step's end (`end_step`: a decode-only step after
-    prefill steps does not keep them through its logits, so the peak memory stays what the mappings'
-    was), and all of them when the engine falls idle (`release`)."""
+    prefill steps does not keep them through its logits; the server's peak RSS went from 660 to
+    663-664 MiB), and all of them when the engine falls idle (`release`; a tensor-parallel worker rank
+    keeps its own until its next step that does not use them)."""
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -58,7 +59,7 @@ class Workspace:
         need = rows * cols
         buffer = buffers.get(name)
         if buffer is None or buffer.numel() < need:
-            buffers[name] = buffer = torch.empty(need)
+            buffers[name] = buffer = torch.empty(need, dtype=torch.float32)  # not the default dtype
         used.add(name)
         return buffer[:need].view(rows, cols)
 
@@ -249,7 +250,9 @@ class SwiGLU(nn.Module):
             and gate_up_proj.writes_into(x)
         ):  # a prefill step's: both intermediates in WORKSPACE's buffers, reused
             gate_up = gate_up_proj(x, WORKSPACE.get("gate_up", rows, gate_up_proj.out_features))
-            return self.down_proj(ops.silu_mul(gate_up, WORKSPACE.get("silu", rows, self.intermediate_size)))
+            inner = self.intermediate_size  # the product, half as wide: a buffer of its own only past the bar too
+            silu = WORKSPACE.get("silu", rows, inner) if rows * inner * 4 >= WORKSPACE_MIN_BYTES else None
+            return self.down_proj(ops.silu_mul(gate_up, silu))
         gate_up = gate_up_proj(x)  # [T, 2I]
         if (ops := kernel_for(self, gate_up)) is not None and gate_up.dim() == 2:
             return self.down_proj(ops.silu_mul(gate_up))
