@@ -270,7 +270,7 @@ def test_products_write_into_a_given_buffer(ops):
         ops.q_linear(x, q.codes, q.scales, q.mins, torch.empty(0), q.bits, 0, torch.empty(m, 100))
     with pytest.raises(RuntimeError, match="float32"):
         ops.q_linear(x, q.codes, q.scales, q.mins, torch.empty(0), q.bits, 0, torch.empty(m, 101).double())
-    with pytest.raises(RuntimeError, match=r"out must be \[T, I\]"):
+    with pytest.raises(RuntimeError, match=r"out must be \[M, N\] = \[40, 101\]"):  # [T, I]
         ops.silu_mul(gate_up, out=torch.empty(m + 1, 101))
 
 
@@ -297,9 +297,9 @@ def test_swiglu_reuses_the_workspace_for_large_steps(ops, quantized):
     assert workspace.held_bytes() == 70 * (8192 + 4096) * 4
     workspace.end_step()  # a step that used both keeps both
     assert workspace.held_bytes() == 70 * (8192 + 4096) * 4
-    buffer = workspace.get("gate_up", 1, 1)
+    buffer = workspace.get("gate_up", 70, 8192)
     mlp(torch.randn(40, 64))  # a smaller step: the same gate_up buffer; its [40, 4096] under the bar
-    assert workspace.get("gate_up", 1, 1).data_ptr() == buffer.data_ptr()
+    assert workspace.get("gate_up", 70, 8192).data_ptr() == buffer.data_ptr()
     expected = mlp.down_proj(ops.silu_mul(mlp.gate_up_proj(x)))
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     workspace.end_step()  # since the last end_step, gate_up was used and silu was not

@@ -41,7 +41,6 @@ from typing import Any
 
 from kvserve.engine import Engine, StepFailed
 from kvserve.heap import return_freed_memory
-from kvserve.models.layers import WORKSPACE
 from kvserve.outputs import RequestOutput, SequenceDelta
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.stats_log import EngineObserver, PeriodicStats, RequestRecord, log_request
@@ -341,7 +340,6 @@ class AsyncEngine:
         busy spell freed would otherwise stay resident (glibc keeps it in its arenas), and an idle server's
         RSS is what it holds. And the DESIGN invariant is checked: no request left, every block free or
         cached-and-evictable; a violation is an engine bug, logged loudly, but the server keeps serving."""
-        WORKSPACE.release()  # the engine thread's step buffers (models/layers.py), then the heap's free pages
         return_freed_memory()
         check = getattr(self.engine, "check_idle", None)
         if check is None:

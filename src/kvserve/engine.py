@@ -325,6 +325,13 @@ class Engine:
         for seq in group.sequences:
             if not seq.status.finished:
                 self.scheduler.finish(seq, RequestStatus.FINISHED_ABORTED)
+        self._release_when_idle()
+
+    def _release_when_idle(self) -> None:
+        """Once nothing is left to run (a step finished the last request, or it was aborted), the steps'
+        reused buffers (models/layers.py's Workspace) go back to the OS."""
+        if not self.has_unfinished():
+            WORKSPACE.release()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -367,8 +374,7 @@ class Engine:
             raise StepFailed(outputs, exc) from exc
         finally:
             self.publish_kv_events()
-            if not self.has_unfinished():
-                WORKSPACE.release()  # the steps' reused buffers (models/layers.py) go when the engine falls idle
+            self._release_when_idle()
 
     def _run(self, batch: SchedulerOutput) -> list[SequenceDelta]:
         self.stats.num_steps += 1

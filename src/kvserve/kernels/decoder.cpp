@@ -18,12 +18,12 @@
 
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                     const at::Tensor& bias, int64_t bits, int64_t max_int_rows,
-                    const c10::optional<at::Tensor>& out_buffer);
+                    const c10::optional<at::Tensor>& out_buffer = c10::nullopt);
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t max_dot_rows,
-                      const c10::optional<at::Tensor>& out_buffer);
+                      const c10::optional<at::Tensor>& out_buffer = c10::nullopt);
 at::Tensor add_rms_norm(const c10::optional<at::Tensor>& x, at::Tensor& residual, const at::Tensor& weight,
                         double eps);
-at::Tensor silu_mul(const at::Tensor& gate_up, const c10::optional<at::Tensor>& out_buffer);
+at::Tensor silu_mul(const at::Tensor& gate_up, const c10::optional<at::Tensor>& out_buffer = c10::nullopt);
 void rope_kv_write(at::Tensor& qkv, int64_t num_heads, int64_t num_kv_heads, const at::Tensor& cos,
                    const at::Tensor& sin, const c10::optional<at::Tensor>& cache, const c10::optional<at::Tensor>& slots);
 void decode_attention_rows(const float* q, int64_t q_stride, int64_t nd, int64_t heads, int64_t group, int64_t dim,
@@ -41,8 +41,8 @@ struct Projection {
   int64_t max_f32_rows = 0;  // layers.F32_KERNEL_MAX_ROWS
 
   at::Tensor operator()(const at::Tensor& x) const {
-    if (codes.defined() && codes.numel() > 0) return q_linear(x, codes, scales, mins, bias, bits, max_int_rows, c10::nullopt);
-    return f32_linear(x, weight, bias, max_f32_rows, c10::nullopt);
+    if (codes.defined() && codes.numel() > 0) return q_linear(x, codes, scales, mins, bias, bits, max_int_rows);
+    return f32_linear(x, weight, bias, max_f32_rows);
   }
 };
 
@@ -95,7 +95,7 @@ struct DecoderStack {
                             block_tables, lens, layer.scale, attn.data_ptr<float>());
       at::Tensor o = (*layer.o)(attn);
       x = add_rms_norm(o, residual, layer.post_attention_norm, layer.eps);
-      h = (*layer.down)(silu_mul((*layer.gate_up)(x), c10::nullopt));
+      h = (*layer.down)(silu_mul((*layer.gate_up)(x)));
     }
     TORCH_CHECK(h.has_value(), "the stack has no layers");
     return {*h, residual};

@@ -21,9 +21,10 @@
 
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                     const at::Tensor& bias, int64_t bits, int64_t max_int_rows,
-                    const c10::optional<at::Tensor>& out_buffer);
+                    const c10::optional<at::Tensor>& out_buffer = c10::nullopt);
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t max_dot_rows,
-                      const c10::optional<at::Tensor>& out_buffer);
+                      const c10::optional<at::Tensor>& out_buffer = c10::nullopt);
+at::Tensor product_output(const at::Tensor& x, int64_t m, int64_t n, const c10::optional<at::Tensor>& out_buffer);
 at::Tensor decode_attention_f32(const at::Tensor& queries, const at::Tensor& cache, const at::Tensor& block_tables,
                                 const at::Tensor& lens, double scale);
 void bind_decoder(pybind11::module& m);
@@ -81,16 +82,12 @@ at::Tensor add_rms_norm(const c10::optional<at::Tensor>& x, at::Tensor& residual
 // gate_up [T, 2I] -> silu(gate_up[:, :I]) * gate_up[:, I:], [T, I]. Eight lanes at a time through
 // vec_math.h's exp8: with std::exp per element it took ~15 ms of a 256-token prefill step of the
 // default model (Zen 4, either build), 4% of the step.
-// out_buffer: where to write it (as q_linear's), else a new tensor.
-at::Tensor silu_mul(const at::Tensor& gate_up, const c10::optional<at::Tensor>& out_buffer) {
+// out_buffer: where to write it (linear.cpp's product_output), else a new tensor.
+at::Tensor silu_mul(const at::Tensor& gate_up, const c10::optional<at::Tensor>& out_buffer = c10::nullopt) {
   check_rows(gate_up, "gate_up");
   const int64_t tokens = gate_up.size(0), inner = gate_up.size(1) / 2;
   TORCH_CHECK(gate_up.size(1) == 2 * inner, "gate_up must have an even width");
-  at::Tensor out = out_buffer.has_value() ? *out_buffer : at::empty({tokens, inner}, gate_up.options());
-  if (out_buffer.has_value()) {
-    TORCH_CHECK(out.is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous(), "out must be contiguous float32");
-    TORCH_CHECK(out.dim() == 2 && out.size(0) == tokens && out.size(1) == inner, "out must be [T, I]");
-  }
+  at::Tensor out = product_output(gate_up, tokens, inner, out_buffer);
   const float* g = gate_up.data_ptr<float>();
   const int64_t stride = gate_up.stride(0);
   float* o = out.data_ptr<float>();

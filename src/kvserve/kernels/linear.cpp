@@ -675,17 +675,6 @@ void check_cpu_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// A product's [M, N] float32 result: out_buffer where the caller passes one (checked), else a new tensor.
-// A caller that makes the same large product every step passes one it keeps (layers.Workspace): a fresh
-// tensor of a MiB or more is a fresh mapping (kvserve/heap.py), its pages faulted in again each time.
-at::Tensor product_output(const at::Tensor& x, int64_t m, int64_t n, const c10::optional<at::Tensor>& out_buffer) {
-  if (!out_buffer.has_value()) return at::empty({m, n}, x.options());
-  check_cpu_float(*out_buffer, "out");
-  TORCH_CHECK(out_buffer->dim() == 2 && out_buffer->size(0) == m && out_buffer->size(1) == n, "out must be [M, N] = [",
-              m, ", ", n, "]");
-  return *out_buffer;
-}
-
 thread_local QuantizedActs tls_acts;  // reused: a product allocates nothing once warm
 
 // A weight's format as types: 4-bit (32-element groups) or 8-bit codes, 16- or 32-element scale groups,
@@ -723,13 +712,25 @@ void with_format(int64_t bits, bool group16, bool mins, Fn&& f) {
 // 54.4, 60.1 / 41.2, 46.8; batch 16 60.7, 70.0 / 48.9, 48.3.
 constexpr int64_t kDefaultIntRows = 8;
 
+// A kernel's [M, N] float32 result (the products', and fused.cpp's silu_mul): out_buffer where the caller
+// passes one (checked), else a new tensor like x. A caller that makes the same large product every step
+// passes one it keeps (layers.Workspace): a fresh tensor of a MiB or more is a fresh mapping
+// (kvserve/heap.py), its pages faulted in again each time.
+at::Tensor product_output(const at::Tensor& x, int64_t m, int64_t n, const c10::optional<at::Tensor>& out_buffer) {
+  if (!out_buffer.has_value()) return at::empty({m, n}, x.options());
+  check_cpu_float(*out_buffer, "out");
+  TORCH_CHECK(out_buffer->dim() == 2 && out_buffer->size(0) == m && out_buffer->size(1) == n, "out must be [M, N] = [",
+              m, ", ", n, "]");
+  return *out_buffer;
+}
+
 // x [M, K] fp32; codes/scales/mins as above (mins may be empty); bias [N] or empty -> [M, N] fp32.
 // Up to max_int_rows rows of x (kDefaultIntRows when negative) take the row-wise integer path; more take
 // the integer panels.
 // out_buffer: where to write the result (product_output), else a new tensor.
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                     const at::Tensor& bias, int64_t bits, int64_t max_int_rows,
-                    const c10::optional<at::Tensor>& out_buffer) {
+                    const c10::optional<at::Tensor>& out_buffer = c10::nullopt) {
   check_cpu_float(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
@@ -814,7 +815,7 @@ inline void f32_row_tile(const float* w, const float* x, int64_t k, float* out) 
 // panels, as quantized weights do.
 // out_buffer: as q_linear's.
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t max_dot_rows,
-                      const c10::optional<at::Tensor>& out_buffer) {
+                      const c10::optional<at::Tensor>& out_buffer = c10::nullopt) {
   check_cpu_float(x, "x");
   check_cpu_float(weight, "weight");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "x [M, K] and weight [N, K] must share K");

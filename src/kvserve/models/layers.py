@@ -53,10 +53,13 @@ class Workspace:
             local.buffers, local.used = {}, set()
         return local.buffers, local.used
 
-    def get(self, name: str, rows: int, cols: int) -> torch.Tensor:
-        """A float32 [rows, cols] view of the buffer `name`, grown to fit; its contents are garbage."""
-        buffers, used = self._state()
+    def get(self, name: str, rows: int, cols: int) -> torch.Tensor | None:
+        """A float32 [rows, cols] view of the buffer `name`, grown to fit, its contents garbage; None under
+        WORKSPACE_MIN_BYTES (such a tensor comes from the heap's top, reused anyway)."""
         need = rows * cols
+        if need * 4 < WORKSPACE_MIN_BYTES:
+            return None
+        buffers, used = self._state()
         buffer = buffers.get(name)
         if buffer is None or buffer.numel() < need:
             buffers[name] = buffer = torch.empty(need, dtype=torch.float32)  # not the default dtype
@@ -82,8 +85,8 @@ class Workspace:
 
 
 WORKSPACE = Workspace()
-# Products whose output is at least this large write into WORKSPACE: glibc maps (and unmaps) allocations
-# of 1 MiB or more (heap.SERVE_MMAP_THRESHOLD); smaller ones come from the heap, reused anyway.
+# WORKSPACE holds tensors of at least this size: glibc maps (and unmaps) allocations of 1 MiB or more
+# (heap.SERVE_MMAP_THRESHOLD); smaller ones come from the heap, reused anyway.
 WORKSPACE_MIN_BYTES = 1 << 20
 
 
@@ -242,17 +245,16 @@ class SwiGLU(nn.Module):
         self.ops: ModuleType | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up_proj, rows = self.gate_up_proj, x.numel() // x.shape[-1]
+        gate_up_proj = self.gate_up_proj
         if (
             x.dim() == 2
-            and rows * gate_up_proj.out_features * 4 >= WORKSPACE_MIN_BYTES
             and (ops := kernel_for(self, x)) is not None
             and gate_up_proj.writes_into(x)
-        ):  # a prefill step's: both intermediates in WORKSPACE's buffers, reused
-            gate_up = gate_up_proj(x, WORKSPACE.get("gate_up", rows, gate_up_proj.out_features))
-            inner = self.intermediate_size  # the product, half as wide: a buffer of its own only past the bar too
-            silu = WORKSPACE.get("silu", rows, inner) if rows * inner * 4 >= WORKSPACE_MIN_BYTES else None
-            return self.down_proj(ops.silu_mul(gate_up, silu))
+            and (buffer := WORKSPACE.get("gate_up", x.shape[0], gate_up_proj.out_features)) is not None
+        ):  # a prefill step's: the intermediates in WORKSPACE's buffers, reused (the SiLU product's where
+            # it too is large enough)
+            silu = WORKSPACE.get("silu", x.shape[0], self.intermediate_size)
+            return self.down_proj(ops.silu_mul(gate_up_proj(x, buffer), silu))
         gate_up = gate_up_proj(x)  # [T, 2I]
         if (ops := kernel_for(self, gate_up)) is not None and gate_up.dim() == 2:
             return self.down_proj(ops.silu_mul(gate_up))
