@@ -3,10 +3,21 @@
 // decode path on the CPU.
 //
 // The PyTorch path gathers every decode's blocks into one padded [Nd, L, Hkv, D] copy per layer and
-// runs SDPA with a mask over it: two passes over the K/V plus the padding. Here each (sequence, KV
-// head) walks its own block table and reads its keys and values where they lie, one block at a time,
-// with an online softmax (running max and denominator per query head, rescaled when the max grows),
-// the G query heads that share the KV head read together. No copy, no padding, no mask.
+// runs SDPA with a mask over it: two passes over the K/V plus the padding. Here each sequence walks its
+// own block table and reads its keys and values where they lie, one block at a time, with an online
+// softmax (running max and denominator per query head, rescaled when the max grows). No copy, no
+// padding, no mask.
+//
+// A block holds block_size tokens x Hkv heads x D, so a sequence's KV heads share its blocks. A thread
+// takes its share of the (sequence, KV head) pairs a sequence at a time and walks the blocks once for
+// all of that sequence's heads in its share, each block's heads in turn, prefetching the next block's
+// rows as it goes (below).
+//
+// Within a block, up to three query heads of a KV head pass over it together, a chunk of keys at a time
+// (16 on AVX-512 builds, 8 on AVX2 ones): each key row is read (and a float16 one widened) once for all
+// of them, their dot products are independent vector sums reduced together at the end, a chunk's scores
+// are one vector for the softmax, and the values meet the heads' outputs in independent accumulators.
+// Head dims that are not a multiple of 8 take a plain loop.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
@@ -35,108 +46,71 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-using kvserve_vec::exp8;
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
 
-// [q . k_0, ..., q . k_7] for 8 keys `row` floats apart; dim a multiple of 8. The 8 partial-sum vectors
-// are reduced together (two rounds of pairwise adds and one 128-bit swap) instead of one by one.
+// A sequence's blocks lie anywhere in the pool, where the hardware prefetcher cannot follow from one
+// to the next, and a batch's cache is read from memory once per step. So while a block is read, the
+// same rows of the sequence's next block are prefetched into L2, a chunk of keys at a time (a line per
+// 64 bytes). Measured (Zen 4; 32 sequences of 200 tokens, 30 layers of a float16 cache, blocks
+// scattered; ms a step, AVX-512 / AVX2 builds): no prefetch 11.8 / -; every head's rows of a block 4
+// blocks ahead at once 12.5 / 16.6; spread over the chunks 4 ahead 12.4 / 16.6, 2 ahead 9.8 / 12.6,
+// 1 ahead 9.5 / 10.6; into L1 (T0) 17.6 / -. A burst of prefetches seems to hold the miss buffers
+// that the demand loads then wait for. Against the earlier form (per (sequence, KV head) tasks, each
+// head's rows of a block 4 blocks ahead at once), one run: 10.4 -> 7.5 / 12.0 -> 8.0 (20 GB/s; a plain
+// read of the whole cache 23-30), 1,000 tokens 48 -> 34 / 55 -> 34, blocks in order 8.9 -> 6.5 /
+// 11.0 -> 7.7, one sequence of 4,000 tokens 7.0 -> 6.2 / 8.3 -> 7.4.
+__attribute__((always_inline)) inline void prefetch_rows(const void* p, int64_t rows, int64_t row_bytes, int64_t bytes) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t offset = 0; offset < bytes; offset += 64)
+      _mm_prefetch(static_cast<const char*>(p) + r * row_bytes + offset, _MM_HINT_T1);
+}
+
+// One KV head's rows of a block: keys and values `row` elements apart, and the same rows of the sequence's
+// next block (next_k null: none).
 template <typename T>
-inline __m256 dots8(const float* __restrict__ q, const T* __restrict__ k, int64_t row, int64_t dim) {
-  __m256 a[8];
-  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < dim; c += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + c);
-    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, load8(k + j * row + c), a[j]);
-  }
-  const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
-  const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
-  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
-  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
-}
+struct HeadRows {
+  const T* k;
+  const T* v;
+  const T* next_k;
+  const T* next_v;
+  int64_t row, tokens;
+};
 
-// a [dim] += sum over t < tokens of weights[t] x v[t * row ...]. Head dims that are a multiple of 64 keep
-// 64 outputs in registers across all the block's tokens; others go through memory.
+// Rows [t0, t0 + count) of the next block (dim elements each) into L2. Always inlined: GCC took a call that
+// only prefetches, left out of line, for a pure function and dropped it (no prefetch instruction was left
+// in the build, and the step was as slow as with none).
 template <typename T>
-inline void accumulate_values(float* __restrict__ a, const float* __restrict__ weights, const T* __restrict__ v,
-                              int64_t tokens, int64_t row, int64_t dim) {
-  if (dim % 64 == 0) {
-    for (int64_t c0 = 0; c0 < dim; c0 += 64) {
-      __m256 sum[8];
-      for (int j = 0; j < 8; ++j) sum[j] = _mm256_loadu_ps(a + c0 + 8 * j);
-      for (int64_t t = 0; t < tokens; ++t) {
-        const __m256 w = _mm256_set1_ps(weights[t]);
-        const T* vt = v + t * row + c0;
-        for (int j = 0; j < 8; ++j) sum[j] = _mm256_fmadd_ps(w, load8(vt + 8 * j), sum[j]);
-      }
-      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(a + c0 + 8 * j, sum[j]);
-    }
-    return;
-  }
-  for (int64_t t = 0; t < tokens; ++t)
-    for (int64_t c = 0; c < dim; ++c) a[c] += weights[t] * to_float(v[t * row + c]);
+__attribute__((always_inline)) inline void prefetch_next(const HeadRows<T>& rows, int64_t t0, int64_t count,
+                                                         int64_t dim) {
+  if (!rows.next_k) return;
+  const int64_t row_bytes = rows.row * static_cast<int64_t>(sizeof(T)), bytes = dim * static_cast<int64_t>(sizeof(T));
+  prefetch_rows(rows.next_k + t0 * rows.row, count, row_bytes, bytes);
+  prefetch_rows(rows.next_v + t0 * rows.row, count, row_bytes, bytes);
 }
 
-// One token's key and value rows of one head (dim float16 each) -> fp32.
-inline void widen_row(const at::Half* k, const at::Half* v, int64_t dim, float* wk, float* wv) {
-  int64_t c = 0;
-  for (; c + 8 <= dim; c += 8) {
-    _mm256_storeu_ps(wk + c, load8(k + c));
-    _mm256_storeu_ps(wv + c, load8(v + c));
-  }
-  for (; c < dim; ++c) wk[c] = to_float(k[c]), wv[c] = to_float(v[c]);
-}
-
-// Blocks prefetched ahead (batch 32, 30 layers, blocks scattered, float16 / float32 ms a step: 1 ahead
-// 10.3 / 13.4, 2 ahead 9.1 / 12.7, 4 ahead 7.8 / 10.3, 8 ahead 8.0 / 11.3).
-constexpr int64_t kAhead = 4;
-
-// A block's keys and values for one head (block_size rows of dim elements, `row` apart) into L2: the
-// blocks of a sequence lie anywhere in the pool, where the hardware prefetcher cannot follow, and a
-// batch's cache is read from memory once per step (measured, batch 32: ~10 GB/s without).
-template <typename T>
-inline void prefetch_block(const T* k, const T* v, int64_t block_size, int64_t row, int64_t dim) {
-  const int64_t bytes = dim * static_cast<int64_t>(sizeof(T));
-  for (int64_t t = 0; t < block_size; ++t)
-    for (int64_t offset = 0; offset < bytes; offset += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(k + t * row) + offset, _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(v + t * row) + offset, _MM_HINT_T1);
-    }
-}
-
-// Block b of a (sequence, KV head)'s table, checked; the blocks kAhead on are prefetched meanwhile (the
-// first blocks before).
-template <typename T>
-inline int64_t block_and_prefetch(const int64_t* table, int64_t b, int64_t blocks, int64_t num_blocks, const T* keys,
-                                  const T* values, int64_t block_size, int64_t row, int64_t h, int64_t dim) {
-  const int64_t id = table[b], block = block_size * row;
-  TORCH_CHECK(id >= 0 && id < num_blocks, "block id ", id, " out of range");
-  for (int64_t ahead = b == 0 ? 1 : kAhead; ahead <= kAhead && b + ahead < blocks; ++ahead) {
-    const int64_t next = table[b + ahead];
-    if (next >= 0 && next < num_blocks)
-      prefetch_block(keys + next * block + h * dim, values + next * block + h * dim, block_size, row, dim);
-  }
-  return id;
-}
-
-// The online softmax of the `group` query heads of one (sequence, KV head), in the calling thread's
-// buffer: the queries x the softmax scale, the outputs unnormalized, per head the running max score and
-// the denominator relative to it; then `extra` floats of scratch for the caller.
+// The online softmax of a sequence's query heads [h0 G, h1 G), in the calling thread's buffer: the
+// queries x the softmax scale, the outputs unnormalized, per head the running max score and the
+// denominator relative to it.
 struct HeadsState {
-  float* q;      // [group, dim]
-  float* acc;    // [group, dim]
-  float* top;    // [group]
-  float* total;  // [group]
-  float* extra;
-  int64_t group, dim;
+  float* q;      // [heads, dim]
+  float* acc;    // [heads, dim]
+  float* top;    // [heads]
+  float* total;  // [heads]
+  int64_t heads, dim;
 
-  HeadsState(const float* query, int64_t group_, int64_t dim_, float scale, int64_t extra_floats)
-      : group(group_), dim(dim_) {
+  HeadsState(const float* query, int64_t heads_, int64_t dim_, float scale) : heads(heads_), dim(dim_) {
     thread_local std::vector<float> buffer;
-    buffer.resize(group * (2 * dim + 2) + extra_floats);
-    q = buffer.data(), acc = q + group * dim, top = acc + group * dim, total = top + group, extra = total + group;
-    for (int64_t i = 0; i < group * dim; ++i) q[i] = query[i] * scale;
-    std::fill(acc, acc + group * dim, 0.f);
-    std::fill(top, top + group, std::numeric_limits<float>::lowest());
-    std::fill(total, total + group, 0.f);
+    buffer.resize(heads * (2 * dim + 2));
+    q = buffer.data(), acc = q + heads * dim, top = acc + heads * dim, total = top + heads;
+    for (int64_t i = 0; i < heads * dim; ++i) q[i] = query[i] * scale;
+    std::fill(acc, acc + heads * dim, 0.f);
+    std::fill(top, top + heads, std::numeric_limits<float>::lowest());
+    std::fill(total, total + heads, 0.f);
   }
 
   // Head g's new running max (higher than top[g]): what it accumulated so far is rescaled to it. Before
@@ -151,95 +125,116 @@ struct HeadsState {
   }
 
   void finish(float* out) const {
-    for (int64_t g = 0; g < group; ++g)
+    for (int64_t g = 0; g < heads; ++g)
       for (int64_t c = 0; c < dim; ++c) out[g * dim + c] = acc[g * dim + c] / total[g];
   }
 };
 
+// Any head dim: query head g of `state` against keys / values [0, tokens) `row` apart.
 template <typename T>
-void attend_one(const float* __restrict__ query, const T* __restrict__ keys, const T* __restrict__ values,
-                const int64_t* table, int64_t len, int64_t num_blocks, int64_t block_size, int64_t heads, int64_t h,
-                int64_t group, int64_t dim, float scale, float* __restrict__ out) {
-  const int64_t row = heads * dim, block = block_size * row;
-  const bool vector_dim = dim % 8 == 0;
-  HeadsState state(query, group, dim, scale, group * block_size);
-  const float* __restrict__ q = state.q;
-  float* acc = state.acc;  // not __restrict__: state.raise_top rescales them too
-  float* total = state.total;
-  float* __restrict__ w = state.extra;  // [group, block_size] scores, then weights
-  // A float16 block's rows of this head, widened to fp32 once for the G query heads ([2][block_size][dim]):
-  // read through F16C per query head instead, they cost three conversions each and fp16 ran no faster
-  // than fp32 (batch 32, 30 layers, blocks scattered: 13.5 ms against 17.6).
-  thread_local std::vector<float> widened;
-  if constexpr (!std::is_same_v<T, float>) widened.resize(2 * block_size * dim);
-  const int64_t blocks = (len + block_size - 1) / block_size;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t id = block_and_prefetch(table, b, blocks, num_blocks, keys, values, block_size, row, h, dim);
-    const int64_t tokens = std::min(block_size, len - b * block_size);
-    const T* k_rows = keys + id * block + h * dim;
-    const T* v_rows = values + id * block + h * dim;
-    // k, v: this block's rows of head h as fp32, `stride` apart (where they lie for a float32 cache)
-    const float* k;
-    const float* v;
-    int64_t stride = row;
-    if constexpr (std::is_same_v<T, float>) {
-      k = k_rows, v = v_rows;
-    } else {
-      float* wk = widened.data();
-      float* wv = wk + block_size * dim;
-      for (int64_t t = 0; t < tokens; ++t) widen_row(k_rows + t * row, v_rows + t * row, dim, wk + t * dim, wv + t * dim);
-      k = wk, v = wv, stride = dim;
-    }
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = q + g * dim;
-      float* wg = w + g * block_size;
-      int64_t t = 0;
-      if (vector_dim)
-        for (; t + 8 <= tokens; t += 8) _mm256_storeu_ps(wg + t, dots8(qg, k + t * stride, stride, dim));
-      for (; t < tokens; ++t) {
-        float dot = 0.f;
-        for (int64_t c = 0; c < dim; ++c) dot += qg[c] * k[t * stride + c];
-        wg[t] = dot;
+void block_plain(HeadsState& state, int64_t g, const T* k, const T* v, int64_t row, int64_t tokens) {
+  const int64_t dim = state.dim;
+  const float* q = state.q + g * dim;
+  float* acc = state.acc + g * dim;
+  for (int64_t t = 0; t < tokens; ++t) {
+    float score = 0.f;
+    for (int64_t c = 0; c < dim; ++c) score += q[c] * to_float(k[t * row + c]);
+    if (score > state.top[g]) state.raise_top(g, score);
+    const float weight = std::exp(score - state.top[g]);
+    state.total[g] += weight;
+    for (int64_t c = 0; c < dim; ++c) acc[c] += weight * to_float(v[t * row + c]);
+  }
+}
+
+// ---- 8 lanes (AVX2 builds, and head dims that are a multiple of 8 but not of 16 on AVX-512 ones): chunks
+// of 8 keys. 16 vector registers: G (<= 3) heads x 4 keys of dot products at a time, and the values 16
+// dims at a time (G x 2 sums, two value vectors, the broadcast weight).
+
+// [sum(a[0]), ..., sum(a[3])].
+inline __m128 sums4(const __m256 (&a)[4]) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// Scores of G query heads (q [G][dim], scaled) against keys [0, tokens) (tokens <= 8, rows `row` apart)
+// -> s [G][8]; lanes past `tokens` hold the last key's score (it is read for them: valid memory, finite).
+template <typename T, int G>
+inline void chunk_scores8(const float* q, const T* k, int64_t row, int64_t tokens, int64_t dim, float* s) {
+  for (int64_t t0 = 0; t0 < 8; t0 += 4) {
+    const T* rows[4];
+    for (int j = 0; j < 4; ++j) rows[j] = k + std::min<int64_t>(t0 + j, tokens - 1) * row;
+    __m256 acc[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < 4; ++j) acc[g][j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < dim; c += 8) {
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256 kv = load8(rows[j] + c);
+        for (int g = 0; g < G; ++g) acc[g][j] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q + g * dim + c), acc[g][j]);
       }
     }
-    for (int64_t g = 0; g < group; ++g) {
-      float* __restrict__ wg = w + g * block_size;
-      float block_top = state.top[g];
-      for (int64_t t = 0; t < tokens; ++t) block_top = std::max(block_top, wg[t]);
-      if (block_top > state.top[g]) state.raise_top(g, block_top);
-      float sum = 0.f;
-      int64_t t = 0;
-      for (; t + 8 <= tokens; t += 8) {
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(wg + t), _mm256_set1_ps(block_top)));
-        _mm256_storeu_ps(wg + t, e);
-        sum += hsum8(e);
-      }
-      for (; t < tokens; ++t) {
-        wg[t] = std::exp(wg[t] - block_top);
-        sum += wg[t];
-      }
-      total[g] += sum;
-      accumulate_values(acc + g * dim, wg, v, tokens, stride, dim);
+    for (int g = 0; g < G; ++g) _mm_storeu_ps(s + g * 8 + t0, sums4(acc[g]));
+  }
+}
+
+// out[g][c0 .. c0 + 8 V) += sum over t < tokens of w[g][t] x v[t][c0 ...], for G heads: G x V sums.
+template <typename T, int G, int V>
+inline void chunk_values8(const float* w, const T* v, int64_t row, int64_t tokens, int64_t dim, int64_t c0, float* out) {
+  __m256 acc[G][V];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < V; ++i) acc[g][i] = _mm256_loadu_ps(out + g * dim + c0 + 8 * i);
+  for (int64_t t = 0; t < tokens; ++t) {
+    __m256 vv[V];
+    for (int i = 0; i < V; ++i) vv[i] = load8(v + t * row + c0 + 8 * i);
+    for (int g = 0; g < G; ++g) {
+      const __m256 weight = _mm256_broadcast_ss(w + g * 8 + t);
+      for (int i = 0; i < V; ++i) acc[g][i] = _mm256_fmadd_ps(weight, vv[i], acc[g][i]);
     }
   }
-  state.finish(out);
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < V; ++i) _mm256_storeu_ps(out + g * dim + c0 + 8 * i, acc[g][i]);
+}
+
+// Query heads [g0, g0 + G) of `state` against a block's rows of one KV head, 8 keys at a time.
+template <typename T, int G>
+void block_heads8(HeadsState& state, int64_t g0, const HeadRows<T>& rows) {
+  const int64_t row = rows.row, tokens = rows.tokens;
+  const int64_t dim = state.dim;
+  const float* q = state.q + g0 * dim;
+  float* acc = state.acc + g0 * dim;
+  alignas(32) float s[G * 8];
+  for (int64_t t0 = 0; t0 < tokens; t0 += 8) {
+    const int64_t count = std::min<int64_t>(8, tokens - t0);
+    const T* k = rows.k + t0 * row;
+    const T* v = rows.v + t0 * row;
+    prefetch_next(rows, t0, count, dim);
+    chunk_scores8<T, G>(q, k, row, count, dim, s);
+    const __m256 valid = _mm256_castsi256_ps(
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    for (int g = 0; g < G; ++g) {
+      const __m256 scores = _mm256_loadu_ps(s + g * 8);  // lanes past count: a copy of a valid score
+      const float chunk_top = hmax8(scores);
+      if (chunk_top > state.top[g0 + g]) state.raise_top(g0 + g, chunk_top);
+      const __m256 e =
+          _mm256_and_ps(valid, kvserve_vec::exp8(_mm256_sub_ps(scores, _mm256_set1_ps(state.top[g0 + g]))));
+      _mm256_storeu_ps(s + g * 8, e);
+      state.total[g0 + g] += hsum8(e);
+    }
+    int64_t c0 = 0;
+    for (; c0 + 16 <= dim; c0 += 16) chunk_values8<T, G, 2>(s, v, row, count, dim, c0, acc);
+    for (; c0 < dim; c0 += 8) chunk_values8<T, G, 1>(s, v, row, count, dim, c0, acc);
+  }
 }
 
 #if defined(__AVX512F__)
-// ---- AVX-512 builds: the same online softmax, 16 lanes wide and with no horizontal sum per key. Up to
-// three query heads of a KV head pass over a block together, 8 keys at a time: each key row is read
-// (and a float16 one widened) once for all of them, the 3 x 8 dot products are 24 independent vector
-// sums reduced together at the end, the scores of 16 keys are one vector for the softmax, and the
-// values meet the three heads' outputs (up to 4 x 16 dims each) in 12 independent accumulators. The
-// AVX2 form above spent most of its time in dependency chains (one head's 16 tokens, 8 sums) and
-// horizontal sums per 8 keys: on Zen 4, batch 32 at 192 tokens, a layer took 0.35 ms.
+// ---- 16 lanes (AVX-512 builds, head dims that are a multiple of 16): chunks of 16 keys, 3 x 8 dot
+// products at a time (24 of the 32 registers), the scores of 16 keys one vector for the softmax, and
+// the values 64 dims at a time (3 x 4 sums).
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 
-using kvserve_vec::exp16;
-
-// [sum(a[0]), ..., sum(a[7])]: the halves added, then dots8's pairwise tree.
+// [sum(a[0]), ..., sum(a[7])]: the halves added, then a pairwise tree.
 inline __m256 sums8(const __m512 (&a)[8]) {
   __m256 h[8];
   for (int j = 0; j < 8; ++j)
@@ -250,11 +245,9 @@ inline __m256 sums8(const __m512 (&a)[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-// Scores of G query heads (q [G][dim], scaled) against keys [0, tokens) of a chunk (tokens <= 16, rows
-// `row` apart) -> s [G][16]; lanes past `tokens` are left as they are (the caller masks them). Keys
-// past the chunk's end are read as its last key (valid memory, finite values).
+// chunk_scores8 for chunks of 16 keys (tokens <= 16) -> s [G][16].
 template <typename T, int G>
-inline void chunk_scores(const float* q, const T* k, int64_t row, int64_t tokens, int64_t dim, float* s) {
+inline void chunk_scores16(const float* q, const T* k, int64_t row, int64_t tokens, int64_t dim, float* s) {
   for (int64_t t0 = 0; t0 < tokens; t0 += 8) {
     const T* rows[8];
     for (int j = 0; j < 8; ++j) rows[j] = k + std::min<int64_t>(t0 + j, tokens - 1) * row;
@@ -272,9 +265,9 @@ inline void chunk_scores(const float* q, const T* k, int64_t row, int64_t tokens
   }
 }
 
-// out[g][c0 .. c0 + 16 V) += sum over t < tokens of w[g][t] x v[t][c0 ...], for G heads: G x V sums.
+// chunk_values8 16 lanes wide: out[g][c0 .. c0 + 16 V).
 template <typename T, int G, int V>
-inline void chunk_values(const float* w, const T* v, int64_t row, int64_t tokens, int64_t dim, int64_t c0, float* out) {
+inline void chunk_values16(const float* w, const T* v, int64_t row, int64_t tokens, int64_t dim, int64_t c0, float* out) {
   __m512 acc[G][V];
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < V; ++i) acc[g][i] = _mm512_loadu_ps(out + g * dim + c0 + 16 * i);
@@ -290,62 +283,85 @@ inline void chunk_values(const float* w, const T* v, int64_t row, int64_t tokens
     for (int i = 0; i < V; ++i) _mm512_storeu_ps(out + g * dim + c0 + 16 * i, acc[g][i]);
 }
 
-// Query heads [g0, g0 + G) (G = 1..3) of one (sequence, KV head), in `state`.
+// block_heads8, 16 keys at a time.
 template <typename T, int G>
-void attend_heads16(HeadsState& state, int64_t g0, const T* keys, const T* values, const int64_t* table, int64_t len,
-                    int64_t num_blocks, int64_t block_size, int64_t row, int64_t h) {
-  const int64_t dim = state.dim, block = block_size * row, blocks = (len + block_size - 1) / block_size;
+void block_heads16(HeadsState& state, int64_t g0, const HeadRows<T>& rows) {
+  const int64_t row = rows.row, tokens = rows.tokens;
+  const int64_t dim = state.dim;
   const float* q = state.q + g0 * dim;
   float* acc = state.acc + g0 * dim;
   alignas(64) float s[G * 16];
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t id = block_and_prefetch(table, b, blocks, num_blocks, keys, values, block_size, row, h, dim);
-    const int64_t in_block = std::min(block_size, len - b * block_size);
-    for (int64_t t0 = 0; t0 < in_block; t0 += 16) {
-      const int64_t tokens = std::min<int64_t>(16, in_block - t0);
-      const T* k = keys + id * block + t0 * row + h * dim;
-      const T* v = values + id * block + t0 * row + h * dim;
-      chunk_scores<T, G>(q, k, row, tokens, dim, s);
-      const __mmask16 valid = static_cast<__mmask16>((1u << tokens) - 1);
-      for (int g = 0; g < G; ++g) {
-        const __m512 scores = _mm512_maskz_loadu_ps(valid, s + g * 16);
-        const float chunk_top = _mm512_mask_reduce_max_ps(valid, scores);
-        if (chunk_top > state.top[g0 + g]) state.raise_top(g0 + g, chunk_top);
-        const __m512 e =
-            _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(state.top[g0 + g]))));
-        _mm512_storeu_ps(s + g * 16, e);
-        state.total[g0 + g] += _mm512_reduce_add_ps(e);
-      }
-      int64_t c0 = 0;
-      for (; c0 + 64 <= dim; c0 += 64) chunk_values<T, G, 4>(s, v, row, tokens, dim, c0, acc);
-      for (; c0 < dim; c0 += 16) chunk_values<T, G, 1>(s, v, row, tokens, dim, c0, acc);
+  for (int64_t t0 = 0; t0 < tokens; t0 += 16) {
+    const int64_t count = std::min<int64_t>(16, tokens - t0);
+    const T* k = rows.k + t0 * row;
+    const T* v = rows.v + t0 * row;
+    prefetch_next(rows, t0, count, dim);
+    chunk_scores16<T, G>(q, k, row, count, dim, s);
+    const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
+    for (int g = 0; g < G; ++g) {
+      const __m512 scores = _mm512_maskz_loadu_ps(valid, s + g * 16);
+      const float chunk_top = _mm512_mask_reduce_max_ps(valid, scores);
+      if (chunk_top > state.top[g0 + g]) state.raise_top(g0 + g, chunk_top);
+      const __m512 e =
+          _mm512_maskz_mov_ps(valid, kvserve_vec::exp16(_mm512_sub_ps(scores, _mm512_set1_ps(state.top[g0 + g]))));
+      _mm512_storeu_ps(s + g * 16, e);
+      state.total[g0 + g] += _mm512_reduce_add_ps(e);
     }
+    int64_t c0 = 0;
+    for (; c0 + 64 <= dim; c0 += 64) chunk_values16<T, G, 4>(s, v, row, count, dim, c0, acc);
+    for (; c0 < dim; c0 += 16) chunk_values16<T, G, 1>(s, v, row, count, dim, c0, acc);
   }
-}
-
-// attend_one for a head dim that is a multiple of 16, on AVX-512 builds.
-template <typename T>
-void attend_one16(const float* query, const T* keys, const T* values, const int64_t* table, int64_t len,
-                  int64_t num_blocks, int64_t block_size, int64_t heads, int64_t h, int64_t group, int64_t dim,
-                  float scale, float* out) {
-  HeadsState state(query, group, dim, scale, 0);
-  const int64_t row = heads * dim;
-  for (int64_t g0 = 0; g0 < group; g0 += 3) {
-    const auto heads_at_once = [&](auto n) {
-      attend_heads16<T, decltype(n)::value>(state, g0, keys, values, table, len, num_blocks, block_size, row, h);
-    };
-    const int64_t n = std::min<int64_t>(3, group - g0);
-    if (n == 3) heads_at_once(std::integral_constant<int, 3>{});
-    else if (n == 2) heads_at_once(std::integral_constant<int, 2>{});
-    else heads_at_once(std::integral_constant<int, 1>{});
-  }
-  state.finish(out);
 }
 #endif
 
-}  // namespace
+// Query heads [g0, g0 + G) of `state` against a block's rows of one KV head, in the widest form the build
+// and the head dim allow.
+template <typename T, int G>
+void block_heads(HeadsState& state, int64_t g0, const HeadRows<T>& rows) {
+#if defined(__AVX512F__)
+  if (state.dim % 16 == 0) return block_heads16<T, G>(state, g0, rows);
+#endif
+  if (state.dim % 8 == 0) return block_heads8<T, G>(state, g0, rows);
+  for (int g = 0; g < G; ++g) block_plain<T>(state, g0 + g, rows.k, rows.v, rows.row, rows.tokens);
+}
 
-namespace {
+// KV heads [h0, h1) of sequence i (its query [Hkv, G, D] at `query`, out likewise): block by block, each
+// KV head's G query heads three at a time.
+template <typename T>
+void attend_sequence(const float* query, const T* keys, const T* values, const int64_t* table, int64_t len,
+                     int64_t num_blocks, int64_t block_size, int64_t heads, int64_t h0, int64_t h1, int64_t group,
+                     int64_t dim, float scale, float* out) {
+  const int64_t row = heads * dim, block = block_size * row, blocks = (len + block_size - 1) / block_size;
+  const auto checked = [&](int64_t b) {
+    const int64_t id = table[b];
+    TORCH_CHECK(id >= 0 && id < num_blocks, "block id ", id, " out of range");
+    return id;
+  };
+  HeadsState state(query + h0 * group * dim, (h1 - h0) * group, dim, scale);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t id = checked(b), next = b + 1 < blocks ? checked(b + 1) : -1;
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t at = id * block + h * dim, next_at = next * block + h * dim;
+      for (int64_t g = 0; g < group; g += 3) {
+        // the next block's rows are prefetched once per KV head, by its first query heads' pass
+        const bool prefetch = next >= 0 && g == 0;
+        const HeadRows<T> rows{keys + at,
+                               values + at,
+                               prefetch ? keys + next_at : nullptr,
+                               prefetch ? values + next_at : nullptr,
+                               row,
+                               std::min(block_size, len - b * block_size)};
+        const int64_t first = (h - h0) * group + g;
+        switch (std::min<int64_t>(3, group - g)) {
+          case 3: block_heads<T, 3>(state, first, rows); break;
+          case 2: block_heads<T, 2>(state, first, rows); break;
+          default: block_heads<T, 1>(state, first, rows);
+        }
+      }
+    }
+  }
+  state.finish(out + h0 * group * dim);
+}
 
 template <typename T>
 void decode_attention_typed(const float* q, int64_t q_stride, int64_t nd, int64_t heads, int64_t group, int64_t dim,
@@ -354,18 +370,13 @@ void decode_attention_typed(const float* q, int64_t q_stride, int64_t nd, int64_
   const int64_t num_blocks = cache.size(1), block_size = cache.size(2);
   const T* keys = cache.data_ptr<T>();
   const T* values = keys + num_blocks * block_size * heads * dim;
+  // The (sequence, KV head) pairs in equal shares per thread; a share's pairs of one sequence run together.
   at::parallel_for(0, nd * heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / heads, h = task % heads;
-#if defined(__AVX512F__)
-      if (dim % 16 == 0) {
-        attend_one16<T>(q + i * q_stride + h * group * dim, keys, values, tables + i * width, len[i], num_blocks,
-                        block_size, heads, h, group, dim, static_cast<float>(scale), out + (i * heads + h) * group * dim);
-        continue;
-      }
-#endif
-      attend_one<T>(q + i * q_stride + h * group * dim, keys, values, tables + i * width, len[i], num_blocks,
-                    block_size, heads, h, group, dim, static_cast<float>(scale), out + (i * heads + h) * group * dim);
+    for (int64_t task = begin; task < end;) {
+      const int64_t i = task / heads, h0 = task % heads, h1 = std::min(heads, h0 + (end - task));
+      attend_sequence<T>(q + i * q_stride, keys, values, tables + i * width, len[i], num_blocks, block_size, heads, h0,
+                         h1, group, dim, static_cast<float>(scale), out + i * heads * group * dim);
+      task += h1 - h0;
     }
   });
 }
