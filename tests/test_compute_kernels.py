@@ -244,6 +244,30 @@ def test_decode_attention_reads_a_float16_cache_exactly(ops, group, block_size, 
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_attention_is_the_same_however_the_threads_split_a_sequences_heads(ops, dtype):
+    """A thread takes its share of the (sequence, KV head) pairs a sequence at a time and reads each block once
+    for the heads of that sequence in its share: 3 sequences x 3 KV heads split 9 / 5+4 / 3+3+3 / 3+2+2+2 ways
+    cut sequences between threads at different heads, and every head's result is bitwise the same (its
+    online softmax does not depend on which other heads share its pass)."""
+    gen = torch.Generator().manual_seed(4)
+    heads, group, dim, block_size, num_blocks = 3, 3, 64, 16, 24
+    cache = (torch.randn(2, num_blocks, block_size, heads, dim, generator=gen) * 3).to(dtype)
+    lens = torch.tensor([5, 70, 33])
+    tables = torch.randperm(num_blocks, generator=gen)[:15].view(3, 5)
+    q = torch.randn(3, heads, group, dim, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            results.append(ops.decode_attention_f32(q, cache, tables, lens, 0.125))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert torch.equal(other, results[0])
+
+
 def test_products_write_into_a_given_buffer(ops):
     """q_linear, f32_linear and silu_mul write into `out` (models/layers.py's Workspace) exactly what they
     return without it, on each product path, and refuse a buffer of the wrong shape or type."""
