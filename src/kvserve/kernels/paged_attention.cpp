@@ -146,9 +146,11 @@ void block_plain(HeadsState& state, int64_t g, const T* k, const T* v, int64_t r
   }
 }
 
-// ---- 8 lanes (AVX2 builds, and head dims that are a multiple of 8 but not of 16 on AVX-512 ones): chunks
-// of 8 keys. 16 vector registers: G (<= 3) heads x 4 keys of dot products at a time, and the values 16
-// dims at a time (G x 2 sums, two value vectors, the broadcast weight).
+// ---- The vector forms. A chunk is a vector's width of keys (8 on AVX2 builds; 16 on AVX-512 ones, for head
+// dims that are a multiple of 16): G (<= 3) query heads x kKeysPerPass keys of dot products are independent
+// vector sums in registers (3 x 4 of AVX2's 16 registers, 3 x 8 of AVX-512's 32), reduced together; a
+// chunk's scores are one vector for the softmax; the values meet the heads' outputs kValueVectors
+// vectors of dims at a time (G x that many sums, the value vectors and the broadcast weight).
 
 // [sum(a[0]), ..., sum(a[3])].
 inline __m128 sums4(const __m256 (&a)[4]) {
@@ -156,84 +158,28 @@ inline __m128 sums4(const __m256 (&a)[4]) {
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-// Scores of G query heads (q [G][dim], scaled) against keys [0, tokens) (tokens <= 8, rows `row` apart)
-// -> s [G][8]; lanes past `tokens` hold the last key's score (it is read for them: valid memory, finite).
-template <typename T, int G>
-inline void chunk_scores8(const float* q, const T* k, int64_t row, int64_t tokens, int64_t dim, float* s) {
-  for (int64_t t0 = 0; t0 < 8; t0 += 4) {
-    const T* rows[4];
-    for (int j = 0; j < 4; ++j) rows[j] = k + std::min<int64_t>(t0 + j, tokens - 1) * row;
-    __m256 acc[G][4];
-    for (int g = 0; g < G; ++g)
-      for (int j = 0; j < 4; ++j) acc[g][j] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < dim; c += 8) {
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        const __m256 kv = load8(rows[j] + c);
-        for (int g = 0; g < G; ++g) acc[g][j] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q + g * dim + c), acc[g][j]);
-      }
-    }
-    for (int g = 0; g < G; ++g) _mm_storeu_ps(s + g * 8 + t0, sums4(acc[g]));
-  }
-}
-
-// out[g][c0 .. c0 + 8 V) += sum over t < tokens of w[g][t] x v[t][c0 ...], for G heads: G x V sums.
-template <typename T, int G, int V>
-inline void chunk_values8(const float* w, const T* v, int64_t row, int64_t tokens, int64_t dim, int64_t c0, float* out) {
-  __m256 acc[G][V];
-  for (int g = 0; g < G; ++g)
-    for (int i = 0; i < V; ++i) acc[g][i] = _mm256_loadu_ps(out + g * dim + c0 + 8 * i);
-  for (int64_t t = 0; t < tokens; ++t) {
-    __m256 vv[V];
-    for (int i = 0; i < V; ++i) vv[i] = load8(v + t * row + c0 + 8 * i);
-    for (int g = 0; g < G; ++g) {
-      const __m256 weight = _mm256_broadcast_ss(w + g * 8 + t);
-      for (int i = 0; i < V; ++i) acc[g][i] = _mm256_fmadd_ps(weight, vv[i], acc[g][i]);
-    }
-  }
-  for (int g = 0; g < G; ++g)
-    for (int i = 0; i < V; ++i) _mm256_storeu_ps(out + g * dim + c0 + 8 * i, acc[g][i]);
-}
-
-// Query heads [g0, g0 + G) of `state` against a block's rows of one KV head, 8 keys at a time.
-template <typename T, int G>
-void block_heads8(HeadsState& state, int64_t g0, const HeadRows<T>& rows) {
-  const int64_t row = rows.row, tokens = rows.tokens;
-  const int64_t dim = state.dim;
-  const float* q = state.q + g0 * dim;
-  float* acc = state.acc + g0 * dim;
-  alignas(32) float s[G * 8];
-  for (int64_t t0 = 0; t0 < tokens; t0 += 8) {
-    const int64_t count = std::min<int64_t>(8, tokens - t0);
-    const T* k = rows.k + t0 * row;
-    const T* v = rows.v + t0 * row;
-    prefetch_next(rows, t0, count, dim);
-    chunk_scores8<T, G>(q, k, row, count, dim, s);
-    const __m256 valid = _mm256_castsi256_ps(
+struct Lanes8 {
+  using Vec = __m256;
+  using Mask = __m256;  // all ones in the lanes of a chunk's keys
+  static constexpr int kWidth = 8, kKeysPerPass = 4, kValueVectors = 2;
+  static Vec load(const float* p) { return load8(p); }
+  static Vec load(const at::Half* p) { return load8(p); }
+  static Vec zero() { return _mm256_setzero_ps(); }
+  static Vec set1(float x) { return _mm256_set1_ps(x); }
+  static Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+  static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  static void store_sums(float* s, const Vec (&a)[kKeysPerPass]) { _mm_storeu_ps(s, sums4(a)); }
+  static Mask first(int64_t count) {
+    return _mm256_castsi256_ps(
         _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-    for (int g = 0; g < G; ++g) {
-      const __m256 scores = _mm256_loadu_ps(s + g * 8);  // lanes past count: a copy of a valid score
-      const float chunk_top = hmax8(scores);
-      if (chunk_top > state.top[g0 + g]) state.raise_top(g0 + g, chunk_top);
-      const __m256 e =
-          _mm256_and_ps(valid, kvserve_vec::exp8(_mm256_sub_ps(scores, _mm256_set1_ps(state.top[g0 + g]))));
-      _mm256_storeu_ps(s + g * 8, e);
-      state.total[g0 + g] += hsum8(e);
-    }
-    int64_t c0 = 0;
-    for (; c0 + 16 <= dim; c0 += 16) chunk_values8<T, G, 2>(s, v, row, count, dim, c0, acc);
-    for (; c0 < dim; c0 += 8) chunk_values8<T, G, 1>(s, v, row, count, dim, c0, acc);
   }
-}
+  static float max(Vec v, Mask m) { return hmax8(_mm256_blendv_ps(set1(std::numeric_limits<float>::lowest()), v, m)); }
+  static Vec exp(Vec v, Mask m) { return _mm256_and_ps(m, kvserve_vec::exp8(v)); }
+  static float sum(Vec v) { return hsum8(v); }
+};
 
 #if defined(__AVX512F__)
-// ---- 16 lanes (AVX-512 builds, head dims that are a multiple of 16): chunks of 16 keys, 3 x 8 dot
-// products at a time (24 of the 32 registers), the scores of 16 keys one vector for the softmax, and
-// the values 64 dims at a time (3 x 4 sums).
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-
 // [sum(a[0]), ..., sum(a[7])]: the halves added, then a pairwise tree.
 inline __m256 sums8(const __m512 (&a)[8]) {
   __m256 h[8];
@@ -245,83 +191,106 @@ inline __m256 sums8(const __m512 (&a)[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-// chunk_scores8 for chunks of 16 keys (tokens <= 16) -> s [G][16].
-template <typename T, int G>
-inline void chunk_scores16(const float* q, const T* k, int64_t row, int64_t tokens, int64_t dim, float* s) {
-  for (int64_t t0 = 0; t0 < tokens; t0 += 8) {
-    const T* rows[8];
-    for (int j = 0; j < 8; ++j) rows[j] = k + std::min<int64_t>(t0 + j, tokens - 1) * row;
-    __m512 acc[G][8];
+struct Lanes16 {
+  using Vec = __m512;
+  using Mask = __mmask16;
+  static constexpr int kWidth = 16, kKeysPerPass = 8, kValueVectors = 4;
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec load(const at::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static Vec zero() { return _mm512_setzero_ps(); }
+  static Vec set1(float x) { return _mm512_set1_ps(x); }
+  static Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+  static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  static void store_sums(float* s, const Vec (&a)[kKeysPerPass]) { _mm256_storeu_ps(s, sums8(a)); }
+  static Mask first(int64_t count) { return static_cast<__mmask16>((1u << count) - 1); }
+  static float max(Vec v, Mask m) { return _mm512_mask_reduce_max_ps(m, v); }
+  static Vec exp(Vec v, Mask m) { return _mm512_maskz_mov_ps(m, kvserve_vec::exp16(v)); }
+  static float sum(Vec v) { return _mm512_reduce_add_ps(v); }
+};
+#endif
+
+// Scores of G query heads (q [G][dim], scaled) against keys [0, tokens) of a chunk (rows `row` apart) ->
+// s [G][kWidth]; a pass's keys past `tokens` are read as the last one (valid memory, finite) and lanes past
+// the pass are left as they are (the caller masks them).
+template <class L, typename T, int G>
+inline void chunk_scores(const float* q, const T* k, int64_t row, int64_t tokens, int64_t dim, float* s) {
+  constexpr int P = L::kKeysPerPass;
+  for (int64_t t0 = 0; t0 < tokens; t0 += P) {
+    const T* rows[P];
+    for (int j = 0; j < P; ++j) rows[j] = k + std::min<int64_t>(t0 + j, tokens - 1) * row;
+    typename L::Vec acc[G][P];
     for (int g = 0; g < G; ++g)
-      for (int j = 0; j < 8; ++j) acc[g][j] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < dim; c += 16) {
+      for (int j = 0; j < P; ++j) acc[g][j] = L::zero();
+    for (int64_t c = 0; c < dim; c += L::kWidth) {
 #pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) {
-        const __m512 kv = load16(rows[j] + c);
-        for (int g = 0; g < G; ++g) acc[g][j] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q + g * dim + c), acc[g][j]);
+      for (int j = 0; j < P; ++j) {
+        const typename L::Vec kv = L::load(rows[j] + c);
+        for (int g = 0; g < G; ++g) acc[g][j] = L::fma(kv, L::load(q + g * dim + c), acc[g][j]);
       }
     }
-    for (int g = 0; g < G; ++g) _mm256_storeu_ps(s + g * 16 + t0, sums8(acc[g]));
+    for (int g = 0; g < G; ++g) L::store_sums(s + g * L::kWidth + t0, acc[g]);
   }
 }
 
-// chunk_values8 16 lanes wide: out[g][c0 .. c0 + 16 V).
-template <typename T, int G, int V>
-inline void chunk_values16(const float* w, const T* v, int64_t row, int64_t tokens, int64_t dim, int64_t c0, float* out) {
-  __m512 acc[G][V];
+// out[g][c0 .. c0 + kWidth V) += sum over t < tokens of w[g][t] x v[t][c0 ...], for G heads: G x V sums.
+template <class L, typename T, int G, int V>
+inline void chunk_values(const float* w, const T* v, int64_t row, int64_t tokens, int64_t dim, int64_t c0, float* out) {
+  typename L::Vec acc[G][V];
   for (int g = 0; g < G; ++g)
-    for (int i = 0; i < V; ++i) acc[g][i] = _mm512_loadu_ps(out + g * dim + c0 + 16 * i);
+    for (int i = 0; i < V; ++i) acc[g][i] = L::load(out + g * dim + c0 + L::kWidth * i);
   for (int64_t t = 0; t < tokens; ++t) {
-    __m512 vv[V];
-    for (int i = 0; i < V; ++i) vv[i] = load16(v + t * row + c0 + 16 * i);
+    typename L::Vec vv[V];
+    for (int i = 0; i < V; ++i) vv[i] = L::load(v + t * row + c0 + L::kWidth * i);
     for (int g = 0; g < G; ++g) {
-      const __m512 weight = _mm512_set1_ps(w[g * 16 + t]);
-      for (int i = 0; i < V; ++i) acc[g][i] = _mm512_fmadd_ps(weight, vv[i], acc[g][i]);
+      const typename L::Vec weight = L::set1(w[g * L::kWidth + t]);
+      for (int i = 0; i < V; ++i) acc[g][i] = L::fma(weight, vv[i], acc[g][i]);
     }
   }
   for (int g = 0; g < G; ++g)
-    for (int i = 0; i < V; ++i) _mm512_storeu_ps(out + g * dim + c0 + 16 * i, acc[g][i]);
+    for (int i = 0; i < V; ++i) L::store(out + g * dim + c0 + L::kWidth * i, acc[g][i]);
 }
 
-// block_heads8, 16 keys at a time.
-template <typename T, int G>
-void block_heads16(HeadsState& state, int64_t g0, const HeadRows<T>& rows) {
-  const int64_t row = rows.row, tokens = rows.tokens;
-  const int64_t dim = state.dim;
+// Query heads [g0, g0 + G) of `state` against a block's rows of one KV head, a chunk of kWidth keys at a time.
+template <class L, typename T, int G>
+void block_heads_vec(HeadsState& state, int64_t g0, const HeadRows<T>& rows) {
+  constexpr int W = L::kWidth;
+  const int64_t row = rows.row, tokens = rows.tokens, dim = state.dim;
   const float* q = state.q + g0 * dim;
   float* acc = state.acc + g0 * dim;
-  alignas(64) float s[G * 16];
-  for (int64_t t0 = 0; t0 < tokens; t0 += 16) {
-    const int64_t count = std::min<int64_t>(16, tokens - t0);
+  alignas(64) float s[G * W] = {};  // lanes past a chunk's keys: masked, and finite from the start
+  for (int64_t t0 = 0; t0 < tokens; t0 += W) {
+    const int64_t count = std::min<int64_t>(W, tokens - t0);
     const T* k = rows.k + t0 * row;
     const T* v = rows.v + t0 * row;
     prefetch_next(rows, t0, count, dim);
-    chunk_scores16<T, G>(q, k, row, count, dim, s);
-    const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
+    chunk_scores<L, T, G>(q, k, row, count, dim, s);
+    const typename L::Mask valid = L::first(count);
     for (int g = 0; g < G; ++g) {
-      const __m512 scores = _mm512_maskz_loadu_ps(valid, s + g * 16);
-      const float chunk_top = _mm512_mask_reduce_max_ps(valid, scores);
+      const typename L::Vec scores = L::load(s + g * W);
+      const float chunk_top = L::max(scores, valid);
       if (chunk_top > state.top[g0 + g]) state.raise_top(g0 + g, chunk_top);
-      const __m512 e =
-          _mm512_maskz_mov_ps(valid, kvserve_vec::exp16(_mm512_sub_ps(scores, _mm512_set1_ps(state.top[g0 + g]))));
-      _mm512_storeu_ps(s + g * 16, e);
-      state.total[g0 + g] += _mm512_reduce_add_ps(e);
+      const typename L::Vec e = L::exp(L::sub(scores, L::set1(state.top[g0 + g])), valid);
+      L::store(s + g * W, e);
+      state.total[g0 + g] += L::sum(e);
     }
+    constexpr int V = L::kValueVectors;
     int64_t c0 = 0;
-    for (; c0 + 64 <= dim; c0 += 64) chunk_values16<T, G, 4>(s, v, row, count, dim, c0, acc);
-    for (; c0 < dim; c0 += 16) chunk_values16<T, G, 1>(s, v, row, count, dim, c0, acc);
+    for (; c0 + W * V <= dim; c0 += W * V) chunk_values<L, T, G, V>(s, v, row, count, dim, c0, acc);
+    for (; c0 < dim; c0 += W) chunk_values<L, T, G, 1>(s, v, row, count, dim, c0, acc);
   }
 }
-#endif
 
 // Query heads [g0, g0 + G) of `state` against a block's rows of one KV head, in the widest form the build
 // and the head dim allow.
 template <typename T, int G>
 void block_heads(HeadsState& state, int64_t g0, const HeadRows<T>& rows) {
 #if defined(__AVX512F__)
-  if (state.dim % 16 == 0) return block_heads16<T, G>(state, g0, rows);
+  if (state.dim % 16 == 0) return block_heads_vec<Lanes16, T, G>(state, g0, rows);
 #endif
-  if (state.dim % 8 == 0) return block_heads8<T, G>(state, g0, rows);
+  if (state.dim % 8 == 0) return block_heads_vec<Lanes8, T, G>(state, g0, rows);
   for (int g = 0; g < G; ++g) block_plain<T>(state, g0 + g, rows.k, rows.v, rows.row, rows.tokens);
 }
 
