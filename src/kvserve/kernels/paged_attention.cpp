@@ -26,16 +26,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "vec_math.h"
 
 namespace {
 
-// Eight cache elements as fp32: a float32 cache as it is, a float16 one through F16C (exact).
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline float to_float(float x) { return x; }
 inline float to_float(at::Half x) { return static_cast<float>(x); }
 
@@ -162,8 +158,9 @@ struct Lanes8 {
   using Vec = __m256;
   using Mask = __m256;  // all ones in the lanes of a chunk's keys
   static constexpr int kWidth = 8, kKeysPerPass = 4, kValueVectors = 2;
-  static Vec load(const float* p) { return load8(p); }
-  static Vec load(const at::Half* p) { return load8(p); }
+  // a float32 cache's elements as they are, a float16 one's through F16C (exact)
+  static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static Vec load(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static Vec zero() { return _mm256_setzero_ps(); }
   static Vec set1(float x) { return _mm256_set1_ps(x); }
   static Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
