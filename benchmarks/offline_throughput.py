@@ -7,6 +7,10 @@ included), batch-1 decode tokens/s, peak RSS, and kvserve / transformers ratios.
 
     python benchmarks/offline_throughput.py                 # full run (several minutes)
     python benchmarks/offline_throughput.py --quick         # smoke test
+    python benchmarks/offline_throughput.py --device cuda --num-prompts 256 --batch-sizes 64,256
+
+On CUDA both systems run in bf16 (kvserve's default there; the GGUF's blocks expanded once at load) and
+the GPU's peak allocated memory is reported beside the process's RSS.
 """
 
 from __future__ import annotations
@@ -40,13 +44,19 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_gpu_mib(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+
+
 # ---------------------------------------------------------------- workers (one system per process)
 
 
 def run_kvserve(args) -> dict:
     from kvserve import LLM, SamplingParams
 
-    llm = LLM(kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.num_prompts)
+    llm = LLM(device=args.device, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.num_prompts)
     prompts = make_prompts(llm.tokenizer.encode, args.num_prompts, args.prompt_len)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
@@ -67,10 +77,11 @@ def run_kvserve(args) -> dict:
         "batch1_decode_tokens_per_s": decode_tps,
         "num_preemptions": llm.get_stats()["num_preemptions"],
         "peak_rss_mib": peak_rss_mib(),
+        "peak_gpu_mib": peak_gpu_mib(args.device),
     }
 
 
-def load_hf():
+def load_hf(device: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,23 +89,28 @@ def load_hf():
 
     folder, file = os.path.split(default_model_path())
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # each device's kvserve default
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype).eval().to(device)
     return tokenizer, model
 
 
 def run_hf_generate(args) -> dict:
     import torch
 
-    tokenizer, model = load_hf()
+    tokenizer, model = load_hf(args.device)
     prompts = make_prompts(lambda s: tokenizer.encode(s, add_special_tokens=False), args.num_prompts, args.prompt_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def tensor(rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(rows, device=args.device)
+
     with torch.no_grad():
-        model.generate(torch.tensor([prompts[0]]), max_new_tokens=2, do_sample=False, pad_token_id=pad)  # warm-up
+        model.generate(tensor([prompts[0]]), max_new_tokens=2, do_sample=False, pad_token_id=pad)  # warm-up
         start = time.perf_counter()
         generated = 0
         for i in range(0, len(prompts), args.batch_size):
             chunk = prompts[i : i + args.batch_size]  # equal lengths: left padding is a no-op here
-            input_ids = torch.tensor(chunk)
+            input_ids = tensor(chunk)
             out = model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -111,9 +127,10 @@ def run_hf_generate(args) -> dict:
             "seconds": elapsed,
             "output_tokens_per_s": generated / elapsed,
             "peak_rss_mib": peak_rss_mib(),
+            "peak_gpu_mib": peak_gpu_mib(args.device),
         }
         if args.batch1:
-            ids = torch.tensor([prompts[0]])
+            ids = tensor([prompts[0]])
             model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=pad)
             t0 = time.perf_counter()
             model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=pad)
@@ -131,7 +148,7 @@ def run_hf_continuous(args) -> dict:
     import torch
     from transformers import GenerationConfig
 
-    tokenizer, model = load_hf()
+    tokenizer, model = load_hf(args.device)
     if not hasattr(model, "generate_batch"):
         return {"system": "transformers generate_batch", "skipped": "not in this transformers version"}
     prompts = make_prompts(lambda s: tokenizer.encode(s, add_special_tokens=False), args.num_prompts, args.prompt_len)
@@ -166,6 +183,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--batch-sizes", default="32,64", help="transformers generate batch sizes to try")
     parser.add_argument("--kv-cache-memory", default="2GiB")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both systems on it)")
     parser.add_argument("--skip-continuous", action="store_true")
     parser.add_argument("--quick", action="store_true", help="8 prompts x 16 tokens, to check the script")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -193,6 +211,8 @@ def main() -> None:
             str(args.output_len),
             "--kv-cache-memory",
             args.kv_cache_memory,
+            "--device",
+            args.device,
             *extra,
         ]
         print("running", " ".join(cmd[2:]), file=sys.stderr, flush=True)
@@ -220,7 +240,8 @@ def main() -> None:
         r["batch1_decode_tokens_per_s"] for r in results if "batch1_decode_tokens_per_s" in r and r is not ours
     )
     print(
-        f"\nworkload: {args.num_prompts} prompts x {args.prompt_len} tokens, {args.output_len} new tokens each, greedy"
+        f"\nworkload: {args.num_prompts} prompts x {args.prompt_len} tokens, {args.output_len} new tokens each, greedy, "
+        f"on {args.device}"
     )
     print(f"{'system':55s} {'out tok/s':>10s} {'seconds':>8s} {'peak RSS MiB':>13s}")
     for r in results:
