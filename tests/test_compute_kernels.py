@@ -136,11 +136,11 @@ def test_q_linear_matches_float64(ops, kind):
 
 def test_q_linear_rejects_bad_shapes(ops):
     q = quantize_int8(torch.randn(8, 64))
-    with pytest.raises(RuntimeError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="multiple of 32"):
         ops.q_linear(torch.randn(2, 40), q.codes, q.scales, torch.empty(0), torch.empty(0), 8, 16)
-    with pytest.raises(RuntimeError, match="do not match K"):
+    with pytest.raises(ValueError, match="do not match K"):
         ops.q_linear(torch.randn(2, 96), q.codes, q.scales, torch.empty(0), torch.empty(0), 8, 16)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(ValueError, match="float32"):
         ops.q_linear(torch.randn(2, 64).double(), q.codes, q.scales, torch.empty(0), torch.empty(0), 8, 16)
 
 
@@ -207,7 +207,7 @@ def test_rope_kv_write(ops):
     untouched = torch.ones(32, dtype=torch.bool)
     untouched[slots] = False
     assert cache[:, :].view(2, 32, -1)[:, untouched].abs().sum() == 0  # nothing else written
-    with pytest.raises(RuntimeError, match="out of range"):
+    with pytest.raises(ValueError, match="out of range"):
         ops.rope_kv_write(qkv, heads, kv_heads, cos[:, 0], sin[:, 0], cache, torch.tensor([0, 1, 2, 3, 4, 32]))
 
 
@@ -288,13 +288,13 @@ def test_products_write_into_a_given_buffer(ops):
         buffer = torch.full((m, 101), float("nan"))
         assert ops.f32_linear(x, weight, torch.empty(0), max_dot_rows, out=buffer).data_ptr() == buffer.data_ptr()
         torch.testing.assert_close(buffer, ops.f32_linear(x, weight, torch.empty(0), max_dot_rows), rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match=r"out must be \[M, N\]"):
+    with pytest.raises(ValueError, match=r"out must be \[M, N\]"):
         ops.f32_linear(x, weight, torch.empty(0), 4, out=torch.empty(m, 102))
-    with pytest.raises(RuntimeError, match=r"out must be \[M, N\]"):
+    with pytest.raises(ValueError, match=r"out must be \[M, N\]"):
         ops.q_linear(x, q.codes, q.scales, q.mins, torch.empty(0), q.bits, 0, torch.empty(m, 100))
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(ValueError, match="float32"):
         ops.q_linear(x, q.codes, q.scales, q.mins, torch.empty(0), q.bits, 0, torch.empty(m, 101).double())
-    with pytest.raises(RuntimeError, match=r"out must be \[M, N\] = \[40, 101\]"):  # [T, I]
+    with pytest.raises(ValueError, match=r"out must be \[M, N\] = \[40, 101\]"):  # [T, I]
         ops.silu_mul(gate_up, out=torch.empty(m + 1, 101))
 
 
@@ -376,7 +376,7 @@ def test_decode_attention_f32_matches_the_gather_and_sdpa_path(ops, group, block
     assert at <= num_blocks
     meta = AttentionMetadata(torch.zeros(len(lens), dtype=torch.long), len(lens), block_tables, mask, compute_ops=ops)
     torch.testing.assert_close(paged_attention(q, kv, kv, cache, meta, 0.125), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError, match="outside the block table"):
+    with pytest.raises(ValueError, match="outside the block table"):
         ops.decode_attention_f32(
             q.view(len(lens), heads, group, dim), cache, block_tables, torch.tensor(lens) + 4, 0.125
         )

@@ -131,13 +131,13 @@ def test_fused_decode_attention_refuses_bad_tables_lengths_and_slots(ops):
         )
 
     decode([tables[0]])  # well-formed: accepted
-    with pytest.raises(RuntimeError, match="out of range"):
+    with pytest.raises(ValueError, match="out of range"):
         decode([[99, 0]])
-    with pytest.raises(RuntimeError, match="context length"):
+    with pytest.raises(ValueError, match="context length"):
         decode([tables[0]], context_len=33)
-    with pytest.raises(RuntimeError, match="one row per query"):
+    with pytest.raises(ValueError, match="one row per query"):
         decode([tables[0], tables[0]])
-    with pytest.raises(RuntimeError, match="window slot out of range"):
+    with pytest.raises(ValueError, match="window slot out of range"):
         decode([tables[0]], slot=1)  # the cache has one window slot
 
 

@@ -16,6 +16,8 @@
 #include <tuple>
 #include <vector>
 
+#include "check.h"
+
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                     const at::Tensor& bias, int64_t bits, int64_t max_int_rows,
                     const c10::optional<at::Tensor>& out_buffer = c10::nullopt);
@@ -48,14 +50,14 @@ struct Projection {
 
 std::shared_ptr<Projection> quantized_projection(at::Tensor codes, at::Tensor scales, at::Tensor mins,
                                                  at::Tensor bias, int64_t bits, int64_t max_int_rows) {
-  TORCH_CHECK(codes.numel() > 0, "a quantized projection needs codes");
+  KV_CHECK(codes.numel() > 0, "a quantized projection needs codes");
   auto p = std::make_shared<Projection>();
   p->codes = codes, p->scales = scales, p->mins = mins, p->bias = bias, p->bits = bits, p->max_int_rows = max_int_rows;
   return p;
 }
 
 std::shared_ptr<Projection> dense_projection(at::Tensor weight, at::Tensor bias, int64_t max_f32_rows) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, "a dense projection needs a float32 [N, K] weight");
+  KV_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, "a dense projection needs a float32 [N, K] weight");
   auto p = std::make_shared<Projection>();
   p->weight = weight, p->bias = bias, p->max_f32_rows = max_f32_rows;
   return p;
@@ -79,8 +81,8 @@ struct DecoderStack {
   std::tuple<at::Tensor, at::Tensor> decode(at::Tensor residual, const at::Tensor& cos, const at::Tensor& sin,
                                             const std::vector<at::Tensor>& caches, const at::Tensor& slots,
                                             const at::Tensor& block_tables, const at::Tensor& lens) const {
-    TORCH_CHECK(caches.size() == layers.size(), "one cache per layer: got ", caches.size(), " for ", layers.size());
-    TORCH_CHECK(residual.dim() == 2 && residual.is_contiguous(), "residual must be a contiguous [Nd, H]");
+    KV_CHECK(caches.size() == layers.size(), "one cache per layer: got ", caches.size(), " for ", layers.size());
+    KV_CHECK(residual.dim() == 2 && residual.is_contiguous(), "residual must be a contiguous [Nd, H]");
     const int64_t nd = residual.size(0);
     c10::optional<at::Tensor> h;
     for (size_t i = 0; i < layers.size(); ++i) {
@@ -97,7 +99,7 @@ struct DecoderStack {
       x = add_rms_norm(o, residual, layer.post_attention_norm, layer.eps);
       h = (*layer.down)(silu_mul((*layer.gate_up)(x)));
     }
-    TORCH_CHECK(h.has_value(), "the stack has no layers");
+    KV_CHECK(h.has_value(), "the stack has no layers");
     return {*h, residual};
   }
 };
@@ -114,7 +116,7 @@ void bind_decoder(pybind11::module& m) {
                        std::shared_ptr<Projection> o, std::shared_ptr<Projection> gate_up,
                        std::shared_ptr<Projection> down, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                        double scale) {
-        TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
+        KV_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
         return std::make_shared<LlamaLayer>(LlamaLayer{input_norm, post_attention_norm, eps, qkv, o, gate_up, down,
                                                        num_heads, num_kv_heads, head_dim, scale});
       }));

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "check.h"
 #include "vec_math.h"
 
 at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
@@ -32,8 +33,8 @@ void bind_decoder(pybind11::module& m);
 namespace {
 
 void check_rows(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be float32 on the CPU");
-  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be [T, C] with contiguous rows");
+  KV_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be float32 on the CPU");
+  KV_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be [T, C] with contiguous rows");
 }
 
 }  // namespace
@@ -43,14 +44,14 @@ void check_rows(const at::Tensor& t, const char* name) {
 at::Tensor add_rms_norm(const c10::optional<at::Tensor>& x, at::Tensor& residual, const at::Tensor& weight,
                         double eps) {
   check_rows(residual, "residual");
-  TORCH_CHECK(residual.is_contiguous(), "residual must be contiguous");
+  KV_CHECK(residual.is_contiguous(), "residual must be contiguous");
   const int64_t tokens = residual.size(0), hidden = residual.size(1);
-  TORCH_CHECK(weight.is_contiguous() && weight.numel() == hidden && weight.scalar_type() == at::kFloat,
+  KV_CHECK(weight.is_contiguous() && weight.numel() == hidden && weight.scalar_type() == at::kFloat,
               "weight must be [H] float32");
   const bool add = x.has_value() && x->defined();
   if (add) {
     check_rows(*x, "x");
-    TORCH_CHECK(x->size(0) == tokens && x->size(1) == hidden, "x and residual must have one shape");
+    KV_CHECK(x->size(0) == tokens && x->size(1) == hidden, "x and residual must have one shape");
   }
   at::Tensor out = at::empty_like(residual);
   float* r = residual.data_ptr<float>();
@@ -86,7 +87,7 @@ at::Tensor add_rms_norm(const c10::optional<at::Tensor>& x, at::Tensor& residual
 at::Tensor silu_mul(const at::Tensor& gate_up, const c10::optional<at::Tensor>& out_buffer = c10::nullopt) {
   check_rows(gate_up, "gate_up");
   const int64_t tokens = gate_up.size(0), inner = gate_up.size(1) / 2;
-  TORCH_CHECK(gate_up.size(1) == 2 * inner, "gate_up must have an even width");
+  KV_CHECK(gate_up.size(1) == 2 * inner, "gate_up must have an even width");
   at::Tensor out = product_output(gate_up, tokens, inner, out_buffer);
   const float* g = gate_up.data_ptr<float>();
   const int64_t stride = gate_up.stride(0);
@@ -119,18 +120,18 @@ void rope_kv_write(at::Tensor& qkv, int64_t num_heads, int64_t num_kv_heads, con
   check_rows(qkv, "qkv");
   check_rows(cos, "cos");
   check_rows(sin, "sin");
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "cos and sin must be contiguous");
+  KV_CHECK(cos.is_contiguous() && sin.is_contiguous(), "cos and sin must be contiguous");
   const int64_t tokens = qkv.size(0), half = cos.size(1), dim = 2 * half;
-  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * dim, "qkv width must be (Hq + 2 Hkv) * D");
-  TORCH_CHECK(cos.size(0) == tokens && sin.size(0) == tokens && sin.size(1) == half, "cos, sin must be [T, D/2]");
+  KV_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * dim, "qkv width must be (Hq + 2 Hkv) * D");
+  KV_CHECK(cos.size(0) == tokens && sin.size(0) == tokens && sin.size(1) == half, "cos, sin must be [T, D/2]");
   const bool write = cache.has_value() && cache->defined();
   int64_t num_slots = 0;
   if (write) {
     const auto type = cache->scalar_type();
-    TORCH_CHECK(cache->device().is_cpu() && (type == at::kFloat || type == at::kHalf) && cache->is_contiguous() &&
+    KV_CHECK(cache->device().is_cpu() && (type == at::kFloat || type == at::kHalf) && cache->is_contiguous() &&
                     cache->dim() == 5 && cache->size(0) == 2 && cache->size(3) == num_kv_heads && cache->size(4) == dim,
                 "cache must be a contiguous float32 or float16 [2, blocks, block_size, Hkv, D]");
-    TORCH_CHECK(slots.has_value() && slots->scalar_type() == at::kLong && slots->is_contiguous() &&
+    KV_CHECK(slots.has_value() && slots->scalar_type() == at::kLong && slots->is_contiguous() &&
                     slots->numel() == tokens,
                 "slots must be [T] int64");
     num_slots = cache->size(1) * cache->size(2);
@@ -161,7 +162,7 @@ void rope_kv_write(at::Tensor& qkv, int64_t num_heads, int64_t num_kv_heads, con
       }
       if (write) {
         const int64_t at_slot = slot[t];
-        TORCH_CHECK(at_slot >= 0 && at_slot < num_slots, "slot ", at_slot, " out of range");
+        KV_CHECK(at_slot >= 0 && at_slot < num_slots, "slot ", at_slot, " out of range");
         const float* k = x + num_heads * dim;
         const float* v = k + row;
         if (to_half) {

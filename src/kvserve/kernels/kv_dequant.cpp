@@ -22,6 +22,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "check.h"
+
 namespace {
 
 constexpr int64_t kValueGroup = 32;    // channels per value scale: kv/quant.py VALUE_GROUP
@@ -46,7 +48,7 @@ void gather_dequant_impl(const at::Tensor& data, const at::Tensor& key_params, c
   at::parallel_for(0, 2 * m, 16, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t plane = task / m, i = task % m, b = ids[i];
-      TORCH_CHECK(b >= 0 && b < num_blocks, "block id ", b, " out of range");
+      KV_CHECK(b >= 0 && b < num_blocks, "block id ", b, " out of range");
       const int8_t* src = codes + (plane * num_blocks + b) * block;
       Out* o = dst + (plane * m + i) * block;
       if (plane == 0) {
@@ -150,7 +152,7 @@ void decode_one(const T* __restrict__ query, int64_t group, int64_t dim_, int64_
   std::fill(total, total + group, 0.f);
 
   auto view = [&](int64_t id) {
-    TORCH_CHECK(id >= 0 && id < num_blocks, "block id ", id, " out of range");
+    KV_CHECK(id >= 0 && id < num_blocks, "block id ", id, " out of range");
     const int64_t base = id * block + h * dim;
     return BlockView{codes + base, codes + num_blocks * block + base, params + id * row + h * dim,
                      params + (num_blocks + id) * row + h * dim,
@@ -247,22 +249,22 @@ void decode_one(const T* __restrict__ query, int64_t group, int64_t dim_, int64_
 
 // The int8 cache's three tensors (QuantizedKVCache.block_tensors), as both kernels read them.
 void check_cache(const at::Tensor& data, const at::Tensor& key_params, const at::Tensor& value_scales) {
-  TORCH_CHECK(data.device().is_cpu() && data.scalar_type() == at::kChar && data.is_contiguous() && data.dim() == 5,
+  KV_CHECK(data.device().is_cpu() && data.scalar_type() == at::kChar && data.is_contiguous() && data.dim() == 5,
               "data: a contiguous int8 CPU tensor [2, num_blocks, block_size, heads, dim]");
-  TORCH_CHECK(key_params.scalar_type() == at::kFloat && key_params.is_contiguous(), "key_params: contiguous fp32");
-  TORCH_CHECK(value_scales.scalar_type() == at::kFloat && value_scales.is_contiguous(), "value_scales: contiguous fp32");
+  KV_CHECK(key_params.scalar_type() == at::kFloat && key_params.is_contiguous(), "key_params: contiguous fp32");
+  KV_CHECK(value_scales.scalar_type() == at::kFloat && value_scales.is_contiguous(), "value_scales: contiguous fp32");
 }
 
 at::Tensor gather_dequant(const at::Tensor& data, const at::Tensor& key_params, const at::Tensor& value_scales,
                           const at::Tensor& block_ids, at::Tensor out) {
   check_cache(data, key_params, value_scales);
-  TORCH_CHECK(block_ids.scalar_type() == at::kLong && block_ids.is_contiguous(), "block_ids: contiguous int64");
-  TORCH_CHECK(out.is_contiguous() && out.numel() == 2 * block_ids.size(0) * data[0][0].numel(), "out: [2, M, ...]");
+  KV_CHECK(block_ids.scalar_type() == at::kLong && block_ids.is_contiguous(), "block_ids: contiguous int64");
+  KV_CHECK(out.is_contiguous() && out.numel() == 2 * block_ids.size(0) * data[0][0].numel(), "out: [2, M, ...]");
   switch (out.scalar_type()) {
     case at::kFloat: gather_dequant_impl<float>(data, key_params, value_scales, block_ids, out); break;
     case at::kBFloat16: gather_dequant_impl<c10::BFloat16>(data, key_params, value_scales, block_ids, out); break;
     case at::kHalf: gather_dequant_impl<c10::Half>(data, key_params, value_scales, block_ids, out); break;
-    default: TORCH_CHECK(false, "out: fp32, bf16 or fp16");
+    default: KV_CHECK(false, "out: fp32, bf16 or fp16");
   }
   return out;
 }
@@ -276,40 +278,40 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& data, con
                             const at::Tensor& block_tables, const at::Tensor& context_lens,
                             const at::Tensor& window_slots, const at::Tensor& window_from, double scale,
                             at::Tensor out) {
-  TORCH_CHECK(query.dim() == 4 && query.is_contiguous(), "query: contiguous [Nd, Hkv, G, D]");
+  KV_CHECK(query.dim() == 4 && query.is_contiguous(), "query: contiguous [Nd, Hkv, G, D]");
   check_cache(data, key_params, value_scales);
-  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16 ||
+  KV_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16 ||
                   query.scalar_type() == at::kHalf,
               "query: fp32, bf16 or fp16");
   const auto window_type = query.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kHalf;
-  TORCH_CHECK(window.scalar_type() == window_type && window.is_contiguous() && window.dim() == 6 &&
+  KV_CHECK(window.scalar_type() == window_type && window.is_contiguous() && window.dim() == 6 &&
                   window.size(0) == 2 && window.size(2) == kWindowBlocks && window.size(3) == data.size(2) &&
                   window.size(4) == data.size(3) && window.size(5) == data.size(4),
               "window: contiguous [2, slots, ", kWindowBlocks, ", block_size, heads, dim], bf16 for a bf16 query, else fp16");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() && block_tables.dim() == 2,
+  KV_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() && block_tables.dim() == 2,
               "block_tables: contiguous int64 [Nd, width]");
-  TORCH_CHECK(block_tables.size(0) == query.size(0), "block_tables: one row per query");
-  TORCH_CHECK(window.device().is_cpu() && query.device().is_cpu() && out.device().is_cpu(),
+  KV_CHECK(block_tables.size(0) == query.size(0), "block_tables: one row per query");
+  KV_CHECK(window.device().is_cpu() && query.device().is_cpu() && out.device().is_cpu(),
               "query, window, out: CPU tensors");
-  TORCH_CHECK(context_lens.scalar_type() == at::kLong && window_slots.scalar_type() == at::kLong &&
+  KV_CHECK(context_lens.scalar_type() == at::kLong && window_slots.scalar_type() == at::kLong &&
                   window_from.scalar_type() == at::kLong && context_lens.is_contiguous() &&
                   window_slots.is_contiguous() && window_from.is_contiguous() &&
                   context_lens.numel() == query.size(0) && window_slots.numel() == query.size(0) &&
                   window_from.numel() == query.size(0),
               "context_lens, window_slots, window_from: contiguous int64 [Nd]");
-  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type() && out.is_contiguous(),
+  KV_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type() && out.is_contiguous(),
               "out: like query");
   const int64_t nd = query.size(0), heads = query.size(1), group = query.size(2), dim = query.size(3);
   const int64_t num_blocks = data.size(1), block_size = data.size(2), width = block_tables.size(1);
-  TORCH_CHECK(data.size(3) == heads && data.size(4) == dim, "data: heads and dim of the query");
+  KV_CHECK(data.size(3) == heads && data.size(4) == dim, "data: heads and dim of the query");
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const int64_t* slots = window_slots.data_ptr<int64_t>();
   const int64_t* from = window_from.data_ptr<int64_t>();
   const int64_t num_slots = window.size(1);
   for (int64_t n = 0; n < nd; ++n) {
-    TORCH_CHECK(lens[n] >= 1 && lens[n] <= width * block_size, "context length out of its block table");
-    TORCH_CHECK(slots[n] >= -1 && slots[n] < num_slots, "window slot out of range");
-    TORCH_CHECK(from[n] >= 0, "window_from: a block index");
+    KV_CHECK(lens[n] >= 1 && lens[n] <= width * block_size, "context length out of its block table");
+    KV_CHECK(slots[n] >= -1 && slots[n] < num_slots, "window slot out of range");
+    KV_CHECK(from[n] >= 0, "window_from: a block index");
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "decode_attention", [&] {
     using W = WindowType<scalar_t>;

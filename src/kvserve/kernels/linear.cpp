@@ -33,6 +33,8 @@
 #include <cstring>
 #include <vector>
 
+#include "check.h"
+
 namespace {
 
 constexpr int64_t kBlock = 32;     // elements per activation block and per code block
@@ -670,9 +672,9 @@ void int_panel_product(const PackedWeight& w, const QuantizedActs& acts, int64_t
 }
 
 void check_cpu_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  KV_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  KV_CHECK(t.scalar_type() == at::kFloat, name, " must be float32");
+  KV_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
 thread_local QuantizedActs tls_acts;  // reused: a product allocates nothing once warm
@@ -719,7 +721,7 @@ constexpr int64_t kDefaultIntRows = 8;
 at::Tensor product_output(const at::Tensor& x, int64_t m, int64_t n, const c10::optional<at::Tensor>& out_buffer) {
   if (!out_buffer.has_value()) return at::empty({m, n}, x.options());
   check_cpu_float(*out_buffer, "out");
-  TORCH_CHECK(out_buffer->dim() == 2 && out_buffer->size(0) == m && out_buffer->size(1) == n, "out must be [M, N] = [",
+  KV_CHECK(out_buffer->dim() == 2 && out_buffer->size(0) == m && out_buffer->size(1) == n, "out must be [M, N] = [",
               m, ", ", n, "]");
   return *out_buffer;
 }
@@ -732,25 +734,25 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
                     const at::Tensor& bias, int64_t bits, int64_t max_int_rows,
                     const c10::optional<at::Tensor>& out_buffer = c10::nullopt) {
   check_cpu_float(x, "x");
-  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  KV_CHECK(x.dim() == 2, "x must be [M, K]");
+  KV_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   const int64_t m = x.size(0), k = x.size(1), n = codes.size(0);
-  TORCH_CHECK(k % kBlock == 0, "K (", k, ") must be a multiple of 32");
-  TORCH_CHECK(codes.is_contiguous() && codes.dim() == 2 && codes.element_size() == 1, "codes must be [N, bytes] of 1-byte ints");
-  TORCH_CHECK(codes.size(1) == (bits == 4 ? k / 2 : k), "codes do not match K = ", k, " at ", bits, " bits");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == n,
+  KV_CHECK(k % kBlock == 0, "K (", k, ") must be a multiple of 32");
+  KV_CHECK(codes.is_contiguous() && codes.dim() == 2 && codes.element_size() == 1, "codes must be [N, bytes] of 1-byte ints");
+  KV_CHECK(codes.size(1) == (bits == 4 ? k / 2 : k), "codes do not match K = ", k, " at ", bits, " bits");
+  KV_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == n,
               "scales must be [N, K/G] float16");
   const int64_t nb = k / kBlock;
   const bool group16 = scales.size(1) == 2 * nb;
-  TORCH_CHECK(group16 || scales.size(1) == nb, "scales must have K/32 or K/16 columns");
+  KV_CHECK(group16 || scales.size(1) == nb, "scales must have K/32 or K/16 columns");
   const bool has_mins = mins.numel() > 0;
   if (has_mins)
-    TORCH_CHECK(mins.scalar_type() == at::kHalf && mins.is_contiguous() && mins.size(0) == n && mins.size(1) == nb,
+    KV_CHECK(mins.scalar_type() == at::kHalf && mins.is_contiguous() && mins.size(0) == n && mins.size(1) == nb,
                 "mins must be [N, K/32] float16");
   const bool has_bias = bias.numel() > 0;
   if (has_bias) {
     check_cpu_float(bias, "bias");
-    TORCH_CHECK(bias.numel() == n, "bias must have N elements");
+    KV_CHECK(bias.numel() == n, "bias must have N elements");
   }
   at::Tensor out = product_output(x, m, n, out_buffer);
   if (m == 0) return out;
@@ -758,7 +760,7 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
                  reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
                  has_mins ? reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()) : nullptr,
                  codes.size(1), scales.size(1), nb};
-  TORCH_CHECK(!(bits == 4 && group16), "4-bit codes take 32-element groups");
+  KV_CHECK(!(bits == 4 && group16), "4-bit codes take 32-element groups");
   const float* b = has_bias ? bias.data_ptr<float>() : nullptr;
   float* o = out.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
@@ -818,12 +820,12 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const at::T
                       const c10::optional<at::Tensor>& out_buffer = c10::nullopt) {
   check_cpu_float(x, "x");
   check_cpu_float(weight, "weight");
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "x [M, K] and weight [N, K] must share K");
+  KV_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "x [M, K] and weight [N, K] must share K");
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   const bool has_bias = bias.numel() > 0;
   if (has_bias) {
     check_cpu_float(bias, "bias");
-    TORCH_CHECK(bias.numel() == n, "bias must have N elements");
+    KV_CHECK(bias.numel() == n, "bias must have N elements");
   }
   at::Tensor out = product_output(x, m, n, out_buffer);
   const float* xp = x.data_ptr<float>();

@@ -28,6 +28,7 @@
 #include <limits>
 #include <vector>
 
+#include "check.h"
 #include "vec_math.h"
 
 namespace {
@@ -300,7 +301,7 @@ void attend_sequence(const float* query, const T* keys, const T* values, const i
   const int64_t row = heads * dim, block = block_size * row, blocks = (len + block_size - 1) / block_size;
   const auto checked = [&](int64_t b) {
     const int64_t id = table[b];
-    TORCH_CHECK(id >= 0 && id < num_blocks, "block id ", id, " out of range");
+    KV_CHECK(id >= 0 && id < num_blocks, "block id ", id, " out of range");
     return id;
   };
   HeadsState state(query + h0 * group * dim, (h1 - h0) * group, dim, scale);
@@ -356,18 +357,18 @@ void decode_attention_rows(const float* q, int64_t q_stride, int64_t nd, int64_t
                            const at::Tensor& cache, const at::Tensor& block_tables, const at::Tensor& lens, double scale,
                            float* out) {
   const bool half = cache.scalar_type() == at::kHalf;
-  TORCH_CHECK(cache.device().is_cpu() && (half || cache.scalar_type() == at::kFloat) && cache.is_contiguous() &&
+  KV_CHECK(cache.device().is_cpu() && (half || cache.scalar_type() == at::kFloat) && cache.is_contiguous() &&
                   cache.dim() == 5 && cache.size(0) == 2,
               "cache must be a contiguous float32 or float16 [2, blocks, block_size, Hkv, D]");
-  TORCH_CHECK(cache.size(3) == heads && cache.size(4) == dim, "cache heads / head dim do not match the queries");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() && block_tables.dim() == 2 &&
+  KV_CHECK(cache.size(3) == heads && cache.size(4) == dim, "cache heads / head dim do not match the queries");
+  KV_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() && block_tables.dim() == 2 &&
                   block_tables.size(0) == nd,
               "block_tables must be [Nd, W] int64");
-  TORCH_CHECK(lens.scalar_type() == at::kLong && lens.is_contiguous() && lens.numel() == nd, "lens must be [Nd] int64");
+  KV_CHECK(lens.scalar_type() == at::kLong && lens.is_contiguous() && lens.numel() == nd, "lens must be [Nd] int64");
   const int64_t block_size = cache.size(2), width = block_tables.size(1);
   const int64_t* len = lens.data_ptr<int64_t>();
   for (int64_t i = 0; i < nd; ++i)
-    TORCH_CHECK(len[i] >= 1 && len[i] <= width * block_size, "context length ", len[i], " outside the block table");
+    KV_CHECK(len[i] >= 1 && len[i] <= width * block_size, "context length ", len[i], " outside the block table");
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   if (half)
     decode_attention_typed<at::Half>(q, q_stride, nd, heads, group, dim, cache, tables, width, len, scale, out);
@@ -380,7 +381,7 @@ void decode_attention_rows(const float* q, int64_t q_stride, int64_t nd, int64_t
 // -> out [Nd, Hkv, G, D].
 at::Tensor decode_attention_f32(const at::Tensor& queries, const at::Tensor& cache, const at::Tensor& block_tables,
                                 const at::Tensor& lens, double scale) {
-  TORCH_CHECK(queries.device().is_cpu() && queries.scalar_type() == at::kFloat && queries.is_contiguous() &&
+  KV_CHECK(queries.device().is_cpu() && queries.scalar_type() == at::kFloat && queries.is_contiguous() &&
                   queries.dim() == 4,
               "queries must be a contiguous float32 [Nd, Hkv, G, D]");
   const int64_t nd = queries.size(0), heads = queries.size(1), group = queries.size(2), dim = queries.size(3);
