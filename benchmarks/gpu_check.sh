@@ -20,6 +20,11 @@ export KVSERVE_CPU_KERNELS=${KVSERVE_CPU_KERNELS:-0}
 # Only the modules with CUDA tests: the others import test-only packages a GPU image may lack
 "$PYTHON" -m pytest -p no:cacheprovider tests/test_cuda.py tests/test_kv_quant.py -m cuda -q -rA -s 2>&1 \
   | grep -v '^Writing model shards' | tee "$OUT/cuda_tests.log" || true
+# The compiled CPU kernels on the GPU machine's host CPU (an Intel Xeon with AVX-512 and AMX on the
+# H200 machines): both ISA builds, bad input included (a TORCH_CHECK failure crashed that image's torch
+# on 2026-12-04; kernels/check.h)
+KVSERVE_CPU_KERNELS=1 "$PYTHON" -m pytest -p no:cacheprovider tests/test_compute_kernels.py tests/test_kernels.py -q 2>&1 \
+  | tail -5 | tee "$OUT/cpu_kernels.log" || true
 for kv in int8 fp8; do
   "$PYTHON" benchmarks/kv_quant_quality.py --device cuda --kv-cache-dtype $kv 2>&1 | tee "$OUT/quality_$kv.log"
 done
