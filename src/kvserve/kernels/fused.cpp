@@ -47,7 +47,7 @@ at::Tensor add_rms_norm(const c10::optional<at::Tensor>& x, at::Tensor& residual
   KV_CHECK(residual.is_contiguous(), "residual must be contiguous");
   const int64_t tokens = residual.size(0), hidden = residual.size(1);
   KV_CHECK(weight.is_contiguous() && weight.numel() == hidden && weight.scalar_type() == at::kFloat,
-              "weight must be [H] float32");
+           "weight must be [H] float32");
   const bool add = x.has_value() && x->defined();
   if (add) {
     check_rows(*x, "x");
@@ -129,11 +129,11 @@ void rope_kv_write(at::Tensor& qkv, int64_t num_heads, int64_t num_kv_heads, con
   if (write) {
     const auto type = cache->scalar_type();
     KV_CHECK(cache->device().is_cpu() && (type == at::kFloat || type == at::kHalf) && cache->is_contiguous() &&
-                    cache->dim() == 5 && cache->size(0) == 2 && cache->size(3) == num_kv_heads && cache->size(4) == dim,
-                "cache must be a contiguous float32 or float16 [2, blocks, block_size, Hkv, D]");
+                 cache->dim() == 5 && cache->size(0) == 2 && cache->size(3) == num_kv_heads && cache->size(4) == dim,
+             "cache must be a contiguous float32 or float16 [2, blocks, block_size, Hkv, D]");
     KV_CHECK(slots.has_value() && slots->scalar_type() == at::kLong && slots->is_contiguous() &&
-                    slots->numel() == tokens,
-                "slots must be [T] int64");
+                 slots->numel() == tokens,
+             "slots must be [T] int64");
     num_slots = cache->size(1) * cache->size(2);
   }
   float* base = qkv.data_ptr<float>();

@@ -250,7 +250,7 @@ void decode_one(const T* __restrict__ query, int64_t group, int64_t dim_, int64_
 // The int8 cache's three tensors (QuantizedKVCache.block_tensors), as both kernels read them.
 void check_cache(const at::Tensor& data, const at::Tensor& key_params, const at::Tensor& value_scales) {
   KV_CHECK(data.device().is_cpu() && data.scalar_type() == at::kChar && data.is_contiguous() && data.dim() == 5,
-              "data: a contiguous int8 CPU tensor [2, num_blocks, block_size, heads, dim]");
+           "data: a contiguous int8 CPU tensor [2, num_blocks, block_size, heads, dim]");
   KV_CHECK(key_params.scalar_type() == at::kFloat && key_params.is_contiguous(), "key_params: contiguous fp32");
   KV_CHECK(value_scales.scalar_type() == at::kFloat && value_scales.is_contiguous(), "value_scales: contiguous fp32");
 }
@@ -281,26 +281,26 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& data, con
   KV_CHECK(query.dim() == 4 && query.is_contiguous(), "query: contiguous [Nd, Hkv, G, D]");
   check_cache(data, key_params, value_scales);
   KV_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16 ||
-                  query.scalar_type() == at::kHalf,
-              "query: fp32, bf16 or fp16");
+               query.scalar_type() == at::kHalf,
+           "query: fp32, bf16 or fp16");
   const auto window_type = query.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kHalf;
   KV_CHECK(window.scalar_type() == window_type && window.is_contiguous() && window.dim() == 6 &&
-                  window.size(0) == 2 && window.size(2) == kWindowBlocks && window.size(3) == data.size(2) &&
-                  window.size(4) == data.size(3) && window.size(5) == data.size(4),
-              "window: contiguous [2, slots, ", kWindowBlocks, ", block_size, heads, dim], bf16 for a bf16 query, else fp16");
+               window.size(0) == 2 && window.size(2) == kWindowBlocks && window.size(3) == data.size(2) &&
+               window.size(4) == data.size(3) && window.size(5) == data.size(4),
+           "window: contiguous [2, slots, ", kWindowBlocks, ", block_size, heads, dim], bf16 for a bf16 query, else fp16");
   KV_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() && block_tables.dim() == 2,
-              "block_tables: contiguous int64 [Nd, width]");
+           "block_tables: contiguous int64 [Nd, width]");
   KV_CHECK(block_tables.size(0) == query.size(0), "block_tables: one row per query");
   KV_CHECK(window.device().is_cpu() && query.device().is_cpu() && out.device().is_cpu(),
-              "query, window, out: CPU tensors");
+           "query, window, out: CPU tensors");
   KV_CHECK(context_lens.scalar_type() == at::kLong && window_slots.scalar_type() == at::kLong &&
-                  window_from.scalar_type() == at::kLong && context_lens.is_contiguous() &&
-                  window_slots.is_contiguous() && window_from.is_contiguous() &&
-                  context_lens.numel() == query.size(0) && window_slots.numel() == query.size(0) &&
-                  window_from.numel() == query.size(0),
-              "context_lens, window_slots, window_from: contiguous int64 [Nd]");
+               window_from.scalar_type() == at::kLong && context_lens.is_contiguous() &&
+               window_slots.is_contiguous() && window_from.is_contiguous() &&
+               context_lens.numel() == query.size(0) && window_slots.numel() == query.size(0) &&
+               window_from.numel() == query.size(0),
+           "context_lens, window_slots, window_from: contiguous int64 [Nd]");
   KV_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type() && out.is_contiguous(),
-              "out: like query");
+           "out: like query");
   const int64_t nd = query.size(0), heads = query.size(1), group = query.size(2), dim = query.size(3);
   const int64_t num_blocks = data.size(1), block_size = data.size(2), width = block_tables.size(1);
   KV_CHECK(data.size(3) == heads && data.size(4) == dim, "data: heads and dim of the query");

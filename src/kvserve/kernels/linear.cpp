@@ -722,7 +722,7 @@ at::Tensor product_output(const at::Tensor& x, int64_t m, int64_t n, const c10::
   if (!out_buffer.has_value()) return at::empty({m, n}, x.options());
   check_cpu_float(*out_buffer, "out");
   KV_CHECK(out_buffer->dim() == 2 && out_buffer->size(0) == m && out_buffer->size(1) == n, "out must be [M, N] = [",
-              m, ", ", n, "]");
+           m, ", ", n, "]");
   return *out_buffer;
 }
 
@@ -741,14 +741,14 @@ at::Tensor q_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   KV_CHECK(codes.is_contiguous() && codes.dim() == 2 && codes.element_size() == 1, "codes must be [N, bytes] of 1-byte ints");
   KV_CHECK(codes.size(1) == (bits == 4 ? k / 2 : k), "codes do not match K = ", k, " at ", bits, " bits");
   KV_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == n,
-              "scales must be [N, K/G] float16");
+           "scales must be [N, K/G] float16");
   const int64_t nb = k / kBlock;
   const bool group16 = scales.size(1) == 2 * nb;
   KV_CHECK(group16 || scales.size(1) == nb, "scales must have K/32 or K/16 columns");
   const bool has_mins = mins.numel() > 0;
   if (has_mins)
     KV_CHECK(mins.scalar_type() == at::kHalf && mins.is_contiguous() && mins.size(0) == n && mins.size(1) == nb,
-                "mins must be [N, K/32] float16");
+             "mins must be [N, K/32] float16");
   const bool has_bias = bias.numel() > 0;
   if (has_bias) {
     check_cpu_float(bias, "bias");

@@ -358,12 +358,12 @@ void decode_attention_rows(const float* q, int64_t q_stride, int64_t nd, int64_t
                            float* out) {
   const bool half = cache.scalar_type() == at::kHalf;
   KV_CHECK(cache.device().is_cpu() && (half || cache.scalar_type() == at::kFloat) && cache.is_contiguous() &&
-                  cache.dim() == 5 && cache.size(0) == 2,
-              "cache must be a contiguous float32 or float16 [2, blocks, block_size, Hkv, D]");
+               cache.dim() == 5 && cache.size(0) == 2,
+           "cache must be a contiguous float32 or float16 [2, blocks, block_size, Hkv, D]");
   KV_CHECK(cache.size(3) == heads && cache.size(4) == dim, "cache heads / head dim do not match the queries");
   KV_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() && block_tables.dim() == 2 &&
-                  block_tables.size(0) == nd,
-              "block_tables must be [Nd, W] int64");
+               block_tables.size(0) == nd,
+           "block_tables must be [Nd, W] int64");
   KV_CHECK(lens.scalar_type() == at::kLong && lens.is_contiguous() && lens.numel() == nd, "lens must be [Nd] int64");
   const int64_t block_size = cache.size(2), width = block_tables.size(1);
   const int64_t* len = lens.data_ptr<int64_t>();
@@ -382,8 +382,8 @@ void decode_attention_rows(const float* q, int64_t q_stride, int64_t nd, int64_t
 at::Tensor decode_attention_f32(const at::Tensor& queries, const at::Tensor& cache, const at::Tensor& block_tables,
                                 const at::Tensor& lens, double scale) {
   KV_CHECK(queries.device().is_cpu() && queries.scalar_type() == at::kFloat && queries.is_contiguous() &&
-                  queries.dim() == 4,
-              "queries must be a contiguous float32 [Nd, Hkv, G, D]");
+               queries.dim() == 4,
+           "queries must be a contiguous float32 [Nd, Hkv, G, D]");
   const int64_t nd = queries.size(0), heads = queries.size(1), group = queries.size(2), dim = queries.size(3);
   at::Tensor out = at::empty_like(queries);
   decode_attention_rows(queries.data_ptr<float>(), heads * group * dim, nd, heads, group, dim, cache, block_tables,
