@@ -2,7 +2,9 @@
 
 Whether bfloat16 pays on a CPU depends on the CPU: with native bf16 units (AVX512-BF16, AMX) its
 matrix products run several times faster than fp32; without them (e.g. Zen 3, AVX2 only, the
-machine of ../shared/PEERS.md) torch's bf16 products are ~300x slower and this is unusable.
+machine of ../shared/PEERS.md) torch's bf16 products are ~300x slower and this is unusable. Since
+the compiled kernels (issue 15) serve fp32 only, fp32 is the faster engine setting even with bf16
+units: prefill about even, decode 1.3-2.9x faster (benchmarks/README.md, 2026-12-04).
 
     python benchmarks/cpu_dtype.py [--prompts 8] [--prompt-len 512]
 """
