@@ -31,6 +31,7 @@ done
 "$PYTHON" benchmarks/kv_quant_capacity.py --device cuda --fp8 2>&1 | tee "$OUT/capacity.log"
 "$PYTHON" benchmarks/offline_throughput.py --device cuda --num-prompts 256 --batch-sizes 64,256 --skip-continuous \
   --kv-cache-memory 8GiB --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"
+"$PYTHON" benchmarks/cuda_launches.py 2>&1 | tee "$OUT/launches.log"
 # Tensor parallelism (NCCL), on a machine with two or more GPUs: TP=2 against TP=1 on a random model of
 # SmolLM2's size that 2 ranks split (benchmarks/tensor_parallel.py's; SmolLM2's 9 heads do not): same tokens?
 if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
