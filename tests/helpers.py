@@ -8,6 +8,9 @@ import numpy as np
 import torch
 
 NEAR_TIE = 0.02  # logprob gap under which a greedy divergence counts as a genuine near-tie
+# One 16-token KV block of save_tiny_model's default llama in fp32: layers x (K, V) x block x KV heads x
+# head dim x 4 bytes
+TINY_LLAMA_BLOCK_BYTES = 3 * 2 * 16 * 2 * 16 * 4
 
 
 def save_tiny_model(folder: str, kind: str, seed: int = 0, shard: bool = False, **overrides) -> torch.nn.Module:
@@ -283,3 +286,25 @@ PLOT_PARAMETERS = {
     "$defs": {"Point": POINT_SCHEMA},
 }
 PLOT_TOOL = {"type": "function", "function": {"name": "plot", "parameters": PLOT_PARAMETERS}}
+
+
+def random_prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
+    """`count` prompts of `length` token ids in the tiny models' vocabulary (3..319), from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 320, (length,), generator=g).tolist() for _ in range(count)]
+
+
+def tiered_llm(model: str, folder, device_blocks: int, host_blocks: int | None, disk_blocks: int = 400, **kw):
+    """An LLM on a tiny llama whose KV pool, host tier and disk tier hold the given numbers of blocks."""
+    from kvserve import LLM
+
+    return LLM(
+        model,
+        kv_cache_memory=device_blocks * TINY_LLAMA_BLOCK_BYTES,
+        kv_offload_memory=host_blocks * TINY_LLAMA_BLOCK_BYTES if host_blocks else None,
+        kv_offload_dir=str(folder),
+        kv_offload_disk=disk_blocks * (TINY_LLAMA_BLOCK_BYTES + 4096),
+        max_model_len=128,
+        max_num_batched_tokens=512,  # the counts the tests expect: 5 of 6 prompts prefilled in the first step
+        **kw,
+    )

@@ -22,7 +22,14 @@ import random
 import httpx
 import pytest
 import torch
-from helpers import assert_same_or_near_tie, hf_greedy_with_logprobs, save_tiny_deepseek, save_tiny_model
+from helpers import (
+    assert_same_or_near_tie,
+    hf_greedy_with_logprobs,
+    random_prompts,
+    save_tiny_deepseek,
+    save_tiny_model,
+    tiered_llm,
+)
 
 from kvserve import LLM, SamplingParams
 from kvserve.models.loader import load_weights
@@ -110,20 +117,8 @@ def test_default_model_on_cuda_agrees_with_the_cpu_fp32_path(text_ids, cpu_refer
 def test_kv_tiers_on_cuda(tmp_path):
     """Blocks evicted from the GPU pool go to pinned host memory and the disk and come back the same."""
     save_tiny_model(str(tmp_path / "model"), "llama")
-    block_bytes = 3 * 2 * BLOCK * 2 * 16 * 4  # layers x (K, V) x block x KV heads x head dim x fp32
-    llm = LLM(
-        str(tmp_path / "model"),
-        device="cuda",
-        dtype="float32",
-        kv_cache_memory=16 * block_bytes,
-        kv_offload_memory=12 * block_bytes,
-        kv_offload_dir=str(tmp_path / "disk"),
-        kv_offload_disk=400 * (block_bytes + 4096),
-        max_model_len=128,
-        max_num_batched_tokens=512,
-    )
-    g = torch.Generator().manual_seed(0)
-    work = [torch.randint(3, 320, (96,), generator=g).tolist() for _ in range(6)]
+    llm = tiered_llm(str(tmp_path / "model"), tmp_path / "disk", 16, 12, device="cuda", dtype="float32")
+    work = random_prompts(6, 96)  # 6 blocks each: 36 > 16 GPU blocks; host + disk hold them all
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     first = llm.generate(work, params)
     second = llm.generate(work[::-1], params)[::-1]

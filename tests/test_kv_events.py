@@ -15,6 +15,7 @@ import msgspec
 import pytest
 import torch
 import zmq
+from helpers import TINY_LLAMA_BLOCK_BYTES as BLOCK_BYTES
 from helpers import save_tiny_model
 
 from kvserve import LLM, SamplingParams
@@ -30,7 +31,6 @@ from kvserve.kv.events import (
     replay_endpoint_for,
 )
 
-BLOCK_BYTES = 3 * 2 * 16 * 2 * 16 * 4
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
 

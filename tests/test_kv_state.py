@@ -8,12 +8,12 @@ import json
 
 import httpx
 import pytest
+from helpers import TINY_LLAMA_BLOCK_BYTES as BLOCK_BYTES
 from helpers import save_tiny_model
 
 from kvserve import LLM, SamplingParams
 from kvserve.server.launch import ServerProcess
 
-BLOCK_BYTES = 3 * 2 * 16 * 2 * 16 * 4  # tiny llama: layers x (K, V) x block x KV heads x head dim x fp32
 ONE = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 
 

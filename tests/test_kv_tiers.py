@@ -15,7 +15,9 @@ import os
 import httpx
 import pytest
 import torch
-from helpers import save_tiny_model
+from helpers import TINY_LLAMA_BLOCK_BYTES as BLOCK_BYTES
+from helpers import random_prompts as prompts
+from helpers import save_tiny_model, tiered_llm
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve import LLM, SamplingParams
@@ -23,8 +25,6 @@ from kvserve.kv.block_io import BlockIO
 from kvserve.kv.prefix_hash import extend_block_hashes
 from kvserve.kv.quant import QuantizedKVCache, as_bytes
 from kvserve.kv.tiers import _HEADER, DiskTier, HostTier
-
-BLOCK_BYTES = 3 * 2 * 16 * 2 * 16 * 4  # tiny llama: layers x (K, V) x block x KV heads x head dim x fp32
 
 
 def h(name: str) -> bytes:
@@ -152,25 +152,7 @@ def tiny(tmp_path_factory):
     return str(folder), str(other)
 
 
-def prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 320, (length,), generator=g).tolist() for _ in range(count)]
-
-
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-
-
-def tiered_llm(model: str, folder, device_blocks: int, host_blocks: int | None, disk_blocks: int = 400, **kw) -> LLM:
-    return LLM(
-        model,
-        kv_cache_memory=device_blocks * BLOCK_BYTES,
-        kv_offload_memory=host_blocks * BLOCK_BYTES if host_blocks else None,
-        kv_offload_dir=str(folder),
-        kv_offload_disk=disk_blocks * (BLOCK_BYTES + 4096),
-        max_model_len=128,
-        max_num_batched_tokens=512,  # the counts the tests expect: 5 of 6 prompts prefilled in the first step
-        **kw,
-    )
 
 
 def test_working_set_beyond_the_device_pool_comes_back_from_host_and_disk(tiny, tmp_path):

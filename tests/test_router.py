@@ -16,6 +16,7 @@ import time
 import httpx
 import pytest
 import torch
+from helpers import TINY_LLAMA_BLOCK_BYTES as BLOCK_BYTES
 from helpers import save_tiny_model
 
 from kvserve.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
@@ -24,8 +25,6 @@ from kvserve.router.index import KVIndex
 from kvserve.router.policies import RoutedRequest, make_policy
 from kvserve.router.workers import Worker
 from kvserve.server.launch import ServerProcess, free_port
-
-BLOCK_BYTES = 3 * 2 * 16 * 2 * 16 * 4  # the tiny llama's fp32 block
 
 
 def ids(count: int, seed: int) -> list[int]:
