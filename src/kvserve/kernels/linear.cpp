@@ -12,7 +12,7 @@
 // block's exact fp32 sum for the mins), and each weight block meets it in an integer dot product:
 //   sum_i w_i x_i ~= scale * d * sum_i code_i q_i + min * sum_i x_i
 // A register tile of up to four weight rows x four rows of x shares each unpacked weight block and each
-// loaded block of x (tile_kernel); the integer path is for M <= ~16, so x's codes stay in L1.
+// loaded block of x (tile_kernel); the integer path is for a few rows of x (3 or 4, kDefaultIntRows).
 // Past `max_int_rows` rows of x (prefill chunks, large decode batches) the product is compute-bound,
 // and a blocked path takes over, where a panel of weight rows is prepared into a buffer that stays in
 // cache and every row of x meets it: integer panels (int_panel_product: the codes widened to int16, the
@@ -706,13 +706,21 @@ void with_format(int64_t bits, bool group16, bool mins, Fn&& f) {
 }  // namespace
 
 // Rows of x up to which the row-wise integer path runs, when the caller leaves the choice to the build
-// (max_int_rows < 0): where the panels overtake it on the default model's shapes (benchmarks/
-// linear_kernels.py): 8. One product at a time (GMAC/s, row-wise / panels, AVX-512 Zen 5) they win from
-// 4-6 rows on (6 rows: 55-79 / 43-107, the LM head, read from memory, the exception), but whole decode
-// steps at batch 6 were no faster with them (ms, A/B twice: 21.4, 19.0 against 18.1, 17.4). The AVX2
-// build's integer panels (Zen 4, decode steps, ms, row-wise up to 16 rows / panels past 8): batch 12
-// 54.4, 60.1 / 41.2, 46.8; batch 16 60.7, 70.0 / 48.9, 48.3.
-constexpr int64_t kDefaultIntRows = 8;
+// (max_int_rows < 0): where the panels overtake it in whole decode steps of the default model, its
+// weights read from memory as in serving (benchmarks/int_rows_crossover.py; Zen 4, median ms a step,
+// the two settings alternating in one process):
+//   AVX-512 build, row-wise up to 4 / 3 rows: batch 4 20.0 / 16.6, 16.6 / 15.3; up to 8 / 5: batch 6
+//   26.1 / 20.6, batch 8 30.0 / 21.9.
+//   AVX2 build, up to 4 / 3: batch 4 18.1 / 18.9, 13.9 / 14.8; up to 5 / 4: batch 5 19.6 / 18.5; up to
+//   8 / 5: batch 6 26.5 / 21.6, batch 8 25.2 / 23.3.
+// Single products agree (benchmarks/linear_kernels.py, AVX-512, 6 rows: 34-50 GMAC/s row-wise against
+// 46-81 panels). The limit was 8 before, set on a Zen 5 machine where whole decode steps at batch 6 were
+// no faster with the panels.
+#if defined(__AVX512BW__)
+constexpr int64_t kDefaultIntRows = 3;
+#else
+constexpr int64_t kDefaultIntRows = 4;
+#endif
 
 // A kernel's [M, N] float32 result (the products', and fused.cpp's silu_mul): out_buffer where the caller
 // passes one (checked), else a new tensor like x. A caller that makes the same large product every step

@@ -29,7 +29,7 @@ F32_KERNEL_MAX_ROWS = 4
 # Rows of x up to which a quantized product quantizes x to int16 blocks and takes row-wise integer dot
 # products; past it the kernel multiplies integer panels of the weight kept in cache (the codes widened
 # to int16, x quantized as above). -1 leaves the crossover to the kernels (kernels/linear.cpp,
-# kDefaultIntRows: 8 rows); a number forces it.
+# kDefaultIntRows: 3 rows on AVX-512 builds, 4 on AVX2 ones); a number forces it.
 INT_KERNEL_MAX_ROWS = -1
 _EMPTY = torch.empty(0)
 
