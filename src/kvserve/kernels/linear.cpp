@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "check.h"
+#include "line_vector.h"
 
 namespace {
 
@@ -82,9 +83,9 @@ inline float quantize_block(const float* x, int16_t* q, float* sum) {
 
 // Activations of one product, quantized: per row of x, K int16 codes, and per block its scale and sum.
 struct QuantizedActs {
-  std::vector<int16_t> codes;
-  std::vector<float> scales, sums;
-  std::vector<float> scales16;  // each block's scale twice: per 16 elements, for weights with 16-element groups
+  LineVector<int16_t> codes;
+  LineVector<float> scales, sums;
+  LineVector<float> scales16;  // each block's scale twice: per 16 elements, for weights with 16-element groups
   void build(const float* x, int64_t rows, int64_t k, bool group16) {
     const int64_t nb = k / kBlock;
     codes.resize(rows * k);
@@ -304,7 +305,7 @@ void q_linear_impl(const PackedWeight& w, const QuantizedActs& acts, int64_t m, 
   // Grain: at least 8 output rows per task; ATen splits the range into one chunk per thread. Four weight
   // rows per register tile for one or two rows of x (decode batches: more independent chains), else two.
   at::parallel_for(0, n_rows, 8, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> scratch;
+    thread_local LineVector<float> scratch;
     scratch.resize(4 * w.scales_per_row);
     float* s = scratch.data();
     int64_t n = begin;
@@ -451,7 +452,7 @@ void panel_product(const float* x, int64_t m, int64_t k, int64_t n, const float*
   for (int64_t m0 = 0; m0 < m; m0 += chunk) {
     const int64_t rows_x = std::min(chunk, m - m0);
     at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-      thread_local std::vector<float> scratch, panel, staged;
+      thread_local LineVector<float> scratch, panel, staged;
       scratch.resize(kPanel * k);
       panel.resize(kPanel * k);
       staged.resize(rows_x * kPanel);
@@ -637,8 +638,8 @@ void int_panel_product(const PackedWeight& w, const QuantizedActs& acts, int64_t
   const int64_t nb = w.blocks, ns = w.scales_per_row, panels = (n + kPanel - 1) / kPanel;
   constexpr int64_t slice_blocks = kDepth / (kBlock / 2);  // a 24 KiB slice of pairs: kDepth units
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<int32_t> pairs;
-    thread_local std::vector<float> rows, scales, mins, staged;
+    thread_local LineVector<int32_t> pairs;
+    thread_local LineVector<float> rows, scales, mins, staged;
     rows.resize(kPanel * ns);
     pairs.resize(kPanel * k / 2);
     scales.resize(ns * kPanel);

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "check.h"
+#include "line_vector.h"
 #include "vec_math.h"
 
 namespace {
@@ -101,7 +102,7 @@ struct HeadsState {
   int64_t heads, dim;
 
   HeadsState(const float* query, int64_t heads_, int64_t dim_, float scale) : heads(heads_), dim(dim_) {
-    thread_local std::vector<float> buffer;
+    thread_local LineVector<float> buffer;
     buffer.resize(heads * (2 * dim + 2));
     q = buffer.data(), acc = q + heads * dim, top = acc + heads * dim, total = top + heads;
     for (int64_t i = 0; i < heads * dim; ++i) q[i] = query[i] * scale;
