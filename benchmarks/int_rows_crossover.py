@@ -32,7 +32,7 @@ def decode_step_ms(llm: LLM, max_int_rows: int, batch: int, rng: random.Random) 
     params = SamplingParams(temperature=0, max_tokens=65, ignore_eos=True)
     for _ in range(batch):
         engine.add_request([rng.randrange(100, 40000) for _ in range(128)], params)
-    while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.scheduler.running) or (
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or (
         engine.scheduler.waiting
     ):
         engine.step()  # the prefills (and their first tokens)
