@@ -40,9 +40,12 @@ namespace {
 
 constexpr int64_t kBlock = 32;     // elements per activation block and per code block
 constexpr int kTile = 4;           // rows of x per register tile
-// Activation codes: int16 (|code| <= 32767; with |w| <= 128 a block's sum stays far inside int32). int8 activations (llama.cpp's Q8 scheme) were measured first: 92.7% top-1
-// agreement with the fp32 model over 1,000 tokens (perplexity +0.7%); int16 costs the same
-// instructions per block on AVX2 (two madd_epi16 instead of maddubs + madd) and matches fp32.
+// Activation codes: int16 (|code| <= 32767; with |w| <= 128 a block's sum stays far inside int32).
+// int8 activations (llama.cpp's Q8 scheme) miss the 99% top-1 agreement with the fp32 model
+// over 1,000 tokens: 92.7% with the mins against x's exact block sums, 98.3% (perplexity -0.13%)
+// against the rounded x's sums (benchmarks/avx512_int8_panels.patch: 1.3x the 32-at-once workload on
+// AVX-512 VNNI). int16 costs the same instructions per block on AVX2 (two madd_epi16 instead of
+// maddubs + madd) and matches fp32.
 constexpr float kActMax = 32767.0f;
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
