@@ -6,7 +6,7 @@ block of 32 to `levels` steps each side of zero (127: int8, llama.cpp's Q8 schem
 the kernels do), against the unrounded model: top-1 agreement at every position and perplexity, the
 two figures issue 15's test holds to >= 99% and within 0.5%.
 
-    python benchmarks/activation_precision.py [--levels 127 32767]
+    python benchmarks/activation_precision.py [--levels 127 32767] [--asymmetric]
 
 Only the activations are rounded, so the figures isolate their share (the Q4_1 weights are the same
 fp32 values on both sides).
@@ -45,14 +45,29 @@ def rounded(x: torch.Tensor, levels: int) -> torch.Tensor:
     return (codes * step).reshape(x.shape)
 
 
-def rounding_input(forward, levels: int):
+def rounded_asymmetric(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """x rounded per block of 32 to `levels` steps from the block's min to its max (unsigned codes,
+    one offset a block): half the step of the symmetric scheme where a block's outlier is one-sided."""
+    blocks = x.reshape(-1, 32)
+    low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    step = (high - low) / levels
+    codes = torch.where(step > 0, ((blocks - low) / step.clamp_min(torch.finfo(x.dtype).tiny)).round(), 0.0)
+    return (low + codes * step).reshape(x.shape)
+
+
+def rounding_input(forward, levels: int, asymmetric: bool):
     """forward, with its input rounded first."""
+    if asymmetric:
+        return lambda x, *args, **kwargs: forward(rounded_asymmetric(x, 2 * levels + 1), *args, **kwargs)
     return lambda x, *args, **kwargs: forward(rounded(x, levels), *args, **kwargs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--levels", type=int, nargs="+", default=[127, 32767])
+    parser.add_argument(
+        "--asymmetric", action="store_true", help="2 x levels + 1 unsigned steps from each block's min (127: uint8)"
+    )
     args = parser.parse_args()
     llm = LLM(quantization="none", kv_cache_memory="128MiB", enable_prefix_caching=False)
     with open(TEXT) as f:
@@ -65,7 +80,7 @@ def main() -> None:
         for label, kinds in PRODUCT_SETS:
             patched = [m for kind, m in linears if kind in kinds]
             for m in patched:  # an instance attribute shadows the class's forward
-                m.forward = rounding_input(m.forward, levels)
+                m.forward = rounding_input(m.forward, levels, args.asymmetric)
             try:
                 _, top1, ppl = score(llm, ids)
             finally:
