@@ -44,22 +44,23 @@ def quantized_tensors(llm: LLM) -> list[tuple[object, str]]:
 def place(llm: LLM, huge_pages: bool) -> mmap.mmap | None:
     """Re-places the weights; returns the arena, which must outlive them."""
     fields = quantized_tensors(llm)
-    arena = None
+    slots = [(getattr(q, f).nbytes + 63) // 64 * 64 for q, f in fields]  # in the arena, each on a cache line
+    arena = memory = None
     if huge_pages:
-        sizes = [(getattr(q, f).nbytes + 63) // 64 * 64 for q, f in fields]
-        arena = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # private: a shared anonymous mapping (Python's default) gets no transparent huge pages
+        arena = mmap.mmap(-1, sum(slots) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         memory = torch.frombuffer(arena, dtype=torch.uint8)
         offset = -memory.data_ptr() % HUGE_PAGE
-        arena.madvise(mmap.MADV_HUGEPAGE, offset, sum(sizes))
-    for q, f in fields:
+        arena.madvise(mmap.MADV_HUGEPAGE, offset, sum(slots))
+    for (q, f), slot in zip(fields, slots):
         tensor = getattr(q, f)
-        if arena is None:
-            setattr(q, f, tensor.clone())
-            continue
-        copy = memory[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
-        copy.copy_(tensor)
+        if memory is None:
+            copy = tensor.clone()
+        else:
+            copy = memory[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+            copy.copy_(tensor)
+            offset += slot
         setattr(q, f, copy)
-        offset += (tensor.nbytes + 63) // 64 * 64
     llm.engine.runner.model._decode_stack = None  # rebuilt over the new tensors on the next decode step
     return arena
 
